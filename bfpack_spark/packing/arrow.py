@@ -1,0 +1,114 @@
+"""Packing real token arrays: Arrow lists of documents in, Arrow lists of sequences out.
+
+This is what a Spark task calls on its partition: the layout is computed from
+the document lengths, then every token is copied once, straight into its place
+in the output buffer. The result shares no memory with the input.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+
+from bfpack_spark.packing._jit import jit
+from bfpack_spark.packing.layout import Layout, make_layout
+
+TokenLists = pa.Array | pa.ChunkedArray | Iterable[Iterable[int]]
+
+#: Columns of a packed table, one row per sequence.
+SEQUENCE_COLUMNS = ("input_ids", "seg_docs", "seg_starts", "seg_lengths", "n_tokens")
+
+
+@jit
+def _gather(values, doc_offsets, seg_doc, seg_start, seg_len, out):
+    pos = 0
+    for j in range(seg_doc.shape[0]):
+        src = doc_offsets[seg_doc[j]] + seg_start[j]
+        n = seg_len[j]
+        out[pos:pos + n] = values[src:src + n]
+        pos += n
+
+
+def flatten_token_lists(tokens: TokenLists) -> tuple[np.ndarray, npt.NDArray[np.int64]]:
+    """The flat token buffer and per-document offsets into it (``n_docs + 1`` of them).
+
+    Accepts ``list``/``large_list`` Arrow arrays or chunked arrays of an integer
+    type; a single array is not copied, several are concatenated. Null documents
+    or null tokens raise ``ValueError``.
+    """
+    if not isinstance(tokens, (pa.Array, pa.ChunkedArray)):
+        tokens = pa.array(tokens, type=pa.list_(pa.int32()))
+    chunks = tokens.chunks if isinstance(tokens, pa.ChunkedArray) else [tokens]
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    n_docs = 0
+    for chunk in chunks:
+        if not (pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type)):
+            raise ValueError(f"tokens must be an Arrow list or large_list array, got {chunk.type}")
+        if not pa.types.is_integer(chunk.type.value_type):
+            raise ValueError(f"token ids must be integers, got {chunk.type.value_type}")
+        if chunk.null_count:
+            bad = int(np.flatnonzero(chunk.is_null().to_numpy(zero_copy_only=False))[0])
+            raise ValueError(f"document {n_docs + bad} is null; drop or reject it before packing")
+        offsets = chunk.offsets.to_numpy().astype(np.int64)
+        child = chunk.values
+        if child.null_count and chunk.flatten().null_count:
+            raise ValueError("token lists must not contain null token ids")
+        parts.append((child.to_numpy(zero_copy_only=False), offsets))
+        n_docs += len(chunk)
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return np.empty(0, np.int32), np.zeros(1, np.int64)
+    values, offsets, base = [], [], 0
+    for child_values, chunk_offsets in parts:
+        values.append(child_values[chunk_offsets[0]:chunk_offsets[-1]])
+        offsets.append(chunk_offsets[:-1] - chunk_offsets[0] + base)
+        base += int(chunk_offsets[-1] - chunk_offsets[0])
+    offsets.append(np.array([base], np.int64))
+    return np.concatenate(values), np.concatenate(offsets)
+
+
+def _list_array(offsets: np.ndarray, values: pa.Array) -> pa.Array:
+    """A ``list`` array, or ``large_list`` when the values overflow 32-bit offsets."""
+    if offsets[-1] < 2**31:
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), values)
+
+
+def assemble(tokens: TokenLists, layout: Layout) -> pa.Table:
+    """Materialize ``layout`` over real tokens: one row per sequence.
+
+    Columns: ``input_ids`` (the tokens, unpadded), ``seg_docs`` (index of each
+    segment's document in ``tokens``), ``seg_starts`` (its token offset within the
+    document), ``seg_lengths``, ``n_tokens``.
+    """
+    return _assemble_flat(*flatten_token_lists(tokens), layout)
+
+
+def _assemble_flat(values: np.ndarray, doc_offsets: np.ndarray, layout: Layout) -> pa.Table:
+    token_offsets = layout.token_offsets()
+    out = np.empty(int(token_offsets[-1]), dtype=values.dtype)
+    _gather(values, doc_offsets, layout.doc, layout.start, layout.length, out)
+    seg_offsets = layout.seg_offsets
+    return pa.table({
+        "input_ids": _list_array(token_offsets, pa.array(out)),
+        "seg_docs": _list_array(seg_offsets, pa.array(layout.doc)),
+        "seg_starts": _list_array(seg_offsets, pa.array(layout.start.astype(np.int32))),
+        "seg_lengths": _list_array(seg_offsets, pa.array(layout.length.astype(np.int32))),
+        "n_tokens": pa.array(np.diff(token_offsets).astype(np.int32)),
+    })
+
+
+def pack_token_lists(tokens: TokenLists, seq_len: int, strategy: str = "bfd") -> pa.Table:
+    """Pack tokenized documents into sequences of at most ``seq_len`` tokens.
+
+    ``strategy="bfd"`` is best-fit packing; ``"concat"`` is the concatenate-and-cut
+    baseline. Returns the table described in :func:`assemble`, sequences in the
+    order the strategy opened them.
+    """
+    values, doc_offsets = flatten_token_lists(tokens)
+    layout = make_layout(np.diff(doc_offsets), seq_len, strategy)
+    return _assemble_flat(values, doc_offsets, layout)

@@ -1,0 +1,114 @@
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bfpack_spark.packing import (
+    bfd_layout, chunk_documents, concat_layout, flatten_token_lists, pack_token_lists,
+)
+from reference import reference_concat
+
+doc_lengths = st.lists(st.integers(0, 300), max_size=60)
+seq_lens = st.integers(1, 128)
+
+
+@settings(max_examples=200, deadline=None)
+@given(doc_lengths, seq_lens)
+def test_chunking_keeps_every_token(lengths, seq_len):
+    chunks = chunk_documents(lengths, seq_len)
+    assert (chunks.length >= 1).all() and (chunks.length <= seq_len).all()
+    for d, n in enumerate(lengths):
+        mine = chunks.doc == d
+        assert mine.sum() == -(-n // seq_len)
+        assert chunks.length[mine].sum() == n
+        # consecutive, in order, all but the last exactly seq_len
+        assert chunks.start[mine].tolist() == [i * seq_len for i in range(mine.sum())]
+        assert (chunks.length[mine][:-1] == seq_len).all()
+
+
+def reassemble(table: pa.Table, n_docs: int) -> list[list[int]]:
+    """Rebuild each document from the packed sequences' segments."""
+    docs: dict[int, list[tuple[int, list[int]]]] = {d: [] for d in range(n_docs)}
+    for row in table.to_pylist():
+        pos = 0
+        for d, s, n in zip(row["seg_docs"], row["seg_starts"], row["seg_lengths"]):
+            docs[d].append((s, row["input_ids"][pos:pos + n]))
+            pos += n
+        assert pos == row["n_tokens"] == len(row["input_ids"])
+    return [[t for _, piece in sorted(docs[d]) for t in piece] for d in range(n_docs)]
+
+
+def random_docs(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 50_000, size=n).tolist() for n in lengths]
+
+
+@settings(max_examples=150, deadline=None)
+@given(doc_lengths, seq_lens, st.sampled_from(["bfd", "concat"]))
+def test_packing_loses_no_token_and_respects_seq_len(lengths, seq_len, strategy):
+    docs = random_docs(lengths)
+    table = pack_token_lists(pa.array(docs, type=pa.list_(pa.int32())), seq_len, strategy)
+    assert reassemble(table, len(docs)) == docs
+    assert all(n <= seq_len for n in table["n_tokens"].to_pylist())
+    if strategy == "bfd":  # only documents longer than seq_len are cut, into ceil(n/L) pieces
+        seg_docs = pc.list_flatten(table["seg_docs"]).to_numpy().astype(np.int64)
+        pieces = np.bincount(seg_docs, minlength=len(docs))
+        assert pieces.tolist() == [-(-n // seq_len) for n in lengths]
+
+
+@settings(max_examples=150, deadline=None)
+@given(doc_lengths, seq_lens)
+def test_concat_layout_matches_token_by_token_reference(lengths, seq_len):
+    layout = concat_layout(lengths, seq_len)
+    got = [
+        list(zip(layout.doc[a:b].tolist(), layout.start[a:b].tolist(), layout.length[a:b].tolist()))
+        for a, b in zip(layout.seg_offsets[:-1], layout.seg_offsets[1:])
+    ]
+    assert got == reference_concat(lengths, seq_len)
+
+
+def test_bfd_segments_within_a_sequence_follow_document_order():
+    layout = bfd_layout([5, 3, 900, 2, 7], 16)
+    for a, b in zip(layout.seg_offsets[:-1], layout.seg_offsets[1:]):
+        docs = layout.doc[a:b]
+        assert (np.diff(docs) >= 0).all()
+
+
+def test_chunked_and_sliced_input_give_the_same_result():
+    docs = random_docs([5, 40, 0, 17, 300, 2, 64, 65], seed=3)
+    whole = pa.array(docs, type=pa.list_(pa.int32()))
+    chunked = pa.chunked_array([whole.slice(0, 3), whole.slice(3, 4), whole.slice(7)])
+    large = pa.array(docs, type=pa.large_list(pa.int64()))
+    expected = pack_token_lists(whole, 64)
+    assert pack_token_lists(chunked, 64).equals(expected)
+    got_large = pack_token_lists(large, 64)
+    assert got_large["input_ids"].to_pylist() == expected["input_ids"].to_pylist()
+    values, offsets = flatten_token_lists(chunked)
+    assert offsets.tolist() == np.cumsum([0] + [len(d) for d in docs]).tolist()
+    assert values.tolist() == [t for d in docs for t in d]
+
+
+def test_packing_is_identical_on_rerun():
+    docs = pa.array(random_docs(np.random.default_rng(5).integers(1, 400, 500)), type=pa.list_(pa.int32()))
+    assert pack_token_lists(docs, 256).equals(pack_token_lists(docs, 256))
+
+
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        (pa.array([[1, 2], None], type=pa.list_(pa.int32())), "document 1 is null"),
+        (pa.array([[1, None]], type=pa.list_(pa.int32())), "null token ids"),
+        (pa.array([[1.0, 2.0]], type=pa.list_(pa.float32())), "token ids must be integers"),
+        (pa.array([1, 2], type=pa.int32()), "list or large_list"),
+    ],
+)
+def test_bad_token_arrays_are_named(tokens, message):
+    with pytest.raises(ValueError, match=message):
+        pack_token_lists(tokens, 8)
+
+
+def test_unknown_strategy():
+    with pytest.raises(ValueError, match="unknown packing strategy 'greedy'"):
+        pack_token_lists(pa.array([[1]], type=pa.list_(pa.int32())), 8, "greedy")
