@@ -18,10 +18,6 @@ from bfpack_spark.packing.layout import Layout, make_layout
 
 TokenLists = pa.Array | pa.ChunkedArray | Iterable[Iterable[int]]
 
-#: Columns of a packed table, one row per sequence.
-SEQUENCE_COLUMNS = ("input_ids", "seg_docs", "seg_starts", "seg_lengths", "n_tokens")
-
-
 @jit
 def _gather(values, doc_offsets, seg_doc, seg_start, seg_len, out):
     pos = 0
@@ -78,6 +74,31 @@ def _list_array(offsets: np.ndarray, values: pa.Array) -> pa.Array:
     return pa.LargeListArray.from_arrays(pa.array(offsets), values)
 
 
+def gather_segments(values: np.ndarray, doc_offsets: np.ndarray, doc: np.ndarray, start: np.ndarray,
+                    length: np.ndarray) -> np.ndarray:
+    """The tokens of the given segments, one after the other (one copy of each token)."""
+    out = np.empty(int(length.sum()), dtype=values.dtype)
+    _gather(values, doc_offsets, doc, start, length, out)
+    return out
+
+
+def sequences_table(seg_offsets: np.ndarray, tokens: np.ndarray, seg_docs: pa.Array,
+                    seg_starts: np.ndarray, seg_lengths: np.ndarray, docs_column: str = "seg_docs") -> pa.Table:
+    """One row per sequence from its segments (in order) and their concatenated tokens.
+
+    Columns: ``input_ids``, ``docs_column`` (each segment's document), ``seg_starts``
+    (its token offset in the document), ``seg_lengths``, ``n_tokens``.
+    """
+    token_offsets = np.concatenate(([0], np.cumsum(seg_lengths)))[seg_offsets]
+    return pa.table({
+        "input_ids": _list_array(token_offsets, pa.array(tokens)),
+        docs_column: _list_array(seg_offsets, seg_docs),
+        "seg_starts": _list_array(seg_offsets, pa.array(np.asarray(seg_starts).astype(np.int32))),
+        "seg_lengths": _list_array(seg_offsets, pa.array(np.asarray(seg_lengths).astype(np.int32))),
+        "n_tokens": pa.array(np.diff(token_offsets).astype(np.int32)),
+    })
+
+
 def assemble(tokens: TokenLists, layout: Layout) -> pa.Table:
     """Materialize ``layout`` over real tokens: one row per sequence.
 
@@ -89,17 +110,8 @@ def assemble(tokens: TokenLists, layout: Layout) -> pa.Table:
 
 
 def _assemble_flat(values: np.ndarray, doc_offsets: np.ndarray, layout: Layout) -> pa.Table:
-    token_offsets = layout.token_offsets()
-    out = np.empty(int(token_offsets[-1]), dtype=values.dtype)
-    _gather(values, doc_offsets, layout.doc, layout.start, layout.length, out)
-    seg_offsets = layout.seg_offsets
-    return pa.table({
-        "input_ids": _list_array(token_offsets, pa.array(out)),
-        "seg_docs": _list_array(seg_offsets, pa.array(layout.doc)),
-        "seg_starts": _list_array(seg_offsets, pa.array(layout.start.astype(np.int32))),
-        "seg_lengths": _list_array(seg_offsets, pa.array(layout.length.astype(np.int32))),
-        "n_tokens": pa.array(np.diff(token_offsets).astype(np.int32)),
-    })
+    out = gather_segments(values, doc_offsets, layout.doc, layout.start, layout.length)
+    return sequences_table(layout.seg_offsets, out, pa.array(layout.doc), layout.start, layout.length)
 
 
 def pack_token_lists(tokens: TokenLists, seq_len: int, strategy: str = "bfd") -> pa.Table:

@@ -1,0 +1,277 @@
+"""The one configuration model: YAML file, then command-line overrides, validated up front.
+
+Every field of :class:`PackConfig` lives in a YAML section (``input``, ``tokenizer``,
+``packing``, ``output``, ``quality``, ``spark``) and has a command-line flag of the
+same name with dashes (``packing.seq_len`` is ``--seq-len``). :func:`load_config`
+merges them and :meth:`PackConfig.validate` checks everything that can be checked
+before Spark starts, raising :class:`ConfigError` with one line that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from bfpack_spark.tokenize import DEFAULT_TOKENIZER
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong; the message names the field."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class InputConfig:
+    paths: list[str] = _f([], "input files, directories or globs (local paths or s3://...); "
+                              "repeat --input or separate with commas", flag="input")
+    format: Literal["auto", "jsonl", "parquet", "delta"] = _f(
+        "auto", "input format; auto: from the extension (.jsonl/.json[.gz|.zst], .parquet) or a "
+                "_delta_log directory", flag="input-format")
+    id_column: str | None = _f("id", "column (or JSON field) holding the document id; when the corpus "
+                                     "has none, ids are derived from source file and row")
+    text_column: str = _f("text", "column holding the raw text to tokenize")
+    token_column: str | None = _f(None, "column holding already tokenized documents (list of int); "
+                                        "when set, tokenization is skipped")
+    target_items_per_partition: int = _f(100_000, "packing partitions are sized to about this many "
+                                                  "items (chunks of at most seq_len tokens)")
+
+
+@dataclass
+class TokenizerConfig:
+    tokenizer: str = _f(DEFAULT_TOKENIZER, "tiktoken encoding name, path to a .tiktoken file, or path "
+                                           "to a Hugging Face tokenizer.json")
+    append_eos: bool | None = _f(None, "append the end-of-document token to every document "
+                                       "(default: yes for text, no for already tokenized input)")
+    eos_token: str | None = _f(None, "end-of-document token (default: the tokenizer's own, "
+                                     "<|endoftext|> for cl100k_base)")
+
+
+@dataclass
+class PackingConfig:
+    seq_len: int = _f(2048, "L: the sequence length (context size) to pack into")
+    strategy: Literal["bfd", "concat"] = _f("bfd", "bfd: best-fit packing; concat: the concatenate-"
+                                                    "and-cut baseline (for comparison)")
+    placement: Literal["in_place", "shuffle"] = _f(
+        "in_place", "in_place: each partition takes its share of every length from the documents "
+                    "read where it runs, only the rest moves; shuffle: items are dealt to "
+                    "partitions by rank alone")
+    partitions: int | None = _f(None, "number of packing partitions (default: one per input group)")
+    residual_fill: float = _f(0.99, "sequences of a partition filled below this fraction of seq_len "
+                                    "are re-packed in the residual merge")
+    merge_items_per_partition: int = _f(200_000, "the final reduce stage uses one partition per this "
+                                                 "many moved segments")
+
+
+@dataclass
+class OutputConfig:
+    output: str = _f("", "output root; holds the Delta tables sequences, documents, rejects, stats")
+    mode: Literal["overwrite", "append"] = _f("overwrite", "overwrite: rebuild the tables; append: "
+                                                           "add this run (a new shard) to them")
+    run_id: str | None = _f(None, "run id stored in every row (default: derived from input and "
+                                  "config, so rerunning the same command is idempotent)")
+    delta_writer: Literal["auto", "delta-spark", "deltalake"] = _f(
+        "auto", "how Delta commits are made: delta-spark when its JVM connector is on the "
+                "classpath, else the deltalake package")
+
+
+@dataclass
+class QualityConfig:
+    empty_documents: Literal["skip", "keep"] = _f(
+        "skip", "skip: empty documents go to rejects; keep: packed (as the end-of-document token)")
+    duplicate_ids: Literal["skip", "keep"] = _f(
+        "skip", "skip: later documents with an already seen id go to rejects; keep: pack them all")
+    max_reject_fraction: float = _f(0.2, "fail the run (before committing) when more than this "
+                                         "fraction of input documents is rejected")
+    max_document_bytes: int = _f(256 * 2**20, "reject documents whose text is larger than this")
+
+
+@dataclass
+class SparkConfig:
+    master: str | None = _f(None, "Spark master (default: local[*] outside spark-submit)")
+    app_name: str = _f("bfpack", "Spark application name")
+    conf: dict[str, str] = _f({}, "extra Spark settings; on the command line --spark-conf key=value",
+                              flag="spark-conf")
+
+
+SECTIONS: dict[str, type] = {
+    "input": InputConfig, "tokenizer": TokenizerConfig, "packing": PackingConfig,
+    "output": OutputConfig, "quality": QualityConfig, "spark": SparkConfig,
+}
+
+
+@dataclass
+class PackConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the tables' contents (not where or how they go)."""
+        d = self.to_dict()
+        d.pop("spark")
+        d["output"] = {}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def tokenized(self) -> bool:
+        return self.input.token_column is not None
+
+    @property
+    def append_eos(self) -> bool:
+        """The EOS setting in effect: explicit, or on for text and off for given token ids."""
+        if self.tokenizer.append_eos is None:
+            return not self.tokenized
+        return self.tokenizer.append_eos
+
+    def validate(self) -> PackConfig:
+        """Check every value that can be checked without Spark; raise ConfigError naming the field."""
+        for section, cls in SECTIONS.items():
+            obj = getattr(self, section)
+            hints = get_type_hints(cls)
+            for f in fields(cls):
+                _check_type(f"{section}.{f.name}", getattr(obj, f.name), hints[f.name])
+        if not self.input.paths:
+            raise ConfigError("input.paths: no input given (--input PATH)")
+        if not self.output.output:
+            raise ConfigError("output.output: no output root given (--output PATH)")
+        p, q = self.packing, self.quality
+        _positive("packing.seq_len", p.seq_len)
+        _positive("input.target_items_per_partition", self.input.target_items_per_partition)
+        _positive("packing.merge_items_per_partition", p.merge_items_per_partition)
+        if p.partitions is not None:
+            _positive("packing.partitions", p.partitions)
+        if not 0.0 <= p.residual_fill <= 1.0:
+            raise ConfigError(f"packing.residual_fill: must be within [0, 1], got {p.residual_fill}")
+        if not 0.0 <= q.max_reject_fraction <= 1.0:
+            raise ConfigError(f"quality.max_reject_fraction: must be within [0, 1], got {q.max_reject_fraction}")
+        _positive("quality.max_document_bytes", q.max_document_bytes)
+        if q.empty_documents == "keep" and not self.append_eos:
+            raise ConfigError("quality.empty_documents: 'keep' packs an empty document as its "
+                              "end-of-document token, so it needs tokenizer.append_eos: true")
+        if self.output.run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}",
+                                                               self.output.run_id):
+            raise ConfigError(f"output.run_id: {self.output.run_id!r} must be 1-100 letters, digits, "
+                              f"'.', '_' or '-', starting with a letter or digit")
+        return self
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{name}: must be at least 1, got {value}")
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, args))}")
+        return
+    if type(None) in args:  # Optional
+        if value is None:
+            return
+        hint = next(a for a in args if a is not type(None))
+        origin, args = get_origin(hint), get_args(hint)
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+    elif hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+    elif hint is str and not isinstance(value, str):
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+
+
+def field_specs() -> list[tuple[str, str, dataclasses.Field, Any]]:
+    """(section, flag, field, type hint) for every configurable field, in declaration order."""
+    specs = []
+    for section, cls in SECTIONS.items():
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            flag = f.metadata.get("flag", f.name.replace("_", "-"))
+            specs.append((section, flag, f, hints[f.name]))
+    return specs
+
+
+def _coerce(name: str, raw: str, hint: Any) -> Any:
+    """A command-line string as the field's type (YAML scalars: 4096, 0.5, true, null)."""
+    if type(None) in get_args(hint) and raw.lower() in ("null", "none", ""):
+        return None
+    base = next((a for a in get_args(hint) if a is not type(None)), hint) if get_origin(hint) is not Literal else hint
+    if base is str or get_origin(base) is Literal:
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name}: cannot parse {raw!r}: {exc}") from None
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> PackConfig:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` ({"section.field": value}).
+
+    YAML is read with ``yaml.safe_load``: no tags, no object construction.
+    """
+    data: dict[str, Any] = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config: no such file {path!r}")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config: {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping of sections")
+    sections: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        values = data.pop(section, None) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {values!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"{section}.{sorted(unknown)[0]}: unknown setting; known: {', '.join(sorted(known))}")
+        sections[section] = cls(**values)
+    if data:
+        raise ConfigError(f"{sorted(data)[0]}: unknown section; known: {', '.join(SECTIONS)}")
+    config = PackConfig(**sections)
+    for key, value in (overrides or {}).items():
+        section, name = key.split(".", 1)
+        setattr(getattr(config, section), name, value)
+    if isinstance(config.input.paths, str):
+        config.input.paths = [config.input.paths]
+    return config
+
+
+def default_run_id(config: PackConfig, input_listing: list[tuple[str, int]]) -> str:
+    """``run-<hash>`` of the config's content fingerprint and the input files (path, size)."""
+    h = hashlib.sha256(config.fingerprint().encode())
+    for path, size in input_listing:
+        h.update(f"{path}\0{size}\n".encode())
+    return "run-" + h.hexdigest()[:16]

@@ -1,0 +1,258 @@
+"""Finding the input files and cutting them into groups, one Spark task each.
+
+Groups are defined by the files' content and the config alone: files are sorted by
+their name relative to the input root, cut into splits (Parquet row groups, byte
+ranges of uncompressed JSON lines, whole compressed files), and consecutive splits
+are gathered into groups of about ``target_items_per_partition`` items. So the same
+input gives the same groups whatever the machine, the number of cores, or the
+order in which the files were listed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob as globlib
+import os
+import posixpath
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+JSONL_SUFFIXES = {".jsonl": None, ".json": None, ".ndjson": None}
+COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+#: Rough sizes used to size groups before anything is tokenized.
+BYTES_PER_TOKEN = 4
+COMPRESSION_RATIO = {"gzip": 3, "zstd": 4}
+
+
+class InputError(ValueError):
+    """The input cannot be read as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """A piece of one input file that one task reads."""
+
+    uri: str
+    source: str                      # stable name: the file's path relative to its input root
+    format: str                      # "jsonl" or "parquet"
+    compression: str | None = None   # JSON lines: "gzip", "zstd" or None
+    row_groups: tuple[int, ...] = ()  # Parquet: the row groups to read
+    first_row: int = 0               # Parquet: index in the file of the first row read
+    byte_range: tuple[int, int] | None = None  # uncompressed JSON lines: [start, end)
+    est_items: int = 1
+
+
+@dataclass(frozen=True)
+class InputFile:
+    uri: str
+    source: str
+    size: int
+    format: str
+    compression: str | None = None
+
+
+@dataclass
+class InputPlan:
+    files: list[InputFile]
+    groups: list[list[Split]] = field(default_factory=list)
+
+    def listing(self) -> list[tuple[str, int]]:
+        return [(f.source, f.size) for f in self.files]
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow file system and path for a local path or a URI (s3://, gs://, file://)."""
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except Exception as exc:  # pyarrow raises several types for unsupported schemes
+            raise InputError(f"cannot open {uri!r}: {exc}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _join(uri: str, rel: str) -> str:
+    return posixpath.join(uri.rstrip("/"), rel) if "://" in uri else os.path.join(uri, rel)
+
+
+def detect_format(path: str) -> tuple[str, str | None] | None:
+    """("jsonl"|"parquet", compression) from the file name, or None when unknown."""
+    name = path.lower()
+    compression = None
+    for suffix, codec in COMPRESSION_SUFFIXES.items():
+        if name.endswith(suffix):
+            compression, name = codec, name[: -len(suffix)]
+    if name.endswith(".parquet") and compression is None:
+        return "parquet", None
+    if any(name.endswith(s) for s in JSONL_SUFFIXES):
+        return "jsonl", compression
+    return None
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.replace("\\", "/").split("/"))
+
+
+def _list_dir(fs: pafs.FileSystem, path: str) -> list[tuple[str, int]]:
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    out = []
+    for info in infos:
+        if info.type == pafs.FileType.File:
+            rel = posixpath.relpath(info.path.replace("\\", "/"), path.replace("\\", "/"))
+            if not _hidden(rel):
+                out.append((rel, info.size))
+    return out
+
+
+def _is_delta(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(posixpath.join(path, "_delta_log")).type == pafs.FileType.Directory
+
+
+def _delta_files(uri: str) -> list[InputFile]:
+    from deltalake import DeltaTable
+
+    try:
+        table = DeltaTable(uri)
+    except Exception as exc:
+        raise InputError(f"cannot open Delta table {uri!r}: {exc}") from None
+    features = set(table.protocol().reader_features or [])
+    unsupported = features & {"deletionVectors", "columnMapping"}
+    if unsupported:
+        raise InputError(
+            f"Delta table {uri!r} uses {', '.join(sorted(unsupported))}, which bfpack does not read; "
+            f"rewrite it without them (e.g. REORG TABLE ... APPLY (PURGE)) or export it to Parquet"
+        )
+    adds = table.get_add_actions(flatten=True).to_pydict()
+    name = posixpath.basename(uri.rstrip("/"))
+    return [
+        InputFile(uri=_join(uri, path), source=f"{name}/{path}", size=int(size), format="parquet")
+        for path, size in sorted(zip(adds["path"], adds["size_bytes"]))
+    ]
+
+
+def _expand(spec: str) -> list[tuple[str, str, int]]:
+    """(uri, source, size) for every data file that one input argument names."""
+    magic = any(c in spec for c in "*?[")
+    if magic:
+        if "://" in spec:
+            scheme_root = spec[: spec.index("://") + 3]
+            rest = spec[len(scheme_root):]
+            prefix = rest[: min(rest.index(c) for c in "*?[" if c in rest)].rsplit("/", 1)[0]
+            fs, base = filesystem(scheme_root + prefix)
+            pattern = rest[len(prefix) + 1:]
+            return [(_join(scheme_root + prefix, rel), rel, size) for rel, size in _list_dir(fs, base)
+                    if fnmatch.fnmatch(rel, pattern)]
+        root = spec[: min(spec.index(c) for c in "*?[" if c in spec)]
+        root = root if root.endswith(os.sep) else os.path.dirname(root)
+        out = []
+        for path in globlib.glob(spec, recursive=True):
+            if os.path.isfile(path):
+                out.append((path, os.path.relpath(path, root or "."), os.path.getsize(path)))
+        return out
+    fs, path = filesystem(spec)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"input path {spec!r} does not exist")
+    if info.type == pafs.FileType.File:
+        return [(spec, posixpath.basename(path.replace("\\", "/")), info.size)]
+    return [(_join(spec, rel), rel, size) for rel, size in _list_dir(fs, path)]
+
+
+def list_inputs(paths: Iterable[str], fmt: str = "auto") -> list[InputFile]:
+    """Every input file, sorted by source name; unknown formats and empty inputs raise InputError."""
+    files: list[InputFile] = []
+    for spec in paths:
+        fs, path = filesystem(spec)
+        if fmt == "delta" or (fmt == "auto" and "*" not in spec and fs.get_file_info(path).type
+                              == pafs.FileType.Directory and _is_delta(fs, path)):
+            files.extend(_delta_files(spec))
+            continue
+        found = _expand(spec)
+        if not found:
+            raise InputError(f"input {spec!r} matches no file")
+        for uri, source, size in found:
+            detected = detect_format(uri)
+            if fmt in ("jsonl", "parquet"):
+                compression = detected[1] if detected else None
+                files.append(InputFile(uri, source, size, fmt, compression))
+            elif detected is None:
+                if "*" in spec or os.path.isdir(spec):
+                    continue  # a directory may hold other files (READMEs, _SUCCESS, ...)
+                raise InputError(f"cannot tell the format of {spec!r} from its name; set --input-format")
+            else:
+                files.append(InputFile(uri, source, size, *detected))
+    if not files:
+        raise InputError(f"no .jsonl, .json[.gz|.zst] or .parquet file found in {', '.join(paths)}")
+    sources = [f.source for f in files]
+    if len(set(sources)) != len(sources):  # the same relative name under two roots: use full paths
+        files = [InputFile(f.uri, f.uri, f.size, f.format, f.compression) for f in files]
+    return sorted(files, key=lambda f: f.source)
+
+
+def _parquet_splits(f: InputFile, payload: str, tokenized: bool, seq_len: int,
+                    target: int) -> list[Split]:
+    fs, path = filesystem(f.uri)
+    try:
+        with fs.open_input_file(path) as fh:
+            meta = pq.ParquetFile(fh).metadata
+    except Exception as exc:
+        raise InputError(f"cannot read Parquet file {f.uri!r}: {exc}") from None
+    names = meta.schema.to_arrow_schema().names
+    if payload not in names:
+        flag = "--token-column" if tokenized else "--text-column"
+        raise InputError(f"{flag} {payload!r} is not a column of {f.uri} (columns: {', '.join(names)})")
+    splits, current, first_row, row = [], [], 0, 0
+    est = 0
+    for i in range(meta.num_row_groups):
+        rg = meta.row_group(i)
+        size = sum(rg.column(c).total_uncompressed_size for c in range(rg.num_columns)
+                   if rg.column(c).path_in_schema.split(".")[0] == payload)
+        tokens = size // 4 if tokenized else size // BYTES_PER_TOKEN
+        if not current:
+            first_row = row
+        current.append(i)
+        est += rg.num_rows + tokens // seq_len
+        row += rg.num_rows
+        if est >= target:
+            splits.append(Split(f.uri, f.source, "parquet", row_groups=tuple(current),
+                                first_row=first_row, est_items=est))
+            current, est = [], 0
+    if current or not splits:
+        splits.append(Split(f.uri, f.source, "parquet", row_groups=tuple(current),
+                            first_row=first_row, est_items=max(est, 1)))
+    return splits
+
+
+def _jsonl_splits(f: InputFile, seq_len: int, target: int) -> list[Split]:
+    ratio = COMPRESSION_RATIO.get(f.compression or "", 1)
+    # a document is at least one item; assume ~1 KB of text per document
+    est = max(1, f.size * ratio // 1024 + f.size * ratio // (BYTES_PER_TOKEN * seq_len))
+    if f.compression or est <= target:
+        return [Split(f.uri, f.source, "jsonl", f.compression, est_items=est)]
+    n = -(-est // target)
+    step = -(-f.size // n)
+    return [Split(f.uri, f.source, "jsonl", None, byte_range=(s, min(s + step, f.size)),
+                  est_items=est // n) for s in range(0, f.size, step)]
+
+
+def plan_inputs(paths: list[str], fmt: str, payload: str, tokenized: bool, seq_len: int,
+                target_items: int) -> InputPlan:
+    """List, split and group the input; ``payload`` is the text or token column Parquet must have."""
+    files = list_inputs(paths, fmt)
+    splits: list[Split] = []
+    for f in files:
+        if f.format == "parquet":
+            splits.extend(_parquet_splits(f, payload, tokenized, seq_len, target_items))
+        else:
+            splits.extend(_jsonl_splits(f, seq_len, target_items))
+    groups: list[list[Split]] = []
+    est = 0
+    for split in splits:
+        if not groups or est >= target_items:
+            groups.append([])
+            est = 0
+        groups[-1].append(split)
+        est += split.est_items
+    return InputPlan(files=files, groups=groups)

@@ -1,0 +1,312 @@
+"""Reading one split: documents out, and for every record that is not a document, a reject.
+
+Readers never raise on bad data. Each bad record (malformed JSON, invalid UTF-8, a
+missing or null field, a value of the wrong type, an over-large document, a corrupt
+or truncated compressed file) becomes a :class:`Reject` with a reason a user can act
+on; everything else becomes a document with a stable position (``row``): the row
+index in a Parquet file, or the byte offset of the line in a JSON-lines file (after
+decompression).
+
+Ids: with ``id_column`` set, a Parquet file without that column, or a JSON-lines
+file whose first record lacks that field, gets ids derived from source and row
+(``source:row``); in a file that has ids, a record without one is rejected.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from bfpack_spark.io.inputs import Split, filesystem
+
+BATCH_DOCS = 2048
+BLOCK_BYTES = 8 * 2**20
+EXCERPT_CHARS = 160
+
+
+@dataclass
+class Reject:
+    source: str
+    row: int
+    reason: str
+    excerpt: str = ""
+    doc_id: str | None = None
+
+
+@dataclass
+class RawBatch:
+    """Documents of one batch: positions, ids, and texts (str) or token lists (Arrow)."""
+
+    rows: list[int] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    tokens: pa.Array | None = None
+    rejects: list[Reject] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def excerpt(value: object) -> str:
+    if isinstance(value, bytes):
+        value = value[: EXCERPT_CHARS * 4].decode("utf-8", errors="replace")
+    text = str(value)
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "..."
+
+
+def _id_string(value: object) -> str | None:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+# -- JSON lines ---------------------------------------------------------------------
+
+class _Corrupt(Exception):
+    def __init__(self, offset: int, message: str):
+        super().__init__(message)
+        self.offset = offset
+
+
+def _open_stream(split: Split, start: int):
+    fs, path = filesystem(split.uri)
+    if split.compression:
+        return fs.open_input_stream(path, compression=split.compression)
+    fh = fs.open_input_file(path)
+    fh.seek(start)
+    return fh
+
+
+def _lines(split: Split, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(offset, line) for each line whose first byte lies in the split; None for an over-long line.
+
+    A split that starts inside the file skips the line begun before it; the split
+    that holds a line's first byte reads it to its end.
+    """
+    start, end = split.byte_range or (0, None)
+    skip_first = start > 0
+    pos = start - 1 if skip_first else 0
+    stream = _open_stream(split, pos)
+    buf, buf_at, too_long = b"", pos, False
+    try:
+        while True:
+            try:
+                block = stream.read(BLOCK_BYTES)
+            except Exception as exc:  # decompression errors surface as assorted types
+                raise _Corrupt(buf_at + len(buf), f"{type(exc).__name__}: {exc}") from None
+            if not block:
+                break
+            buf += block
+            while True:
+                nl = buf.find(b"\n")
+                if nl < 0:
+                    if len(buf) > max_bytes:  # keep the offset, drop the bytes
+                        buf_at += len(buf)
+                        buf, too_long = b"", True
+                    break
+                line, buf = buf[:nl], buf[nl + 1:]
+                at, buf_at = buf_at, buf_at + nl + 1
+                if skip_first:
+                    skip_first = False
+                    continue
+                if end is not None and at >= end:
+                    return
+                yield (at, None) if too_long or len(line) > max_bytes else (at, line)
+                too_long = False
+        if buf and not skip_first and (end is None or buf_at < end):
+            yield (buf_at, None) if too_long or len(buf) > max_bytes else (buf_at, buf)
+    finally:
+        stream.close()
+
+
+def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: bool,
+               max_bytes: int) -> Iterator[RawBatch]:
+    batch = RawBatch()
+    token_lists: list[list[int]] = []
+    has_ids: bool | None = None if id_column else False
+    kind = "tokens" if tokenized else "text"
+
+    def reject(row: int, reason: str, raw: object, doc_id: str | None = None) -> None:
+        batch.rejects.append(Reject(split.source, row, reason, excerpt(raw), doc_id))
+
+    try:
+        for row, raw in _lines(split, max_bytes):
+            if raw is None:
+                reject(row, f"document larger than max_document_bytes ({max_bytes:,} bytes)", "")
+                continue
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                reject(row, f"invalid UTF-8 at byte {exc.start} of the line", raw)
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                reject(row, f"malformed JSON: {exc.msg} at column {exc.colno}", raw)
+                continue
+            if not isinstance(obj, dict):
+                reject(row, f"not a JSON object but a {type(obj).__name__}", raw)
+                continue
+            if has_ids is None:
+                has_ids = id_column in obj
+            if has_ids:
+                doc_id = _id_string(obj.get(id_column))
+                if doc_id is None:
+                    value = obj.get(id_column)
+                    what = "missing" if value is None or value == "" else f"a {type(value).__name__}"
+                    reject(row, f"id field {id_column!r} is {what}", raw)
+                    continue
+            else:
+                doc_id = f"{split.source}:{row}"
+            value = obj.get(field_name)
+            if value is None:
+                reject(row, f"{kind} field {field_name!r} is {'null' if field_name in obj else 'missing'}",
+                       raw, doc_id)
+                continue
+            if tokenized:
+                if not isinstance(value, list) or not all(
+                        isinstance(t, int) and not isinstance(t, bool) for t in value):
+                    reject(row, f"{kind} field {field_name!r} is not a list of integers", raw, doc_id)
+                    continue
+                token_lists.append(value)
+            else:
+                if not isinstance(value, str):
+                    reject(row, f"{kind} field {field_name!r} is a {type(value).__name__}, not a string",
+                           raw, doc_id)
+                    continue
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    reject(row, "text holds an unpaired surrogate escape (invalid Unicode)", raw, doc_id)
+                    continue
+                batch.texts.append(value)
+            batch.rows.append(row)
+            batch.ids.append(doc_id)
+            if len(batch) >= BATCH_DOCS:
+                yield _finish_jsonl(batch, token_lists, tokenized)
+                batch, token_lists = RawBatch(), []
+    except _Corrupt as exc:
+        reject(exc.offset, f"corrupt or truncated {split.compression or ''} file; reading stopped here "
+                           f"({exc})".replace("  ", " "), "")
+    if len(batch) or batch.rejects:
+        yield _finish_jsonl(batch, token_lists, tokenized)
+
+
+def _finish_jsonl(batch: RawBatch, token_lists: list[list[int]], tokenized: bool) -> RawBatch:
+    if tokenized:
+        try:
+            batch.tokens = pa.array(token_lists, type=pa.list_(pa.int64()))
+        except (pa.ArrowInvalid, OverflowError):  # an id beyond int64: reject per document below
+            batch.tokens = pa.array([[t if -2**63 <= t < 2**63 else -1 for t in x] for x in token_lists],
+                                    type=pa.list_(pa.int64()))
+    return batch
+
+
+# -- Parquet ------------------------------------------------------------------------
+
+def read_parquet(split: Split, id_column: str | None, column: str, tokenized: bool,
+                 max_bytes: int) -> Iterator[RawBatch]:
+    fs, path = filesystem(split.uri)
+    row = split.first_row
+    try:
+        with fs.open_input_file(path) as fh:
+            pf = pq.ParquetFile(fh)
+            has_ids = id_column is not None and id_column in pf.schema_arrow.names
+            columns = [column] + ([id_column] if has_ids else [])
+            for rb in pf.iter_batches(batch_size=BATCH_DOCS, row_groups=list(split.row_groups),
+                                      columns=columns):
+                yield _parquet_batch(split, rb, row, id_column if has_ids else None, column, tokenized,
+                                     max_bytes)
+                row += rb.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        reason = f"unreadable Parquet data from this row on; the rest of the split is skipped ({exc})"
+        yield RawBatch(rejects=[Reject(split.source, row, reason)])
+
+
+def _parquet_batch(split: Split, rb: pa.RecordBatch, first_row: int, id_column: str | None,
+                   column: str, tokenized: bool, max_bytes: int) -> RawBatch:
+    n = rb.num_rows
+    rows = np.arange(first_row, first_row + n)
+    batch = RawBatch()
+    values = rb.column(column)
+    ok = np.ones(n, dtype=bool)
+    reasons: dict[int, str] = {}
+
+    def bad(mask: np.ndarray, reason: str) -> None:
+        for i in np.flatnonzero(mask & ok):
+            reasons[int(i)] = reason
+        ok[mask] = False
+
+    if id_column is not None:
+        ids_arr = rb.column(id_column)
+        if not (pa.types.is_string(ids_arr.type) or pa.types.is_large_string(ids_arr.type)
+                or pa.types.is_integer(ids_arr.type)):
+            bad(np.ones(n, bool), f"id column {id_column!r} has type {ids_arr.type}, not string or integer")
+            ids = [None] * n
+        else:
+            ids_arr = ids_arr.cast(pa.string())
+            bad(np.asarray(pc.fill_null(pc.equal(ids_arr, ""), True)), f"id column {id_column!r} is null or empty")
+            ids = ids_arr.to_pylist()
+    else:
+        ids = [f"{split.source}:{r}" for r in rows]
+    bad(np.asarray(values.is_null()), f"{'tokens' if tokenized else 'text'} column {column!r} is null")
+
+    if tokenized:
+        if not ((pa.types.is_list(values.type) or pa.types.is_large_list(values.type))
+                and pa.types.is_integer(values.type.value_type)):
+            bad(np.ones(n, bool), f"token column {column!r} has type {values.type}, not a list of integers")
+        else:
+            if pc.list_flatten(values).null_count:
+                flat_nulls = pc.is_null(pc.list_flatten(values)).to_numpy(zero_copy_only=False)
+                mask = np.zeros(n, bool)
+                mask[pc.list_parent_indices(values).to_numpy()[flat_nulls]] = True
+                bad(mask, f"token column {column!r} holds a null token id")
+            batch.tokens = values
+    else:
+        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            bad(np.ones(n, bool), f"text column {column!r} has type {values.type}, not string")
+            texts = [None] * n
+        else:
+            sizes = pc.fill_null(pc.binary_length(values), 0).to_numpy(zero_copy_only=False)
+            bad(sizes > max_bytes, f"document larger than max_document_bytes ({max_bytes:,} bytes)")
+            try:
+                texts = values.to_pylist()
+            except UnicodeDecodeError:
+                texts = []
+                for i, b in enumerate(values.cast(pa.binary()).to_pylist()):
+                    try:
+                        texts.append(None if b is None else b.decode("utf-8"))
+                    except UnicodeDecodeError as exc:
+                        one = np.zeros(n, bool)
+                        one[i] = True
+                        bad(one, f"invalid UTF-8 at byte {exc.start} of the text")
+                        texts.append(None)
+    for i in range(n):
+        if ok[i]:
+            batch.rows.append(int(rows[i]))
+            batch.ids.append(ids[i])
+            if not tokenized:
+                batch.texts.append(texts[i])
+        else:
+            raw = ids[i] if ids[i] is not None else ""
+            batch.rejects.append(Reject(split.source, int(rows[i]), reasons[i], excerpt(raw), ids[i]))
+    if tokenized and batch.tokens is not None:
+        batch.tokens = batch.tokens.filter(pa.array(ok))
+    return batch
+
+
+def read_split(split: Split, id_column: str | None, column: str, tokenized: bool,
+               max_bytes: int) -> Iterator[RawBatch]:
+    """Batches of documents and rejects of one split, in file order."""
+    reader = read_parquet if split.format == "parquet" else read_jsonl
+    yield from reader(split, id_column, column, tokenized, max_bytes)

@@ -1,0 +1,54 @@
+"""The Spark session: local defaults that work on a laptop, cluster settings left to spark-submit."""
+
+from __future__ import annotations
+
+import os
+
+from pyspark import SparkConf
+from pyspark.sql import DataFrame, SparkSession
+
+#: Settings bfpack relies on; a user's --spark-conf wins over them.
+DEFAULTS = {
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.execution.arrow.maxRecordsPerBatch": "2048",
+    "spark.sql.adaptive.enabled": "true",
+    "spark.sql.shuffle.partitions": "8",
+    "spark.task.maxFailures": "4",
+    "spark.ui.showConsoleProgress": "true",
+    "spark.sql.parquet.compression.codec": "zstd",
+}
+LOCAL_DEFAULTS = {
+    "spark.driver.memory": "8g",
+    "spark.ui.enabled": "false",
+}
+
+
+def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[str, str] | None = None) -> SparkSession:
+    """The active session, or a new one: ``master`` or spark-submit's, else ``local[*]``."""
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    submitted = SparkConf().contains("spark.master")
+    builder = SparkSession.builder.appName(app_name)
+    settings = dict(DEFAULTS)
+    if master or not submitted:
+        builder = builder.master(master or "local[*]")
+        settings.update(LOCAL_DEFAULTS)
+    if "NUMBA_CACHE_DIR" in os.environ:
+        settings["spark.executorEnv.NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
+    settings.update(conf or {})
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
+def collect_arrow(df: DataFrame):
+    """``df`` as a pyarrow Table on the driver (Spark 4 ``toArrow``; Spark 3.5's private twin)."""
+    import pyarrow as pa
+
+    if hasattr(df, "toArrow"):
+        return df.toArrow()
+    batches = df._collect_as_arrow()
+    return pa.Table.from_batches(batches) if batches else pa.Table.from_pandas(df.limit(0).toPandas())

@@ -1,0 +1,164 @@
+"""Stage 1: one group of input splits in, chunk rows and reject rows out.
+
+Reads every split of the group, tokenizes texts (or checks given token ids), adds
+the end-of-document token, and cuts each document into chunks of at most
+``seq_len`` tokens, each chunk one row. Documents never exceed ``seq_len`` in a row
+that Spark has to handle, however large they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bfpack_spark.io.inputs import Split
+from bfpack_spark.io.readers import RawBatch, Reject, read_split
+from bfpack_spark.packing import chunk_documents
+from bfpack_spark.schemas import CHUNK, READ, REJECT
+from bfpack_spark.tokenize import encode_texts, load_tokenizer
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """What stage 1 needs to know; small and picklable, shipped to every task."""
+
+    id_column: str | None
+    column: str
+    tokenized: bool
+    tokenizer: str
+    eos_token: str | None
+    append_eos: bool
+    seq_len: int
+    keep_empty: bool
+    max_document_bytes: int
+
+
+def _append_token(tokens: pa.Array, token: int) -> pa.ListArray:
+    """Each list with ``token`` added at its end."""
+    values, offsets = _flat(tokens)
+    n = offsets.shape[0] - 1
+    lengths = np.diff(offsets)
+    out = np.empty(values.shape[0] + n, dtype=np.int32)
+    new_offsets = np.concatenate(([0], np.cumsum(lengths + 1)))
+    out[np.arange(values.shape[0]) + np.repeat(np.arange(n), lengths)] = values
+    out[new_offsets[1:] - 1] = token
+    return pa.ListArray.from_arrays(pa.array(new_offsets.astype(np.int32)), pa.array(out))
+
+
+def _flat(tokens: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    offsets = tokens.offsets.to_numpy().astype(np.int64)
+    values = tokens.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+    return values, offsets - offsets[0]
+
+
+def _check_token_ids(raw: RawBatch, vocab_size: int, tokenizer_name: str) -> RawBatch:
+    """Reject documents holding an id outside ``0..vocab_size-1``; the rest as list<int32>."""
+    values, offsets = _flat(raw.tokens)
+    bad_values = (values < 0) | (values >= vocab_size)
+    keep = np.ones(len(raw.rows), dtype=bool)
+    if bad_values.any():
+        parents = np.searchsorted(offsets, np.flatnonzero(bad_values), side="right") - 1
+        for doc in np.unique(parents):
+            first = int(values[offsets[doc] + np.argmax(bad_values[offsets[doc]:offsets[doc + 1]])])
+            raw.rejects.append(Reject(
+                "", raw.rows[doc],
+                f"token id {first} is outside the vocabulary of {tokenizer_name} (0..{vocab_size - 1}); "
+                f"set --tokenizer to the tokenizer that made these ids", "", raw.ids[doc]))
+            keep[doc] = False
+    kept = raw.tokens.filter(pa.array(keep))
+    values, offsets = _flat(kept)
+    raw.tokens = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                          pa.array(values.astype(np.int32, copy=False)))
+    raw.rows = [r for r, k in zip(raw.rows, keep) if k]
+    raw.ids = [d for d, k in zip(raw.ids, keep) if k]
+    return raw
+
+
+def _reject_rows(group: int, rejects: list[Reject]) -> pa.RecordBatch:
+    n = len(rejects)
+    return pa.RecordBatch.from_pydict({
+        "kind": pa.array([REJECT] * n, pa.int8()),
+        "group": pa.array([group] * n, pa.int32()),
+        "doc_index": pa.nulls(n, pa.int64()),
+        "chunk": pa.nulls(n, pa.int32()),
+        "doc_id": pa.array([r.doc_id for r in rejects], pa.string()),
+        "doc_tokens": pa.nulls(n, pa.int64()),
+        "tokens": pa.nulls(n, pa.list_(pa.int32())),
+        "source": pa.array([r.source for r in rejects], pa.string()),
+        "row": pa.array([r.row for r in rejects], pa.int64()),
+        "reason": pa.array([r.reason for r in rejects], pa.string()),
+        "excerpt": pa.array([r.excerpt for r in rejects], pa.string()),
+    }, schema=READ)
+
+
+def _chunk_rows(group: int, first_doc: int, source: str, raw: RawBatch, tokens: pa.ListArray,
+                seq_len: int) -> pa.RecordBatch:
+    values, offsets = _flat(tokens)
+    lengths = np.diff(offsets)
+    chunks = chunk_documents(lengths, seq_len)
+    n = len(chunks)
+    chunk_offsets = np.concatenate(([0], np.cumsum(chunks.length))).astype(np.int32)
+    take = pa.array(chunks.doc)
+    return pa.RecordBatch.from_pydict({
+        "kind": pa.array(np.full(n, CHUNK, np.int8)),
+        "group": pa.array(np.full(n, group, np.int32)),
+        "doc_index": pa.array(first_doc + chunks.doc),
+        "chunk": pa.array(chunks.index.astype(np.int32)),
+        "doc_id": pa.array(raw.ids, pa.string()).take(take),
+        "doc_tokens": pa.array(lengths[chunks.doc]),
+        "tokens": pa.ListArray.from_arrays(pa.array(chunk_offsets), pa.array(values.astype(np.int32, copy=False))),
+        "source": pa.array([source] * n, pa.string()),
+        "row": pa.array(np.asarray(raw.rows, np.int64)[chunks.doc]),
+        "reason": pa.nulls(n, pa.string()),
+        "excerpt": pa.nulls(n, pa.string()),
+    }, schema=READ)
+
+
+def read_group(group: int, splits: list[Split], settings: ReadSettings) -> Iterator[pa.RecordBatch]:
+    """Chunk rows of every document of the group (in canonical order) and its reject rows."""
+    tokenizer = load_tokenizer(settings.tokenizer, settings.eos_token)
+    doc_index = 0
+    for split in splits:
+        for raw in read_split(split, settings.id_column, settings.column, settings.tokenized,
+                              settings.max_document_bytes):
+            if raw.rows:
+                raw = _drop_empty(raw, settings)
+            if raw.rows and settings.tokenized:
+                raw = _check_token_ids(raw, tokenizer.vocab_size, tokenizer.name)
+                tokens = raw.tokens
+                if settings.append_eos and raw.rows:
+                    tokens = _append_token(tokens, tokenizer.eos_id)
+            elif raw.rows:
+                tokens = encode_texts(tokenizer, raw.texts, settings.append_eos)
+            if raw.rejects:
+                for r in raw.rejects:
+                    r.source = split.source
+                yield _reject_rows(group, raw.rejects)
+            if raw.rows:
+                yield _chunk_rows(group, doc_index, split.source, raw, tokens, settings.seq_len)
+                doc_index += len(raw.rows)
+
+
+def _drop_empty(raw: RawBatch, settings: ReadSettings) -> RawBatch:
+    """Empty documents: rejected, or kept when they get an end-of-document token."""
+    if settings.tokenized:
+        empty = np.asarray(pc.list_value_length(raw.tokens).to_numpy(zero_copy_only=False) == 0)
+    else:
+        empty = np.fromiter((len(t) == 0 for t in raw.texts), bool, len(raw.texts))
+    if not empty.any() or settings.keep_empty:
+        return raw
+    for i in np.flatnonzero(empty):
+        raw.rejects.append(Reject("", raw.rows[i], "empty document (quality.empty_documents: skip)",
+                                  "", raw.ids[i]))
+    keep = ~empty
+    raw.rows = [r for r, k in zip(raw.rows, keep) if k]
+    raw.ids = [d for d, k in zip(raw.ids, keep) if k]
+    if settings.tokenized:
+        raw.tokens = raw.tokens.filter(pa.array(keep))
+    else:
+        raw.texts = [t for t, k in zip(raw.texts, keep) if k]
+    return raw

