@@ -35,17 +35,20 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class InputConfig:
     paths: list[str] = _f([], "input files, directories or globs (local paths or s3://...); "
-                              "repeat --input or separate with commas", flag="input")
-    format: Literal["auto", "jsonl", "parquet", "delta"] = _f(
+                              "repeat --input or separate with commas; 'python-stdlib' is this "
+                              "Python's standard-library sources", flag="input")
+    format: Literal["auto", "jsonl", "parquet", "delta", "text"] = _f(
         "auto", "input format; auto: from the extension (.jsonl/.json[.gz|.zst], .parquet) or a "
-                "_delta_log directory", flag="input-format")
+                "_delta_log directory; text: every file is one document", flag="input-format")
     id_column: str | None = _f("id", "column (or JSON field) holding the document id; when the corpus "
                                      "has none, ids are derived from source file and row")
     text_column: str = _f("text", "column holding the raw text to tokenize")
     token_column: str | None = _f(None, "column holding already tokenized documents (list of int); "
                                         "when set, tokenization is skipped")
-    target_items_per_partition: int = _f(100_000, "packing partitions are sized to about this many "
-                                                  "items (chunks of at most seq_len tokens)")
+    target_items_per_partition: int = _f(100_000, "input groups (one read task and one packing "
+                                                  "partition each) hold about this many items "
+                                                  "(chunks of at most seq_len tokens)")
+    min_partitions: int = _f(4, "cut the input into at least this many groups where files allow")
 
 
 @dataclass
@@ -155,6 +158,7 @@ class PackConfig:
         p, q = self.packing, self.quality
         _positive("packing.seq_len", p.seq_len)
         _positive("input.target_items_per_partition", self.input.target_items_per_partition)
+        _positive("input.min_partitions", self.input.min_partitions)
         _positive("packing.merge_items_per_partition", p.merge_items_per_partition)
         if p.partitions is not None:
             _positive("packing.partitions", p.partitions)
@@ -163,6 +167,9 @@ class PackConfig:
         if not 0.0 <= q.max_reject_fraction <= 1.0:
             raise ConfigError(f"quality.max_reject_fraction: must be within [0, 1], got {q.max_reject_fraction}")
         _positive("quality.max_document_bytes", q.max_document_bytes)
+        if self.input.format == "text" and self.tokenized:
+            raise ConfigError("input.token_column: text files hold text; drop --token-column or "
+                              "choose another --input-format")
         if q.empty_documents == "keep" and not self.append_eos:
             raise ConfigError("quality.empty_documents: 'keep' packs an empty document as its "
                               "end-of-document token, so it needs tokenizer.append_eos: true")
@@ -219,7 +226,7 @@ def field_specs() -> list[tuple[str, str, dataclasses.Field, Any]]:
     return specs
 
 
-def _coerce(name: str, raw: str, hint: Any) -> Any:
+def coerce_value(name: str, raw: str, hint: Any) -> Any:
     """A command-line string as the field's type (YAML scalars: 4096, 0.5, true, null)."""
     if type(None) in get_args(hint) and raw.lower() in ("null", "none", ""):
         return None

@@ -14,6 +14,7 @@ import fnmatch
 import glob as globlib
 import os
 import posixpath
+import sysconfig
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -21,6 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 JSONL_SUFFIXES = {".jsonl": None, ".json": None, ".ndjson": None}
+PYTHON_STDLIB = "python-stdlib"
 COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 #: Rough sizes used to size groups before anything is tokenized.
 BYTES_PER_TOKEN = 4
@@ -37,7 +39,7 @@ class Split:
 
     uri: str
     source: str                      # stable name: the file's path relative to its input root
-    format: str                      # "jsonl" or "parquet"
+    format: str                      # "jsonl", "parquet" or "text" (one document per file)
     compression: str | None = None   # JSON lines: "gzip", "zstd" or None
     row_groups: tuple[int, ...] = ()  # Parquet: the row groups to read
     first_row: int = 0               # Parquet: index in the file of the first row read
@@ -160,10 +162,30 @@ def _expand(spec: str) -> list[tuple[str, str, int]]:
     return [(_join(spec, rel), rel, size) for rel, size in _list_dir(fs, path)]
 
 
+def python_stdlib_files() -> list[InputFile]:
+    """The running Python's standard-library sources: a real, long-tailed code corpus on every machine."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__"))
+        for name in filenames:
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                files.append(InputFile(path, os.path.relpath(path, root), os.path.getsize(path), "text"))
+    return files
+
+
 def list_inputs(paths: Iterable[str], fmt: str = "auto") -> list[InputFile]:
-    """Every input file, sorted by source name; unknown formats and empty inputs raise InputError."""
+    """Every input file, sorted by source name; unknown formats and empty inputs raise InputError.
+
+    The input ``python-stdlib`` names the running Python's standard-library sources,
+    one document per file.
+    """
     files: list[InputFile] = []
     for spec in paths:
+        if spec == PYTHON_STDLIB:
+            files.extend(python_stdlib_files())
+            continue
         fs, path = filesystem(spec)
         if fmt == "delta" or (fmt == "auto" and "*" not in spec and fs.get_file_info(path).type
                               == pafs.FileType.Directory and _is_delta(fs, path)):
@@ -174,7 +196,9 @@ def list_inputs(paths: Iterable[str], fmt: str = "auto") -> list[InputFile]:
             raise InputError(f"input {spec!r} matches no file")
         for uri, source, size in found:
             detected = detect_format(uri)
-            if fmt in ("jsonl", "parquet"):
+            if fmt == "text":
+                files.append(InputFile(uri, source, size, "text"))
+            elif fmt in ("jsonl", "parquet"):
                 compression = detected[1] if detected else None
                 files.append(InputFile(uri, source, size, fmt, compression))
             elif detected is None:
@@ -238,15 +262,18 @@ def _jsonl_splits(f: InputFile, seq_len: int, target: int) -> list[Split]:
 
 
 def plan_inputs(paths: list[str], fmt: str, payload: str, tokenized: bool, seq_len: int,
-                target_items: int) -> InputPlan:
-    """List, split and group the input; ``payload`` is the text or token column Parquet must have."""
+                target_items: int, min_groups: int = 1) -> InputPlan:
+    """List, split and group the input; ``payload`` is the text or token column Parquet must have.
+
+    Groups hold about ``target_items`` items each, and there are at least
+    ``min_groups`` of them where the files can be cut that finely.
+    """
     files = list_inputs(paths, fmt)
-    splits: list[Split] = []
-    for f in files:
-        if f.format == "parquet":
-            splits.extend(_parquet_splits(f, payload, tokenized, seq_len, target_items))
-        else:
-            splits.extend(_jsonl_splits(f, seq_len, target_items))
+    splits = _splits(files, payload, tokenized, seq_len, target_items)
+    total = sum(s.est_items for s in splits)
+    if total < target_items * min_groups:
+        target_items = max(1, -(-total // min_groups))
+        splits = _splits(files, payload, tokenized, seq_len, target_items)
     groups: list[list[Split]] = []
     est = 0
     for split in splits:
@@ -256,3 +283,15 @@ def plan_inputs(paths: list[str], fmt: str, payload: str, tokenized: bool, seq_l
         groups[-1].append(split)
         est += split.est_items
     return InputPlan(files=files, groups=groups)
+
+
+def _splits(files: list[InputFile], payload: str, tokenized: bool, seq_len: int, target: int) -> list[Split]:
+    splits: list[Split] = []
+    for f in files:
+        if f.format == "parquet":
+            splits.extend(_parquet_splits(f, payload, tokenized, seq_len, target))
+        elif f.format == "text":
+            splits.append(Split(f.uri, f.source, "text", est_items=1 + f.size // (BYTES_PER_TOKEN * seq_len)))
+        else:
+            splits.extend(_jsonl_splits(f, seq_len, target))
+    return splits

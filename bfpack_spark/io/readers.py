@@ -305,8 +305,40 @@ def _parquet_batch(split: Split, rb: pa.RecordBatch, first_row: int, id_column: 
     return batch
 
 
+# -- plain text files -----------------------------------------------------------------
+
+def read_text_file(split: Split, id_column: str | None, column: str, tokenized: bool,
+                   max_bytes: int) -> Iterator[RawBatch]:
+    """The whole file is one document, its id the file's source name."""
+    batch = RawBatch()
+    fs, path = filesystem(split.uri)
+    try:
+        size = fs.get_file_info(path).size
+        if size > max_bytes:
+            batch.rejects.append(Reject(split.source, 0, f"document larger than max_document_bytes "
+                                                         f"({max_bytes:,} bytes)", "", split.source))
+            yield batch
+            return
+        with fs.open_input_stream(path) as fh:
+            data = fh.read()
+    except OSError as exc:
+        batch.rejects.append(Reject(split.source, 0, f"unreadable file ({exc})", "", split.source))
+        yield batch
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        batch.rejects.append(Reject(split.source, 0, f"invalid UTF-8 at byte {exc.start} of the file",
+                                    excerpt(data), split.source))
+    else:
+        batch.rows, batch.ids, batch.texts = [0], [split.source], [text]
+    yield batch
+
+
+_READERS = {"parquet": read_parquet, "jsonl": read_jsonl, "text": read_text_file}
+
+
 def read_split(split: Split, id_column: str | None, column: str, tokenized: bool,
                max_bytes: int) -> Iterator[RawBatch]:
     """Batches of documents and rejects of one split, in file order."""
-    reader = read_parquet if split.format == "parquet" else read_jsonl
-    yield from reader(split, id_column, column, tokenized, max_bytes)
+    yield from _READERS[split.format](split, id_column, column, tokenized, max_bytes)

@@ -246,7 +246,7 @@ def run(config: PackConfig, spark: SparkSession | None = None) -> RunResult:
         load_tokenizer(config.tokenizer.tokenizer, config.tokenizer.eos_token)  # fail before Spark
         inputs = plan_inputs(config.input.paths, config.input.format,
                              config.input.token_column or config.input.text_column, config.tokenized,
-                             L, config.input.target_items_per_partition)
+                             L, config.input.target_items_per_partition, config.input.min_partitions)
     run_id = config.output.run_id or default_run_id(config, inputs.listing())
     log.info("run %s: %d input files in %d groups", run_id, len(inputs.files), len(inputs.groups))
     spark = spark or get_spark(config.spark.master, config.spark.app_name, config.spark.conf)
