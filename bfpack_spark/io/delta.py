@@ -174,6 +174,13 @@ class DeltaOutput:
         fs, path = filesystem(_join(staged.uri, staged.directory))
         fs.delete_dir(path)
 
+    def discard(self) -> None:
+        """Remove every file this attempt staged (after a failure; readers never saw them)."""
+        for name in ("sequences", "documents", "rejects", "stats"):
+            fs, path = filesystem(_join(self.table_uri(name), self.attempt))
+            if fs.get_file_info(path).type == pafs.FileType.Directory:
+                fs.delete_dir(path)
+
     def clean_orphans(self, name: str) -> list[str]:
         """Delete this run's attempt directories under table ``name`` that the log does not reference."""
         from deltalake import DeltaTable

@@ -29,6 +29,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from bfpack_spark import faults
 from bfpack_spark.config import PackConfig, default_run_id
 from bfpack_spark.io.delta import DeltaOutput, read_table
 from bfpack_spark.io.inputs import InputPlan, plan_inputs
@@ -260,6 +261,9 @@ def run(config: PackConfig, spark: SparkSession | None = None) -> RunResult:
     read_df = _read_stage(spark, config, inputs).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         return _run(spark, config, inputs, read_df, output, run_id, timer, started)
+    except BaseException:
+        output.discard()
+        raise
     finally:
         read_df.unpersist()
 
@@ -286,6 +290,7 @@ def _run(spark, config, inputs, read_df, output, run_id, timer, started) -> RunR
                          f"reasons with --max-reject-fraction 1 and the rejects table")
 
     with timer("plan"):
+        faults.check("plan")
         n_parts = config.packing.partitions or n_groups
         concat_plan = plan_concat(docs.tokens, docs.group, L)
         if config.packing.strategy == "bfd":
@@ -322,6 +327,7 @@ def _run(spark, config, inputs, read_df, output, run_id, timer, started) -> RunR
             rejects = rejects.unionByName(spark.createDataFrame(dup_rejects, rejects.schema))
         staged["rejects"] = output.stage("rejects", rejects)
 
+    faults.check("staged")
     with timer("audit"):
         audit = _audit(spark, output, staged, {
             "sequences": plan.n_sequences, "tokens": int(docs.tokens.sum()), "segments": int(plan.doc.shape[0]),
@@ -338,6 +344,7 @@ def _run(spark, config, inputs, read_df, output, run_id, timer, started) -> RunR
     staged["stats"] = output.stage("stats", spark.createDataFrame([stats], _STATS_DDL))
     with timer("commit"):
         for name in ("rejects", "documents", "sequences", "stats"):
+            faults.check(f"commit:{name}")
             output.commit(staged[name])
         for name in TABLES:
             output.clean_orphans(name)

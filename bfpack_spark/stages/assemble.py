@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bfpack_spark import faults
 from bfpack_spark.packing.arrow import gather_segments, sequences_table
 from bfpack_spark.packing.plan import Plan
 from bfpack_spark.schemas import FRAGMENTS, SEQUENCES
@@ -77,7 +78,10 @@ def _batches(table: pa.Table, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
 
 def local_sequences(rows: pa.Table, plan: GroupPlan, run_id: str) -> Iterator[pa.RecordBatch]:
     """The sequences made only of this group's documents, built without moving a token."""
+    faults.check("assemble")
     keep = np.flatnonzero(plan.local)
+    if faults.active("drop_token") and keep.size:
+        keep = keep[1:]  # a broken invariant, for the audit to catch
     if keep.size == 0:
         return
     group = _GroupTokens.from_rows(rows)

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bfpack_spark import faults
 from bfpack_spark.io.inputs import Split
 from bfpack_spark.io.readers import RawBatch, Reject, read_split
 from bfpack_spark.packing import chunk_documents
@@ -120,6 +121,7 @@ def _chunk_rows(group: int, first_doc: int, source: str, raw: RawBatch, tokens: 
 
 def read_group(group: int, splits: list[Split], settings: ReadSettings) -> Iterator[pa.RecordBatch]:
     """Chunk rows of every document of the group (in canonical order) and its reject rows."""
+    faults.check("read")
     tokenizer = load_tokenizer(settings.tokenizer, settings.eos_token)
     doc_index = 0
     for split in splits:

@@ -1,0 +1,115 @@
+"""The Spark pipeline end to end on a real local Spark, with real Delta tables on disk."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from chispa import assert_df_equality
+from deltalake import DeltaTable
+
+from bfpack_spark.config import load_config
+from bfpack_spark.io.delta import read_table
+from bfpack_spark.packing import bfd_layout
+from bfpack_spark.spark.pipeline import run
+from corpora import write_tokenized
+
+L = 512
+TABLES = ("sequences", "documents", "rejects")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokenized")
+    return root, write_tokenized(root)
+
+
+def pack(spark, input_path, out, **overrides):
+    settings = {"input.paths": [str(input_path)], "input.token_column": "tokens", "output.output": str(out),
+                "packing.seq_len": L, "input.target_items_per_partition": 2500}
+    settings.update(overrides)
+    return run(load_config(None, settings), spark)
+
+
+@pytest.fixture(scope="module")
+def packed(spark, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed")
+    return pack(spark, corpus[0], out), out
+
+
+def table(out, name) -> pa.Table:
+    return DeltaTable(str(out / name)).to_pyarrow_table()
+
+
+def test_every_token_lands_once_in_order(packed, corpus):
+    _, docs = corpus
+    result, out = packed
+    seqs = table(out, "sequences").to_pylist()
+    pieces: dict[str, list[tuple[int, list[int]]]] = {}
+    for s in seqs:
+        pos = 0
+        for d, start, n in zip(s["doc_ids"], s["seg_starts"], s["seg_lengths"]):
+            pieces.setdefault(d, []).append((start, s["input_ids"][pos:pos + n]))
+            pos += n
+        assert pos == s["n_tokens"] == len(s["input_ids"]) <= L
+    assert set(pieces) == set(docs)
+    for doc_id, tokens in docs.items():
+        parts = sorted(pieces[doc_id])
+        assert [start for start, _ in parts] == [i * L for i in range(len(parts))]
+        assert [t for _, p in parts for t in p] == tokens
+        assert len(parts) - 1 == -(-len(tokens) // L) - 1  # cut exactly ceil(n/L)-1 times
+    assert result.stats["audit_passed"] and result.stats["documents_rejected"] == 0
+    assert sorted(s["seq_id"] for s in seqs) == list(range(len(seqs)))
+
+
+def test_documents_and_stats_tables(packed, corpus):
+    _, docs = corpus
+    result, out = packed
+    documents = table(out, "documents").to_pandas().set_index("doc_id")
+    assert len(documents) == len(docs)
+    lengths = np.array([len(docs[d]) for d in documents.index])
+    assert (documents["n_tokens"].to_numpy() == lengths).all()
+    assert (documents["n_chunks"].to_numpy() == -(-lengths // L)).all()
+    stats = table(out, "stats").to_pylist()
+    assert len(stats) == 1 and stats[0]["run_id"] == result.run_id
+    assert stats[0]["sequences"] == table(out, "sequences").num_rows
+    assert stats[0]["lower_bound"] == -(-int(lengths.sum()) // L)
+    assert stats[0]["truncations_per_document"] < stats[0]["concat_truncations_per_document"]
+
+
+def test_no_sequence_exceeds_seq_len(spark, packed):
+    _, out = packed
+    seqs = read_table(spark, str(out / "sequences"))
+    assert seqs.agg({"n_tokens": "max"}).first()[0] <= L
+    assert seqs.filter("size(input_ids) != n_tokens").count() == 0
+
+
+def test_deltalake_reads_what_spark_reads(spark, packed):
+    _, out = packed
+    for name in TABLES:
+        via_spark = read_table(spark, str(out / name))
+        via_deltalake = spark.createDataFrame(table(out, name).to_pylist(), via_spark.schema)
+        assert_df_equality(via_spark, via_deltalake, ignore_row_order=True, ignore_nullable=True)
+
+
+def _same_tables(spark, a, b):
+    for name in TABLES:
+        assert_df_equality(read_table(spark, str(a / name)), read_table(spark, str(b / name)),
+                           ignore_row_order=True)
+
+
+def test_rerun_with_failing_tasks_gives_identical_tables(spark, corpus, packed, tmp_path, inject, faults_file):
+    first, first_out = packed
+    inject({"read": "once", "assemble": "once"})
+    again = pack(spark, corpus[0], tmp_path / "again")
+    for point in ("read", "assemble"):  # a task really failed, and Spark retried it
+        assert (faults_file.parent / f"faults.json.{point}.fired").exists()
+    assert again.run_id == first.run_id
+    _same_tables(spark, first_out, tmp_path / "again")
+
+
+@pytest.mark.parametrize("partitions", [1, 3, 8])
+def test_partition_count_barely_changes_the_sequence_count(spark, corpus, tmp_path, partitions):
+    _, docs = corpus
+    one_process = bfd_layout([len(t) for t in docs.values()], L).n_sequences
+    result = pack(spark, corpus[0], tmp_path / "out", **{"packing.partitions": partitions})
+    assert abs(result.stats["sequences"] - one_process) <= max(2, one_process // 10_000)
+    assert result.stats["audit_passed"]
