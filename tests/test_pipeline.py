@@ -113,3 +113,14 @@ def test_partition_count_barely_changes_the_sequence_count(spark, corpus, tmp_pa
     result = pack(spark, corpus[0], tmp_path / "out", **{"packing.partitions": partitions})
     assert abs(result.stats["sequences"] - one_process) <= max(2, one_process // 10_000)
     assert result.stats["audit_passed"]
+
+
+def test_audit_catches_a_lost_token_before_anything_is_committed(spark, corpus, tmp_path, inject):
+    from bfpack_spark.spark.pipeline import AuditError
+
+    inject({"drop_token": "always"})
+    with pytest.raises(AuditError, match="tokens in sequences = tokens of packed documents"):
+        pack(spark, corpus[0], tmp_path / "out")
+    for name in ("sequences", "documents", "rejects", "stats"):
+        assert not DeltaTable.is_deltatable(str(tmp_path / "out" / name))
+        assert not any((tmp_path / "out" / name).glob("run-*")), "staged files of the failed attempt remain"

@@ -1,0 +1,114 @@
+"""The Spark pipeline on local[2]: best-fit packing against the concatenate-and-cut pipeline.
+
+    python benchmarks/bench_pipeline.py                    # 1M documents, median 300 tokens
+    python benchmarks/bench_pipeline.py --docs 200000      # smaller
+
+Writes a synthetic tokenized corpus (log-normal document lengths, random token ids)
+as Parquet, then runs in one Spark session, on the same corpus and writing the same
+tables: best-fit packing with ``placement=in_place`` (the default), best-fit with
+``placement=shuffle``, and the concatenation baseline (``strategy=concat``). Prints
+documents and tokens per second, per-stage times, time ratios against concat, and
+the sequence count against one-process BFD over the whole corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bfpack_spark.config import load_config
+from bfpack_spark.packing import bfd_layout
+from bfpack_spark.spark.pipeline import run
+from bfpack_spark.spark.session import get_spark
+
+
+def write_corpus(root: Path, n_docs: int, median: float, sigma: float, n_files: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    lengths = np.maximum(rng.lognormal(np.log(median), sigma, n_docs).astype(np.int64), 1)
+    root.mkdir(parents=True, exist_ok=True)
+    for f, part in enumerate(np.array_split(np.arange(n_docs), n_files)):
+        lens = lengths[part]
+        values = rng.integers(0, 100_000, int(lens.sum()), dtype=np.int32)
+        offsets = np.concatenate(([0], np.cumsum(lens))).astype(np.int32)
+        table = pa.table({"id": pa.array([f"doc-{i:09d}" for i in part]),
+                          "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))})
+        pq.write_table(table, root / f"part-{f:04d}.parquet", row_group_size=16_384)
+    return lengths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=1_000_000)
+    parser.add_argument("--median", type=float, default=300)
+    parser.add_argument("--sigma", type=float, default=1.2)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--files", type=int, default=16)
+    parser.add_argument("--workdir", default=None, help="default: a temporary directory")
+    parser.add_argument("--runs", default="concat:in_place,bfd:in_place,bfd:shuffle",
+                        help="strategy:placement pairs to run, in order")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bfpack-bench-"))
+    t0 = time.perf_counter()
+    lengths = write_corpus(work / "corpus", args.docs, args.median, args.sigma, args.files)
+    n_tokens = int(lengths.sum())
+    print(f"corpus: {args.docs:,} documents, {n_tokens:,} tokens (log-normal median {args.median:g}, "
+          f"sigma {args.sigma:g}) in {args.files} Parquet files, written in {time.perf_counter() - t0:.1f}s")
+    one_process = bfd_layout(lengths, args.seq_len).n_sequences
+    lower = -(-n_tokens // args.seq_len)
+    print(f"one-process BFD: {one_process:,} sequences (lower bound {lower:,})")
+
+    spark = get_spark("local[2]", "bfpack-bench", {"spark.ui.showConsoleProgress": "false"})
+
+    def pack(corpus: Path, out: Path, strategy: str, placement: str):
+        config = load_config(None, {
+            "input.paths": [str(corpus)], "input.token_column": "tokens", "output.output": str(out),
+            "packing.seq_len": args.seq_len, "packing.strategy": strategy, "packing.placement": placement,
+        })
+        t0 = time.perf_counter()
+        result = run(config, spark)
+        return result, time.perf_counter() - t0
+
+    # Warm up the JVM, the Python workers and numba's cache on a small corpus, untimed.
+    write_corpus(work / "warmup", 20_000, args.median, args.sigma, 2, seed=1)
+    for strategy in ("concat", "bfd"):
+        pack(work / "warmup", work / f"warmup-{strategy}", strategy, "in_place")
+        shutil.rmtree(work / f"warmup-{strategy}", ignore_errors=True)
+
+    results = {}
+    for spec in args.runs.split(","):
+        strategy, placement = spec.split(":")
+        out = work / f"out-{strategy}-{placement}"
+        result, seconds = pack(work / "corpus", out, strategy, placement)
+        results[spec] = seconds
+        s = result.stats
+        print(f"\n== {strategy} ({placement}): {seconds:.1f}s wall, {args.docs / seconds:,.0f} docs/s, "
+              f"{n_tokens / seconds / 1e6:.2f} M tokens/s")
+        print(f"   sequences {s['sequences']:,} (one-process BFD {one_process:,}: "
+              f"{s['sequences'] - one_process:+,}; lower bound {lower:,}: +{s['sequences'] - lower:,}); "
+              f"truncations/doc {s['truncations_per_document']:.4f}; "
+              f"moved tokens {s['moved_tokens'] / max(1, s['tokens']):.1%}; "
+              f"groups {s['input_groups']}, audit {'passed' if s['audit_passed'] else 'FAILED'}")
+        print("   stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.stats["stage_seconds"].items()))
+        shutil.rmtree(out, ignore_errors=True)
+    if "concat:in_place" in results:
+        base = results["concat:in_place"]
+        for spec, seconds in results.items():
+            if spec != "concat:in_place":
+                print(f"\ntime ratio {spec} / concat: {seconds / base:.2f} (target <= 1.3)")
+    spark.stop()
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
