@@ -20,6 +20,7 @@ from typing import Any, Literal, Sequence, get_args, get_origin
 from bfpack_spark.config import ConfigError, PackConfig, coerce_value, field_specs, load_config
 from bfpack_spark.io.delta import DeltaError
 from bfpack_spark.io.inputs import PYTHON_STDLIB, InputError
+from bfpack_spark.io.lock import RunLockedError
 from bfpack_spark.metrics import format_comparison
 from bfpack_spark.tokenize import TokenizerError
 
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"bfpack: error: {exc}", file=sys.stderr)
         return 2
-    except (AuditError, DeltaError) as exc:
+    except (AuditError, DeltaError, RunLockedError) as exc:
         print(f"bfpack: run failed: {exc}", file=sys.stderr)
         return 1
     print_summary(result)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from bfpack_spark.io.inputs import filesystem
 log = logging.getLogger(__name__)
 
 APP_PREFIX = "bfpack:"
+_ATTEMPT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-[0-9a-f]{8}")
 
 
 class DeltaError(RuntimeError):
@@ -105,6 +107,7 @@ class DeltaOutput:
         self.spark, self.root, self.run_id, self.mode, self.method = spark, root, run_id, mode, method
         self.attempt = f"{run_id}-{uuid.uuid4().hex[:8]}"
         self.app_id = APP_PREFIX + run_id
+        self.committed_tables: set[str] = set()
 
     def table_uri(self, name: str) -> str:
         return _join(self.root, name)
@@ -132,15 +135,21 @@ class DeltaOutput:
         return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
                       and not posixpath.basename(i.path).startswith((".", "_")))
 
+    def _commit_metadata(self) -> dict[str, str]:
+        return {"bfpack.run_id": self.run_id, "bfpack.attempt": self.attempt}
+
     def commit(self, staged: StagedTable) -> None:
         """One atomic commit that adds the staged files (and, in overwrite mode, removes the rest)."""
         if self.mode == "append" and self.committed(staged.name):
             log.info("table %s already holds run %s; not committing it again", staged.name, self.run_id)
+            fs, path = filesystem(_join(staged.uri, staged.directory))
+            fs.delete_dir(path)
             return
         if self.method == "delta-spark":
             self._commit_delta_spark(staged)
         else:
             self._commit_deltalake(staged)
+        self.committed_tables.add(staged.name)
 
     def _commit_deltalake(self, staged: StagedTable) -> None:
         from deltalake import CommitProperties, DeltaTable, Schema, Transaction
@@ -157,7 +166,7 @@ class DeltaOutput:
             actions.append(AddAction(rel, info.size, {}, mtime, True, stats))
         schema = Schema.from_json(staged.schema_json)
         props = CommitProperties(app_transactions=[Transaction(self.app_id, 0)],
-                                 custom_metadata={"bfpack.run_id": self.run_id})
+                                 custom_metadata=self._commit_metadata())
         if DeltaTable.is_deltatable(staged.uri):
             DeltaTable(staged.uri).create_write_transaction(actions, self.mode, schema,
                                                             commit_properties=props)
@@ -169,35 +178,43 @@ class DeltaOutput:
         df = self.spark.read.parquet(_join(staged.uri, staged.directory))
         (df.write.format("delta").mode(self.mode)
          .option("txnAppId", self.app_id).option("txnVersion", 0)
-         .option("userMetadata", json.dumps({"bfpack.run_id": self.run_id}))
+         .option("userMetadata", json.dumps(self._commit_metadata()))
          .save(staged.uri))
         fs, path = filesystem(_join(staged.uri, staged.directory))
         fs.delete_dir(path)
 
     def discard(self) -> None:
-        """Remove every file this attempt staged (after a failure; readers never saw them)."""
-        for name in ("sequences", "documents", "rejects", "stats"):
+        """Remove the files this attempt staged and did not commit (readers never saw them)."""
+        for name in {"sequences", "documents", "rejects", "stats"} - self.committed_tables:
             fs, path = filesystem(_join(self.table_uri(name), self.attempt))
             if fs.get_file_info(path).type == pafs.FileType.Directory:
                 fs.delete_dir(path)
 
-    def clean_orphans(self, name: str) -> list[str]:
-        """Delete this run's attempt directories under table ``name`` that the log does not reference."""
+    def clean_orphans(self, name: str, any_run: bool = False) -> list[str]:
+        """Delete attempt directories under table ``name`` that no commit ever added.
+
+        Only this run's attempts, unless ``any_run`` (safe while holding the output
+        root's lock: no other run can be staging files there).
+        """
         from deltalake import DeltaTable
 
         uri = self.table_uri(name)
         fs, base = filesystem(uri)
         if fs.get_file_info(base).type != pafs.FileType.Directory:
             return []
-        referenced = set()
+        committed = set()
         if DeltaTable.is_deltatable(uri):
-            referenced = {p.split("/")[0] for p in DeltaTable(uri).get_add_actions(flatten=True)
-                          .column("path").to_pylist()}
+            for commit in DeltaTable(uri).history():
+                meta = commit.get("userMetadata")
+                meta = json.loads(meta) if isinstance(meta, str) and meta.startswith("{") else {}
+                committed.add(commit.get("bfpack.attempt") or meta.get("bfpack.attempt"))
         removed = []
+        prefix = "" if any_run else self.run_id + "-"
         for info in fs.get_file_info(pafs.FileSelector(base)):
             dirname = posixpath.basename(info.path)
-            if (info.type == pafs.FileType.Directory and dirname.startswith(self.run_id + "-")
-                    and dirname not in referenced):
+            if (info.type == pafs.FileType.Directory and dirname.startswith(prefix)
+                    and _ATTEMPT.fullmatch(dirname) and dirname not in committed
+                    and dirname != self.attempt):
                 fs.delete_dir(info.path)
                 removed.append(dirname)
         return removed

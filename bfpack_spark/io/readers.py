@@ -15,6 +15,7 @@ file whose first record lacks that field, gets ids derived from source and row
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -22,11 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import zstandard
 
 from bfpack_spark.io.inputs import Split, filesystem
 
 BATCH_DOCS = 2048
 BLOCK_BYTES = 8 * 2**20
+COMPRESSED_BLOCK_BYTES = 2**16
 EXCERPT_CHARS = 160
 
 
@@ -76,10 +79,47 @@ class _Corrupt(Exception):
         self.offset = offset
 
 
+class _Inflated:
+    """``read(n)`` over a gzip or zstd stream, decoded incrementally so that every byte
+    decoded before a truncation or a corrupt block is handed out before the error.
+    Concatenated gzip members and zstd frames are read one after the other."""
+
+    def __init__(self, raw, codec: str):
+        self.raw, self.codec = raw, codec
+        self.decoder, self.fed = self._decoder(), False
+
+    def _decoder(self):
+        if self.codec == "gzip":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        return zstandard.ZstdDecompressor().decompressobj()
+
+    def read(self, n: int) -> bytes:
+        while True:
+            chunk = self.raw.read(n)
+            if not chunk:
+                if self.fed:
+                    raise EOFError("the file ends inside a compressed block (truncated)")
+                return b""
+            out = []
+            while chunk:
+                out.append(self.decoder.decompress(chunk))
+                self.fed = True
+                if not self.decoder.eof:
+                    break
+                chunk, self.decoder, self.fed = self.decoder.unused_data, self._decoder(), False
+            data = b"".join(out)
+            if data:
+                return data
+
+    def close(self) -> None:
+        self.raw.close()
+
+
 def _open_stream(split: Split, start: int):
+    """A binary stream of the split's (decompressed) bytes, positioned at ``start``."""
     fs, path = filesystem(split.uri)
     if split.compression:
-        return fs.open_input_stream(path, compression=split.compression)
+        return _Inflated(fs.open_input_stream(path, compression=None), split.compression)
     fh = fs.open_input_file(path)
     fh.seek(start)
     return fh
@@ -94,14 +134,18 @@ def _lines(split: Split, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
     start, end = split.byte_range or (0, None)
     skip_first = start > 0
     pos = start - 1 if skip_first else 0
-    stream = _open_stream(split, pos)
+    block_bytes = COMPRESSED_BLOCK_BYTES if split.compression else BLOCK_BYTES
+    try:
+        stream = _open_stream(split, pos)
+    except Exception as exc:
+        raise _Corrupt(0, f"{type(exc).__name__}: {exc}") from None
     buf, buf_at, too_long = b"", pos, False
     try:
         while True:
             try:
-                block = stream.read(BLOCK_BYTES)
+                block = stream.read(block_bytes)
             except Exception as exc:  # decompression errors surface as assorted types
-                raise _Corrupt(buf_at + len(buf), f"{type(exc).__name__}: {exc}") from None
+                raise _Corrupt(buf_at, f"{type(exc).__name__}: {exc}") from None
             if not block:
                 break
             buf += block
@@ -143,6 +187,7 @@ def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: 
                 reject(row, f"document larger than max_document_bytes ({max_bytes:,} bytes)", "")
                 continue
             if not raw.strip():
+                reject(row, "blank line (no JSON record)", raw)
                 continue
             try:
                 line = raw.decode("utf-8")

@@ -33,6 +33,7 @@ from bfpack_spark import faults
 from bfpack_spark.config import PackConfig, default_run_id
 from bfpack_spark.io.delta import DeltaOutput, read_table
 from bfpack_spark.io.inputs import InputPlan, plan_inputs
+from bfpack_spark.io.lock import OutputLock
 from bfpack_spark.metrics import PackingStats, bucket_labels
 from bfpack_spark.packing.plan import Plan, plan_bfd, plan_concat
 from bfpack_spark.schemas import CHUNK, FRAGMENTS, READ, REJECT, SEQUENCES, spark_ddl
@@ -280,24 +281,25 @@ def run(config: PackConfig, spark: SparkSession | None = None) -> RunResult:
     run_id = config.output.run_id or default_run_id(config, inputs.listing())
     log.info("run %s: %d input files in %d groups", run_id, len(inputs.files), len(inputs.groups))
     spark = spark or get_spark(config.spark.master, config.spark.app_name, config.spark.conf)
-    output = DeltaOutput(spark, config.output.output, run_id, config.output.mode, config.output.delta_writer)
-    if config.output.mode == "append" and all(output.committed(t) for t in TABLES):
-        log.info("run %s is already in every table of %s; nothing to do", run_id, config.output.output)
-        stats = (read_table(spark, output.table_uri("stats")).filter(F.col("run_id") == run_id)
-                 .first().asDict())
-        return RunResult(run_id, config.output.output, stats, already_committed=True)
+    with OutputLock(config.output.output, run_id) as lock:
+        output = DeltaOutput(spark, config.output.output, run_id, config.output.mode,
+                             config.output.delta_writer)
+        if config.output.mode == "append" and all(output.committed(t) for t in TABLES):
+            log.info("run %s is already in every table of %s; nothing to do", run_id, config.output.output)
+            stats = (read_table(spark, output.table_uri("stats")).filter(F.col("run_id") == run_id)
+                     .first().asDict())
+            return RunResult(run_id, config.output.output, stats, already_committed=True)
+        read_df = _read_stage(spark, config, inputs).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            return _run(spark, config, inputs, read_df, output, run_id, timer, started, lock.held)
+        except BaseException:
+            output.discard()
+            raise
+        finally:
+            read_df.unpersist()
 
-    read_df = _read_stage(spark, config, inputs).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        return _run(spark, config, inputs, read_df, output, run_id, timer, started)
-    except BaseException:
-        output.discard()
-        raise
-    finally:
-        read_df.unpersist()
 
-
-def _run(spark, config, inputs, read_df, output, run_id, timer, started) -> RunResult:
+def _run(spark, config, inputs, read_df, output, run_id, timer, started, locked) -> RunResult:
     L = config.packing.seq_len
     first_chunks = read_df.filter((F.col("kind") == CHUNK) & (F.col("chunk") == 0))
     with timer("read"):
@@ -376,7 +378,7 @@ def _run(spark, config, inputs, read_df, output, run_id, timer, started) -> RunR
             faults.check(f"commit:{name}")
             output.commit(staged[name])
         for name in TABLES:
-            output.clean_orphans(name)
+            output.clean_orphans(name, any_run=locked)
     stats["stage_seconds"] = dict(timer.seconds)
     return RunResult(run_id, config.output.output, stats, packing, concat)
 

@@ -1,0 +1,212 @@
+"""Nothing lost, nothing doubled: bad records, failures at every stage, reruns, concurrency."""
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from chispa import assert_df_equality
+from deltalake import DeltaTable
+
+from bfpack_spark.config import load_config
+from bfpack_spark.faults import InjectedFault
+from bfpack_spark.io.delta import read_table
+from bfpack_spark.io.lock import LOCK_NAME, RunLockedError
+from bfpack_spark.spark.pipeline import AuditError, run
+from corpora import write_jsonl, write_tokenized
+
+L = 256
+GOOD = [{"id": f"good-{i}", "text": f"document {i} " + "word " * (i * 37 % 400)} for i in range(60)]
+BAD_LINES = {  # raw line -> the words its reject reason must contain
+    '{"id": "m1", "text": "unterminated"': "malformed JSON",
+    '{"id": "n1", "text": null}': "is null",
+    '{"id": "n2", "text": 123}': "not a string",
+    '{"id": "n3"}': "is missing",
+    '{"id": "e1", "text": ""}': "empty document",
+    '{"text": "a record without its id"}': "id field 'id' is missing",
+    '{"id": "good-3", "text": "same id again"}': "duplicate id",
+    "[1, 2, 3]": "not a JSON object",
+    "": "blank line",
+    '{"id": "s1", "text": "\\ud800 lone surrogate"}': "unpaired surrogate",
+}
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    lines = [json.dumps(r) for r in GOOD[:40]] + list(BAD_LINES)
+    write_jsonl(root / "a.jsonl", lines)
+    with open(root / "a.jsonl", "ab") as fh:
+        fh.write(b'{"id": "u1", "text": "caf\xe9"}\n')  # invalid UTF-8
+        fh.write(json.dumps({"id": "big", "text": "x" * 300_000}).encode() + b"\n")  # over the limit
+        fh.write(json.dumps({"id": "large-ok", "text": "word " * 30_000}).encode() + b"\n")
+    whole = gzip.compress("".join(json.dumps(r) + "\n" for r in GOOD[40:]).encode())
+    (root / "b.jsonl.gz").write_bytes(whole[: len(whole) * 2 // 3])  # truncated
+    (root / "c.jsonl.zst").write_bytes(os.urandom(2000))  # not zstd at all
+    return root
+
+
+def pack(spark, paths, out, **overrides):
+    settings = {"input.paths": [str(p) for p in paths], "output.output": str(out), "packing.seq_len": L,
+                "quality.max_document_bytes": 200_000, "quality.max_reject_fraction": 1.0}
+    settings.update(overrides)
+    return run(load_config(None, settings), spark)
+
+
+def test_every_bad_record_is_a_reject_with_its_reason(spark, bad_corpus, tmp_path):
+    result = pack(spark, [bad_corpus], tmp_path)
+    rejects = DeltaTable(str(tmp_path / "rejects")).to_pyarrow_table().to_pylist()
+    documents = DeltaTable(str(tmp_path / "documents")).to_pyarrow_table()
+    s = result.stats
+    assert s["documents_read"] == s["documents_packed"] + s["documents_rejected"]
+    assert s["documents_rejected"] == len(rejects) and s["documents_packed"] == documents.num_rows
+    reasons = " | ".join(r["reason"] for r in rejects)
+    for words in list(BAD_LINES.values()) + ["invalid UTF-8", "max_document_bytes", "corrupt or truncated"]:
+        assert words in reasons, words
+    assert sum("corrupt or truncated" in r["reason"] for r in rejects) >= 2  # the .gz and the .zst
+    packed = set(documents.column("doc_id").to_pylist())
+    assert {f"good-{i}" for i in range(40)} | {"large-ok"} <= packed
+    # what the truncated gzip still held was read, line by line
+    assert len(packed & {f"good-{i}" for i in range(40, 60)}) > 0
+    lines_in_a = 40 + len(BAD_LINES) + 3
+    from_a = (sum(r["source"] == "a.jsonl" for r in rejects)
+              + documents.column("source").to_pylist().count("a.jsonl"))
+    assert from_a == lines_in_a  # every line of a.jsonl is packed or rejected, exactly once
+    for r in rejects:
+        assert r["source"] and r["row"] is not None and r["run_id"] == result.run_id
+
+
+def test_bad_token_ids_are_rejected(spark, tmp_path):
+    table = pa.table({
+        "id": ["ok", "oov", "neg", None, "nulltok", "empty", "ok2"],
+        "tokens": pa.array([[1, 2, 3], [5, 200_000], [-1, 4], [7], [1, None], [], [9] * 600],
+                           type=pa.list_(pa.int64())),
+    })
+    pq.write_table(table, tmp_path / "t.parquet")
+    write_jsonl(tmp_path / "t.jsonl", [{"id": "j1", "tokens": "not a list"}, {"id": "j2", "tokens": [1.5]},
+                                       {"id": "j3", "tokens": [4, 5]}])
+    result = pack(spark, [tmp_path / "t.parquet", tmp_path / "t.jsonl"], tmp_path / "out",
+                  **{"input.token_column": "tokens"})
+    rejects = {r["doc_id"] or f"row {r['row']}": r["reason"]
+               for r in DeltaTable(str(tmp_path / "out" / "rejects")).to_pyarrow_table().to_pylist()}
+    assert "outside the vocabulary" in rejects["oov"] and "outside the vocabulary" in rejects["neg"]
+    assert "null token id" in rejects["nulltok"] and "empty document" in rejects["empty"]
+    assert "null or empty" in rejects["row 3"]
+    assert "not a list of integers" in rejects["j1"] and "not a list of integers" in rejects["j2"]
+    packed = DeltaTable(str(tmp_path / "out" / "documents")).to_pyarrow_table().column("doc_id").to_pylist()
+    assert sorted(packed) == ["j3", "ok", "ok2"]
+    assert result.stats["documents_read"] == 10
+
+
+def test_too_many_rejects_fail_before_commit(spark, bad_corpus, tmp_path):
+    with pytest.raises(AuditError, match="max_reject_fraction"):
+        pack(spark, [bad_corpus], tmp_path, **{"quality.max_reject_fraction": 0.01})
+    assert not DeltaTable.is_deltatable(str(tmp_path / "sequences"))
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    write_tokenized(root, n_files=3, docs_per_file=400, median=150, seed=7, row_group=100)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(spark, tokenized, tmp_path_factory):
+    """An uninterrupted append-mode run, to compare the interrupted ones with."""
+    out = tmp_path_factory.mktemp("reference")
+    pack(spark, [tokenized], out, **{"input.token_column": "tokens", "output.mode": "append"})
+    return out
+
+
+def same_tables(spark, a, b):
+    for name in ("sequences", "documents", "rejects"):
+        assert_df_equality(read_table(spark, str(a / name)), read_table(spark, str(b / name)),
+                           ignore_row_order=True)
+    volatile = ("started_at", "stage_seconds", "audit", "config")  # timings, and where the output went
+    stats_a = read_table(spark, str(a / "stats")).drop(*volatile)
+    stats_b = read_table(spark, str(b / "stats")).drop(*volatile)
+    assert_df_equality(stats_a, stats_b, ignore_row_order=True)
+
+
+@pytest.mark.parametrize("point", ["read", "plan", "assemble", "staged", "commit:documents",
+                                   "commit:sequences", "commit:stats"])
+def test_killed_at_any_stage_then_rerun_equals_an_uninterrupted_run(spark, tokenized, reference, tmp_path,
+                                                                    inject, point):
+    settings = {"input.token_column": "tokens", "output.mode": "append"}
+    inject({point: "always"})
+    with pytest.raises(Exception) as failure:
+        pack(spark, [tokenized], tmp_path, **settings)
+    assert "injected failure" in str(failure.value) or isinstance(failure.value, InjectedFault)
+    inject({})
+    pack(spark, [tokenized], tmp_path, **settings)
+    same_tables(spark, reference, tmp_path)
+    for name in ("sequences", "documents", "rejects", "stats"):  # no file of a failed attempt is left
+        attempts = [p.name for p in (tmp_path / name).iterdir() if p.name.startswith("run-")]
+        assert len(attempts) == 1, attempts
+
+
+def test_running_twice_adds_rows_once(spark, tokenized, reference, tmp_path):
+    settings = {"input.token_column": "tokens", "output.mode": "append"}
+    first = pack(spark, [tokenized], tmp_path, **settings)
+    second = pack(spark, [tokenized], tmp_path, **settings)
+    assert second.already_committed and second.run_id == first.run_id
+    same_tables(spark, reference, tmp_path)
+    overwrite = {"input.token_column": "tokens", "output.mode": "overwrite"}
+    pack(spark, [tokenized], tmp_path / "ow", **overwrite)
+    pack(spark, [tokenized], tmp_path / "ow", **overwrite)
+    assert DeltaTable(str(tmp_path / "ow" / "stats")).to_pyarrow_table().num_rows == 1
+    assert (DeltaTable(str(tmp_path / "ow" / "sequences")).to_pyarrow_table().num_rows
+            == DeltaTable(str(reference / "sequences")).to_pyarrow_table().num_rows)
+
+
+def test_a_new_shard_appends_and_ids_stay_unique_per_run(spark, tokenized, reference, tmp_path):
+    shard = tmp_path / "shard"
+    write_tokenized(shard, n_files=1, docs_per_file=200, median=150, seed=99)
+    settings = {"input.token_column": "tokens", "output.mode": "append"}
+    a = pack(spark, [tokenized], tmp_path / "out", **settings)
+    b = pack(spark, [shard], tmp_path / "out", **settings)
+    assert a.run_id != b.run_id
+    stats = DeltaTable(str(tmp_path / "out" / "stats")).to_pyarrow_table().to_pylist()
+    assert sorted(s["run_id"] for s in stats) == sorted([a.run_id, b.run_id])
+    seqs = DeltaTable(str(tmp_path / "out" / "sequences")).to_pandas()
+    assert len(seqs) == a.stats["sequences"] + b.stats["sequences"]
+    assert not seqs.duplicated(["run_id", "seq_id"]).any()
+
+
+def test_file_order_and_reduce_partitions_do_not_change_the_tables(spark, tokenized, reference, tmp_path):
+    files = sorted(tokenized.glob("*.parquet"), reverse=True)
+    pack(spark, files, tmp_path, **{"input.token_column": "tokens", "output.mode": "append",
+                                    "packing.merge_items_per_partition": 7})
+    for name in ("sequences", "documents"):
+        assert_df_equality(read_table(spark, str(reference / name)).drop("run_id"),
+                           read_table(spark, str(tmp_path / name)).drop("run_id"), ignore_row_order=True)
+
+
+def test_a_second_run_on_the_same_output_is_refused(spark, tokenized, tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"run_id": "run-other", "pid": os.getpid(),
+                                                  "host": os.uname().nodename, "started": "now"}))
+    with pytest.raises(RunLockedError, match="another bfpack run \\(run-other"):
+        pack(spark, [tokenized], tmp_path, **{"input.token_column": "tokens"})
+    assert not DeltaTable.is_deltatable(str(tmp_path / "sequences"))
+    # a lock left by a process that is gone is taken over
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"run_id": "run-dead", "pid": 2**22 + 12345,
+                                                  "host": os.uname().nodename, "started": "then"}))
+    pack(spark, [tokenized], tmp_path, **{"input.token_column": "tokens"})
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_orphans_of_a_killed_run_are_removed_and_never_read(spark, tokenized, reference, tmp_path):
+    settings = {"input.token_column": "tokens", "output.mode": "append"}
+    pack(spark, [tokenized], tmp_path, **settings)
+    orphan = tmp_path / "sequences" / "run-killed0-0badc0de"
+    orphan.mkdir()
+    pq.write_table(pa.table({"seq_id": [10**9]}), orphan / "part-0.parquet")
+    assert read_table(spark, str(tmp_path / "sequences")).filter("seq_id = 1000000000").count() == 0
+    pack(spark, [tokenized], tmp_path / "other", **settings)  # any later run on this root cleans up
+    pack(spark, [tokenized / "part-000.parquet"], tmp_path, **settings)
+    assert not orphan.exists()
