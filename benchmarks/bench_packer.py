@@ -73,7 +73,7 @@ def bench_kernel(n_items: int, repeats: int) -> None:
     for seq_len in (2048, 8192):
         items = items_for(n_items, seq_len)
         best_fit_decreasing(items[:100], seq_len)
-        seconds, seqs = best_of(repeats, lambda: best_fit_decreasing(items, seq_len))
+        seconds, seqs = best_of(repeats, lambda x=items, n=seq_len: best_fit_decreasing(x, n))
         n_seqs = int(seqs.max()) + 1
         lower = -(-int(items.sum()) // seq_len)
         print(f"L={seq_len}: {n_items / seconds / 1e6:.2f} M items/s ({seconds:.3f}s, best of {repeats}); "

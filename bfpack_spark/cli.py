@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, Literal, Sequence, get_args, get_origin
+from collections.abc import Sequence
+from typing import Any, Literal, get_args, get_origin
 
 from bfpack_spark.config import ConfigError, PackConfig, coerce_value, field_specs, load_config
 from bfpack_spark.io.delta import DeltaError

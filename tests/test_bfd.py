@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bfpack_spark.packing import best_fit_decreasing
+
 from reference import reference_bfd
 
 

@@ -15,6 +15,7 @@ from deltalake import DeltaTable
 from bfpack_spark.config import load_config
 from bfpack_spark.spark.pipeline import run
 from bfpack_spark.tokenize import load_tokenizer
+
 from corpora import write_jsonl
 
 L = 256
@@ -135,7 +136,8 @@ def bfpack(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["pack", "--input", "/no/such/corpus.jsonl", "--output", "x"], "input path '/no/such/corpus.jsonl' does not exist"),
+    (["pack", "--input", "/no/such/corpus.jsonl", "--output", "x"],
+     "input path '/no/such/corpus.jsonl' does not exist"),
     (["pack", "--config", "conf/local.yaml", "--seq-len", "0"], "packing.seq_len: must be at least 1"),
     (["pack", "--config", "conf/local.yaml", "--seq-len", "many"], "packing.seq_len: expected an integer"),
     (["pack", "--config", "conf/local.yaml", "--residual-fill", "2"], "packing.residual_fill: must be within"),

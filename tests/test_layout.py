@@ -6,8 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bfpack_spark.packing import (
-    bfd_layout, chunk_documents, concat_layout, flatten_token_lists, pack_token_lists,
+    bfd_layout,
+    chunk_documents,
+    concat_layout,
+    flatten_token_lists,
+    pack_token_lists,
 )
+
 from reference import reference_concat
 
 doc_lengths = st.lists(st.integers(0, 300), max_size=60)

@@ -10,6 +10,7 @@ from bfpack_spark.config import load_config
 from bfpack_spark.io.delta import read_table
 from bfpack_spark.packing import bfd_layout
 from bfpack_spark.spark.pipeline import run
+
 from corpora import write_tokenized
 
 L = 512

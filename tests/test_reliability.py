@@ -4,7 +4,6 @@ import gzip
 import json
 import os
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -16,6 +15,7 @@ from bfpack_spark.faults import InjectedFault
 from bfpack_spark.io.delta import read_table
 from bfpack_spark.io.lock import LOCK_NAME, RunLockedError
 from bfpack_spark.spark.pipeline import AuditError, run
+
 from corpora import write_jsonl, write_tokenized
 
 L = 256

@@ -15,8 +15,8 @@ import glob as globlib
 import os
 import posixpath
 import sysconfig
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq

@@ -7,7 +7,7 @@ in the output buffer. The result shares no memory with the input.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import numpy.typing as npt

@@ -20,7 +20,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -271,7 +271,7 @@ def run(config: PackConfig, spark: SparkSession | None = None) -> RunResult:
     """Pack the configured corpus into the Delta tables under ``config.output.output``."""
     config.validate()
     timer = StageTimer()
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     L = config.packing.seq_len
     with timer("plan inputs"):
         load_tokenizer(config.tokenizer.tokenizer, config.tokenizer.eos_token)  # fail before Spark

@@ -8,8 +8,8 @@ to its sequence's other fragments in the final reduce (:func:`assemble_fragments
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
