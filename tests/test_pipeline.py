@@ -125,3 +125,18 @@ def test_audit_catches_a_lost_token_before_anything_is_committed(spark, corpus, 
     for name in ("sequences", "documents", "rejects", "stats"):
         assert not DeltaTable.is_deltatable(str(tmp_path / "out" / name))
         assert not any((tmp_path / "out" / name).glob("run-*")), "staged files of the failed attempt remain"
+
+
+def test_table_schema_is_what_spark_reads_from_the_data_files(spark, packed):
+    """The delta-spark path records the schema Spark reads back from the staged files; the
+    deltalake path must record the same one, so both produce the same table."""
+    import json
+
+    from pyspark.sql.types import StructType
+
+    _, out = packed
+    for name in TABLES + ("stats",):
+        table = DeltaTable(str(out / name))
+        recorded = StructType.fromJson(json.loads(table.schema().to_json()))
+        from_files = spark.read.parquet(*table.file_uris()).schema
+        assert recorded == from_files, name

@@ -69,6 +69,24 @@ def _json_value(v):
     return v
 
 
+def nullable_schema_json(schema_json: str) -> str:
+    """The schema with every field, element and value nullable: what Spark reads back from
+    Parquet files, so both commit paths record the same table schema."""
+    def relax(node):
+        if isinstance(node, dict):
+            for key in ("nullable", "containsNull", "valueContainsNull"):
+                if key in node:
+                    node[key] = True
+            for value in node.values():
+                relax(value)
+        elif isinstance(node, list):
+            for value in node:
+                relax(value)
+        return node
+
+    return json.dumps(relax(json.loads(schema_json)), separators=(",", ":"))
+
+
 def file_stats(fs: pafs.FileSystem, path: str) -> tuple[str, int]:
     """Delta ``stats`` JSON (record count, per-column min/max/null count) from a Parquet footer."""
     with fs.open_input_file(path) as fh:
@@ -127,7 +145,7 @@ class DeltaOutput:
         path = _join(self.table_uri(name), directory)
         writer = df.sortWithinPartitions(sort_by) if sort_by else df
         writer.write.mode("errorifexists").parquet(path)
-        return StagedTable(name, self.table_uri(name), directory, df.schema.json())
+        return StagedTable(name, self.table_uri(name), directory, nullable_schema_json(df.schema.json()))
 
     def data_files(self, staged: StagedTable) -> list[str]:
         fs, base = filesystem(_join(staged.uri, staged.directory))
