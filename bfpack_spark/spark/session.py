@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from pyspark import SparkConf
 from pyspark.sql import DataFrame, SparkSession
@@ -34,6 +35,10 @@ def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[st
     if master or not submitted:
         builder = builder.master(master or "local[*]")
         settings.update(LOCAL_DEFAULTS)
+        # Spark starts Python workers with PYSPARK_PYTHON, else `python3` from PATH; locally they
+        # must run this interpreter, the one with bfpack, numba and pyarrow installed.
+        if (master or "local").startswith("local") and "spark.pyspark.python" not in (conf or {}):
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     if "NUMBA_CACHE_DIR" in os.environ:
         settings["spark.executorEnv.NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
     settings.update(conf or {})
