@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from bfpack_spark.packing._jit import jit
+from bfpack_spark.packing._jit import copy_range, jit
 from bfpack_spark.packing.layout import Layout, make_layout
 
 TokenLists = pa.Array | pa.ChunkedArray | Iterable[Iterable[int]]
@@ -22,9 +22,8 @@ TokenLists = pa.Array | pa.ChunkedArray | Iterable[Iterable[int]]
 def _gather(values, doc_offsets, seg_doc, seg_start, seg_len, out):
     pos = 0
     for j in range(seg_doc.shape[0]):
-        src = doc_offsets[seg_doc[j]] + seg_start[j]
         n = seg_len[j]
-        out[pos:pos + n] = values[src:src + n]
+        copy_range(out, pos, values, doc_offsets[seg_doc[j]] + seg_start[j], n)
         pos += n
 
 
