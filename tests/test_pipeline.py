@@ -140,3 +140,24 @@ def test_table_schema_is_what_spark_reads_from_the_data_files(spark, packed):
         recorded = StructType.fromJson(json.loads(table.schema().to_json()))
         from_files = spark.read.parquet(*table.file_uris()).schema
         assert recorded == from_files, name
+
+
+@pytest.mark.parametrize("placement, merge_items", [("in_place", 200_000), ("shuffle", 40)])
+def test_spark_plan_equals_the_one_process_plan(spark, placement, merge_items):
+    """Spark runs the per-partition BFD and the residual merge in tasks; same result as in-process."""
+    from bfpack_spark.config import PackConfig
+    from bfpack_spark.packing.plan import plan_bfd
+    from bfpack_spark.spark.pipeline import _Docs, _plan_bfd
+
+    rng = np.random.default_rng(11)
+    lengths = np.maximum(rng.lognormal(np.log(200), 1.3, 5000).astype(np.int64), 1)
+    groups = np.arange(5000) * 5 // 5000
+    config = PackConfig()
+    config.packing.seq_len, config.packing.placement = 512, placement
+    config.packing.merge_items_per_partition = merge_items
+    got = _plan_bfd(spark, _Docs(groups, np.arange(5000), lengths), 5, 3, config)
+    left = plan_bfd(lengths, groups, 5, 512, 3, 0.99, placement).residual_items
+    want = plan_bfd(lengths, groups, 5, 512, 3, 0.99, placement, n_reduce=max(1, -(-left // merge_items)))
+    assert got.n_sequences == want.n_sequences and got.residual_items == want.residual_items
+    for field in ("seq", "slot", "local", "doc", "start", "length"):
+        assert np.array_equal(getattr(got, field), getattr(want, field)), field

@@ -21,6 +21,10 @@ then assembled where that group was read, and nothing of it crosses the network.
 With ``placement="shuffle"`` items are dealt by rank alone, and nearly every
 sequence is assembled after a full shuffle.
 
+The steps are separate functions so that Spark can run the packing ones in its
+tasks: :func:`route` (deal chunks to partitions), :func:`pack_parts` (BFD within each
+partition, and again within each part of the residue), :func:`assign_sequences`
+(dense sequence ids, slots, locality); :func:`plan_bfd` runs them all in one process.
 Both plans, and the concatenation baseline's (:func:`plan_concat`), are a
 :class:`Plan`: one row per segment, in canonical order (document, then offset).
 """
@@ -132,51 +136,101 @@ def _route(lengths, home, n_parts, seq_len, keep_home):
     return target
 
 
-def plan_bfd(doc_lengths: npt.ArrayLike, doc_group: npt.ArrayLike, n_groups: int, seq_len: int,
-             n_partitions: int, fill_threshold: float = 0.99, placement: str = "in_place") -> Plan:
-    """Best-fit packing of the whole corpus as ``n_partitions`` BFD runs plus a residual merge.
+@dataclass(frozen=True)
+class Items:
+    """The chunks to pack, in canonical order, each with the packing partition it goes to."""
 
-    ``doc_lengths`` and ``doc_group`` list every document in canonical order (groups
-    ascending). Sequences of a partition filled to at least ``fill_threshold * seq_len``
-    are final; the items of the others are packed again together. Sequence ids are
-    dense: final sequences of partition 0, 1, ..., then the residual merge's.
-    """
+    doc: npt.NDArray[np.int64]
+    start: npt.NDArray[np.int64]
+    length: npt.NDArray[np.int64]
+    part: npt.NDArray[np.int64]
+
+
+def route(doc_lengths: npt.ArrayLike, doc_group: npt.ArrayLike, n_groups: int, seq_len: int,
+          n_partitions: int, placement: str = "in_place") -> Items:
+    """Chunk the documents and deal the chunks to partitions, an equal share of every length each."""
     seq_len = _validate_seq_len(seq_len)
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
     if n_partitions < 1:
         raise ValueError(f"n_partitions must be at least 1, got {n_partitions}")
-    if not 0.0 <= fill_threshold <= 1.0:
-        raise ValueError(f"fill_threshold must be within [0, 1], got {fill_threshold}")
-    doc_group = np.asarray(doc_group, dtype=np.int64)
     chunks = chunk_documents(doc_lengths, seq_len)
-    n_items = len(chunks)
-    home = doc_group[chunks.doc] * n_partitions // max(n_groups, 1)
-    target = _route(chunks.length, home, n_partitions, seq_len, placement == "in_place")
+    home = np.asarray(doc_group, dtype=np.int64)[chunks.doc] * n_partitions // max(n_groups, 1)
+    part = _route(chunks.length, home, n_partitions, seq_len, placement == "in_place")
+    return Items(chunks.doc, chunks.start, chunks.length, part)
 
-    part_offsets, by_part = _group_by_sequence(target, n_partitions)  # canonical order within each
-    seq = np.empty(n_items, np.int64)
-    residual = np.zeros(n_items, np.bool_)
-    n_final = 0
-    min_fill = fill_threshold * seq_len
-    for p in range(n_partitions):
-        items = by_part[part_offsets[p]:part_offsets[p + 1]]
+
+def pack_parts(part: np.ndarray, lengths: np.ndarray, seq_len: int,
+               fill_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """BFD within each part separately, items taken in the order given (canonical order).
+
+    Returns each item's sequence number within its part, and whether that sequence is
+    filled to at least ``fill_threshold * seq_len`` (final) or goes to the residual merge.
+    """
+    part = np.asarray(part, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    bins = np.empty(part.shape[0], np.int64)
+    final = np.empty(part.shape[0], np.bool_)
+    if part.shape[0] == 0:
+        return bins, final
+    n_parts = int(part.max()) + 1
+    offsets, by_part = _group_by_sequence(part, n_parts)
+    for p in range(n_parts):
+        items = by_part[offsets[p]:offsets[p + 1]]
         if items.shape[0] == 0:
             continue
-        bins, n_bins = _bfd_kernel(chunks.length[items], seq_len)
-        fill = np.bincount(bins, weights=chunks.length[items], minlength=n_bins)
-        final = fill >= min_fill
-        renumber = np.cumsum(final) - 1 + n_final
-        n_final += int(final.sum())
-        keep = final[bins]
-        seq[items[keep]] = renumber[bins[keep]]
-        residual[items[~keep]] = True
+        b, n = _bfd_kernel(lengths[items], seq_len)
+        fill = np.bincount(b, weights=lengths[items], minlength=n)
+        bins[items] = b
+        final[items] = (fill >= fill_threshold * seq_len)[b]
+    return bins, final
 
-    left = np.flatnonzero(residual)
-    bins, n_res = _bfd_kernel(chunks.length[left], seq_len)
-    seq[left] = n_final + bins
-    return _finish(chunks.doc, chunks.start, chunks.length, seq, n_final + n_res, doc_group,
-                   residual_items=int(left.shape[0]), residual_sequences=int(n_res))
+
+def residual_parts(lengths: np.ndarray, seq_len: int, n_reduce: int) -> np.ndarray:
+    """The reduce partition of each residual item: stratified by length, like the packing partitions."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return _route(lengths, np.zeros(lengths.shape[0], np.int64), max(1, n_reduce), seq_len, False)
+
+
+def sequence_ids(part: np.ndarray, bins: np.ndarray, first: int = 0) -> tuple[np.ndarray, int]:
+    """Dense ids ``first, first+1, ...`` for the distinct (part, sequence) pairs, in that order."""
+    if part.shape[0] == 0:
+        return np.empty(0, np.int64), first
+    key = part * (int(bins.max()) + 1) + bins
+    uniq, ids = np.unique(key, return_inverse=True)
+    return ids.astype(np.int64) + first, first + int(uniq.shape[0])
+
+
+def assign_sequences(items: Items, bins: np.ndarray, final: np.ndarray, residual_part: np.ndarray,
+                     residual_bins: np.ndarray, doc_group: np.ndarray) -> Plan:
+    """The plan from both packing stages: final sequences of partition 0, 1, ..., then the
+    residual merge's, numbered densely."""
+    seq = np.empty(items.length.shape[0], np.int64)
+    seq[final], n_final = sequence_ids(items.part[final], bins[final])
+    seq[~final], n_seqs = sequence_ids(residual_part, residual_bins, n_final)
+    return _finish(items.doc, items.start, items.length, seq, n_seqs, np.asarray(doc_group, np.int64),
+                   residual_items=int((~final).sum()), residual_sequences=n_seqs - n_final)
+
+
+def plan_bfd(doc_lengths: npt.ArrayLike, doc_group: npt.ArrayLike, n_groups: int, seq_len: int,
+             n_partitions: int, fill_threshold: float = 0.99, placement: str = "in_place",
+             n_reduce: int = 1) -> Plan:
+    """Best-fit packing of the whole corpus as ``n_partitions`` BFD runs plus a residual merge,
+    in one process (Spark runs the same steps, :func:`pack_parts` in its tasks).
+
+    ``doc_lengths`` and ``doc_group`` list every document in canonical order (groups
+    ascending). Sequences of a partition filled to at least ``fill_threshold * seq_len``
+    are final; the items of the others are packed again together, in ``n_reduce``
+    length-stratified parts.
+    """
+    if not 0.0 <= fill_threshold <= 1.0:
+        raise ValueError(f"fill_threshold must be within [0, 1], got {fill_threshold}")
+    items = route(doc_lengths, doc_group, n_groups, seq_len, n_partitions, placement)
+    bins, final = pack_parts(items.part, items.length, seq_len, fill_threshold)
+    left = items.length[~final]
+    rpart = residual_parts(left, seq_len, n_reduce)
+    rbins, _ = pack_parts(rpart, left, seq_len, 0.0)
+    return assign_sequences(items, bins, final, rpart, rbins, doc_group)
 
 
 def plan_concat(doc_lengths: npt.ArrayLike, doc_group: npt.ArrayLike, seq_len: int) -> Plan:

@@ -2,9 +2,10 @@
 
 1. *read* (one task per input group, :mod:`bfpack_spark.stages.read`): documents are
    read, tokenized and cut into chunk rows; bad records become reject rows. Cached.
-2. *plan* (driver, lengths only, :mod:`bfpack_spark.packing.plan`): duplicates are
-   resolved, then every chunk gets its sequence and slot: per-partition BFD on
-   length-stratified partitions plus a residual merge (or the concat baseline).
+2. *plan* (lengths only, :mod:`bfpack_spark.packing.plan`): duplicates are resolved,
+   chunks are dealt to length-stratified packing partitions (driver), Spark tasks pack
+   each partition by BFD, and a final reduce packs the residue of under-filled
+   sequences again; every chunk gets its sequence and slot (or the concat baseline's).
 3. *assemble* (:mod:`bfpack_spark.stages.assemble`): each group builds the sequences
    made only of its own documents; the other segments move once, shuffled by
    ``seq_id``, and are joined in the final reduce.
@@ -35,7 +36,14 @@ from bfpack_spark.io.delta import DeltaOutput, read_table
 from bfpack_spark.io.inputs import InputPlan, plan_inputs
 from bfpack_spark.io.lock import OutputLock
 from bfpack_spark.metrics import PackingStats, bucket_labels
-from bfpack_spark.packing.plan import Plan, plan_bfd, plan_concat
+from bfpack_spark.packing.plan import (
+    Plan,
+    assign_sequences,
+    pack_parts,
+    plan_concat,
+    residual_parts,
+    route,
+)
 from bfpack_spark.schemas import CHUNK, FRAGMENTS, READ, REJECT, SEQUENCES, spark_ddl
 from bfpack_spark.spark.session import collect_arrow, get_spark
 from bfpack_spark.stages.assemble import GroupPlan, assemble_fragments, fragments, local_sequences
@@ -146,6 +154,42 @@ def _collect_docs(first_chunks: DataFrame) -> _Docs:
     return _Docs(table.column("group").to_numpy().astype(np.int64),
                  table.column("doc_index").to_numpy().astype(np.int64),
                  table.column("doc_tokens").to_numpy().astype(np.int64))
+
+
+def _pack_on_spark(spark: SparkSession, item: np.ndarray, part: np.ndarray, length: np.ndarray,
+                   n_parts: int, seq_len: int, fill: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pack_parts` run by Spark: items shuffled by part (lengths only), BFD in each task."""
+    if item.shape[0] == 0:
+        return np.empty(0, np.int64), np.empty(0, np.bool_)
+
+    def pack(batches):
+        table = _partition_table(batches)
+        if table is None:
+            return
+        table = table.sort_by("item")
+        bins, final = pack_parts(table.column("part").to_numpy(), table.column("length").to_numpy(),
+                                 seq_len, fill)
+        yield pa.RecordBatch.from_arrays([table.column("item").combine_chunks(), pa.array(bins),
+                                          pa.array(final)], names=["item", "bin", "final"])
+
+    items = spark.createDataFrame(pd.DataFrame({"item": item, "part": part, "length": length}))
+    packed = collect_arrow(items.repartition(n_parts, "part")
+                           .mapInArrow(pack, "item bigint, bin bigint, final boolean")).sort_by("item")
+    return packed.column("bin").to_numpy(), packed.column("final").to_numpy(zero_copy_only=False)
+
+
+def _plan_bfd(spark: SparkSession, docs: _Docs, n_groups: int, n_parts: int, config: PackConfig) -> Plan:
+    """Best-fit plan: chunks dealt to partitions (driver), BFD per partition in Spark tasks, then
+    the residual merge in a final reduce of one or more length-stratified partitions."""
+    L, p = config.packing.seq_len, config.packing
+    items = route(docs.tokens, docs.group, n_groups, L, n_parts, p.placement)
+    bins, final = _pack_on_spark(spark, np.arange(items.length.shape[0]), items.part, items.length,
+                                 n_parts, L, p.residual_fill)
+    left = np.flatnonzero(~final)
+    n_reduce = max(1, math.ceil(left.shape[0] / p.merge_items_per_partition))
+    rpart = residual_parts(items.length[left], L, n_reduce)
+    rbins, _ = _pack_on_spark(spark, left, rpart, items.length[left], n_reduce, L, 0.0)
+    return assign_sequences(items, bins, final, rpart, rbins, docs.group)
 
 
 def _assemble(spark: SparkSession, chunks: DataFrame, plan: Plan, docs: _Docs, n_groups: int,
@@ -325,8 +369,7 @@ def _run(spark, config, inputs, read_df, output, run_id, timer, started, locked)
         n_parts = config.packing.partitions or n_groups
         concat_plan = plan_concat(docs.tokens, docs.group, L)
         if config.packing.strategy == "bfd":
-            plan = plan_bfd(docs.tokens, docs.group, n_groups, L, n_parts, config.packing.residual_fill,
-                            config.packing.placement)
+            plan = _plan_bfd(spark, docs, n_groups, n_parts, config)
         else:
             plan = concat_plan
         packing = _packing_stats(plan, docs.tokens, L)
