@@ -273,6 +273,11 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         setattr(getattr(config, section), name, value)
     if isinstance(config.input.paths, str):
         config.input.paths = [config.input.paths]
+    for section, _, f, hint in field_specs():  # 1 and 1.0 are the same setting (and fingerprint)
+        obj = getattr(config, section)
+        value = getattr(obj, f.name)
+        if float in (hint, *get_args(hint)) and isinstance(value, int) and not isinstance(value, bool):
+            setattr(obj, f.name, float(value))
     return config
 
 

@@ -147,6 +147,7 @@ def bfpack(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     (["pack", "--config", "conf/local.yaml", "--tokenizer", "no_such_encoding"], "unknown tokenizer"),
     (["pack", "--config", "conf/local.yaml", "--run-id", "a/b"], "output.run_id"),
     (["pack", "--config", "conf/local.yaml", "--input", "python-stdlib", "--output", ""], "output.output"),
+    (["pack", "--input", "python-stdlib", "--output", "/proc/no/such/dir"], "cannot write to the output root"),
 ])
 def test_user_mistakes_fail_in_one_line_before_spark(args, message):
     done = bfpack(*args, timeout=60)

@@ -210,3 +210,17 @@ def test_orphans_of_a_killed_run_are_removed_and_never_read(spark, tokenized, re
     pack(spark, [tokenized], tmp_path / "other", **settings)  # any later run on this root cleans up
     pack(spark, [tokenized / "part-000.parquet"], tmp_path, **settings)
     assert not orphan.exists()
+
+
+def test_one_core_gives_the_same_tables_as_two(spark, tokenized, reference, tmp_path):
+    """Same input and config on a separate Spark with one core (a fresh process, its own session)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bfpack_spark.cli", "-q", "pack-tokenized", "--input", str(tokenized),
+         "--output", str(tmp_path), "--seq-len", str(L), "--mode", "append", "--master", "local[1]",
+         "--max-document-bytes", "200000", "--max-reject-fraction", "1"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    same_tables(spark, reference, tmp_path)

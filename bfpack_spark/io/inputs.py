@@ -175,6 +175,26 @@ def python_stdlib_files() -> list[InputFile]:
     return files
 
 
+def check_output(root: str) -> None:
+    """Fail early, with one line, when the output root cannot be written."""
+    if "://" in root and not root.startswith("file://"):
+        fs, path = filesystem(root)
+        try:
+            fs.create_dir(path, recursive=True)
+        except Exception as exc:
+            raise InputError(f"cannot write to the output root {root!r}: {exc}") from None
+        return
+    path = root.removeprefix("file://")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".bfpack-write-test")
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"cannot write to the output root {root!r}: {exc.strerror or exc}") from None
+
+
 def list_inputs(paths: Iterable[str], fmt: str = "auto") -> list[InputFile]:
     """Every input file, sorted by source name; unknown formats and empty inputs raise InputError.
 
@@ -186,33 +206,40 @@ def list_inputs(paths: Iterable[str], fmt: str = "auto") -> list[InputFile]:
         if spec == PYTHON_STDLIB:
             files.extend(python_stdlib_files())
             continue
-        fs, path = filesystem(spec)
-        if fmt == "delta" or (fmt == "auto" and "*" not in spec and fs.get_file_info(path).type
-                              == pafs.FileType.Directory and _is_delta(fs, path)):
-            files.extend(_delta_files(spec))
-            continue
-        found = _expand(spec)
-        if not found:
-            raise InputError(f"input {spec!r} matches no file")
-        for uri, source, size in found:
-            detected = detect_format(uri)
-            if fmt == "text":
-                files.append(InputFile(uri, source, size, "text"))
-            elif fmt in ("jsonl", "parquet"):
-                compression = detected[1] if detected else None
-                files.append(InputFile(uri, source, size, fmt, compression))
-            elif detected is None:
-                if "*" in spec or os.path.isdir(spec):
-                    continue  # a directory may hold other files (READMEs, _SUCCESS, ...)
-                raise InputError(f"cannot tell the format of {spec!r} from its name; set --input-format")
-            else:
-                files.append(InputFile(uri, source, size, *detected))
+        try:
+            files.extend(_list_one(spec, fmt))
+        except OSError as exc:  # permissions, network, credentials
+            raise InputError(f"cannot list input {spec!r}: {exc}") from None
     if not files:
         raise InputError(f"no .jsonl, .json[.gz|.zst] or .parquet file found in {', '.join(paths)}")
     sources = [f.source for f in files]
     if len(set(sources)) != len(sources):  # the same relative name under two roots: use full paths
         files = [InputFile(f.uri, f.uri, f.size, f.format, f.compression) for f in files]
     return sorted(files, key=lambda f: f.source)
+
+
+def _list_one(spec: str, fmt: str) -> list[InputFile]:
+    """The data files one input argument names."""
+    fs, path = filesystem(spec)
+    if fmt == "delta" or (fmt == "auto" and "*" not in spec
+                          and fs.get_file_info(path).type == pafs.FileType.Directory and _is_delta(fs, path)):
+        return _delta_files(spec)
+    found = _expand(spec)
+    if not found:
+        raise InputError(f"input {spec!r} matches no file")
+    files = []
+    for uri, source, size in found:
+        detected = detect_format(uri)
+        if fmt == "text":
+            files.append(InputFile(uri, source, size, "text"))
+        elif fmt in ("jsonl", "parquet"):
+            files.append(InputFile(uri, source, size, fmt, detected[1] if detected else None))
+        elif detected is not None:
+            files.append(InputFile(uri, source, size, *detected))
+        elif not ("*" in spec or fs.get_file_info(path).type == pafs.FileType.Directory):
+            raise InputError(f"cannot tell the format of {spec!r} from its name; set --input-format")
+        # else: a directory or glob may hold other files (READMEs, _SUCCESS, ...)
+    return files
 
 
 def _parquet_splits(f: InputFile, payload: str, tokenized: bool, seq_len: int,

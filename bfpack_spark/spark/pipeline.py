@@ -33,7 +33,7 @@ from pyspark.sql import functions as F
 from bfpack_spark import faults
 from bfpack_spark.config import PackConfig, default_run_id
 from bfpack_spark.io.delta import DeltaOutput, read_table
-from bfpack_spark.io.inputs import InputPlan, plan_inputs
+from bfpack_spark.io.inputs import InputPlan, check_output, plan_inputs
 from bfpack_spark.io.lock import OutputLock
 from bfpack_spark.metrics import PackingStats, bucket_labels
 from bfpack_spark.packing.plan import (
@@ -322,6 +322,7 @@ def run(config: PackConfig, spark: SparkSession | None = None) -> RunResult:
         inputs = plan_inputs(config.input.paths, config.input.format,
                              config.input.token_column or config.input.text_column, config.tokenized,
                              L, config.input.target_items_per_partition, config.input.min_partitions)
+        check_output(config.output.output)
     run_id = config.output.run_id or default_run_id(config, inputs.listing())
     log.info("run %s: %d input files in %d groups", run_id, len(inputs.files), len(inputs.groups))
     spark = spark or get_spark(config.spark.master, config.spark.app_name, config.spark.conf)
