@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-#: Rows of the read stage: one per chunk of a document (kind 0) or per reject (kind 1).
-CHUNK, REJECT = 0, 1
+#: Rows of the read stage: one per chunk of a document (kind 0), per reject (kind 1), and one
+#: per group with the number of records its readers consumed in ``row`` (kind 2).
+CHUNK, REJECT, COUNT = 0, 1, 2
 READ = pa.schema([
     ("kind", pa.int8()),
     ("group", pa.int32()),

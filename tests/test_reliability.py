@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -177,10 +178,15 @@ def test_a_new_shard_appends_and_ids_stay_unique_per_run(spark, tokenized, refer
     assert not seqs.duplicated(["run_id", "seq_id"]).any()
 
 
-def test_file_order_and_reduce_partitions_do_not_change_the_tables(spark, tokenized, reference, tmp_path):
+def test_file_order_and_shuffle_settings_do_not_change_the_tables(spark, tokenized, reference, tmp_path):
     files = sorted(tokenized.glob("*.parquet"), reverse=True)
-    pack(spark, files, tmp_path, **{"input.token_column": "tokens", "output.mode": "append",
-                                    "packing.merge_items_per_partition": 7})
+    spark.conf.set("spark.sql.shuffle.partitions", "13")
+    spark.conf.set("spark.sql.adaptive.enabled", "false")
+    try:
+        pack(spark, files, tmp_path, **{"input.token_column": "tokens", "output.mode": "append"})
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", "4")
+        spark.conf.set("spark.sql.adaptive.enabled", "true")
     for name in ("sequences", "documents"):
         assert_df_equality(read_table(spark, str(reference / name)).drop("run_id"),
                            read_table(spark, str(tmp_path / name)).drop("run_id"), ignore_row_order=True)
@@ -206,10 +212,41 @@ def test_orphans_of_a_killed_run_are_removed_and_never_read(spark, tokenized, re
     orphan = tmp_path / "sequences" / "run-killed0-0badc0de"
     orphan.mkdir()
     pq.write_table(pa.table({"seq_id": [10**9]}), orphan / "part-0.parquet")
+    young = tmp_path / "sequences" / "run-killed1-0badc0de"  # may belong to a run in progress
+    young.mkdir()
+    eight_days_ago = time.time() - 8 * 24 * 3600
+    os.utime(orphan, (eight_days_ago, eight_days_ago))
     assert read_table(spark, str(tmp_path / "sequences")).filter("seq_id = 1000000000").count() == 0
     pack(spark, [tokenized], tmp_path / "other", **settings)  # any later run on this root cleans up
     pack(spark, [tokenized / "part-000.parquet"], tmp_path, **settings)
-    assert not orphan.exists()
+    assert not orphan.exists() and young.exists()
+
+
+def test_cleanup_keeps_files_the_table_reads_when_history_is_gone(spark, tokenized, tmp_path):
+    """After log cleanup the history no longer names old attempts; the snapshot still reads them."""
+    from deltalake import DeltaTable
+
+    settings = {"input.token_column": "tokens", "output.mode": "append"}
+    pack(spark, [tokenized / "part-000.parquet"], tmp_path, **settings)
+    pack(spark, [tokenized / "part-001.parquet"], tmp_path, **settings)
+    seqs = DeltaTable(str(tmp_path / "sequences"))
+    seqs.create_checkpoint()
+    (tmp_path / "sequences" / "_delta_log" / "00000000000000000000.json").unlink()
+    old = time.time() - 8 * 24 * 3600
+    for d in (tmp_path / "sequences").glob("run-*"):
+        os.utime(d, (old, old))
+    pack(spark, [tokenized / "part-002.parquet"], tmp_path, **settings)
+    assert DeltaTable(str(tmp_path / "sequences")).to_pyarrow_table().num_rows > 0
+
+
+def test_append_after_another_run_overwrote_adds_the_rows_again(spark, tokenized, tmp_path):
+    a = {"input.token_column": "tokens", "output.mode": "append"}
+    first = pack(spark, [tokenized / "part-000.parquet"], tmp_path, **a)
+    pack(spark, [tokenized / "part-001.parquet"], tmp_path, **{**a, "output.mode": "overwrite"})
+    again = pack(spark, [tokenized / "part-000.parquet"], tmp_path, **a)
+    assert not again.already_committed and again.run_id == first.run_id
+    runs = set(DeltaTable(str(tmp_path / "sequences")).to_pandas()["run_id"])
+    assert first.run_id in runs and len(runs) == 2
 
 
 def test_one_core_gives_the_same_tables_as_two(spark, tokenized, reference, tmp_path):

@@ -27,11 +27,12 @@ from datetime import date, datetime
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from bfpack_spark.io.inputs import filesystem
+from bfpack_spark.io.files import filesystem, join
 
 log = logging.getLogger(__name__)
 
 APP_PREFIX = "bfpack:"
+RETENTION_SECONDS = 7 * 24 * 3600
 _ATTEMPT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-[0-9a-f]{8}")
 
 
@@ -48,11 +49,6 @@ def connector_available(spark) -> bool:
         return False
 
 
-def _join(root: str, *parts: str) -> str:
-    return posixpath.join(root.rstrip("/"), *parts) if "://" in root else "/".join(
-        [root.rstrip("/"), *parts])
-
-
 @dataclass(frozen=True)
 class StagedTable:
     name: str
@@ -67,6 +63,14 @@ def _json_value(v):
     if isinstance(v, bytes):
         return v.decode("utf-8", "replace")
     return v
+
+
+def _commit_metadata(commit: dict) -> dict:
+    """bfpack's keys of a commit: top-level custom metadata (delta-rs) or userMetadata JSON (delta-spark)."""
+    meta = commit.get("userMetadata")
+    meta = json.loads(meta) if isinstance(meta, str) and meta.startswith("{") else {}
+    meta.update({k: v for k, v in commit.items() if k.startswith("bfpack.")})
+    return meta
 
 
 def nullable_schema_json(schema_json: str) -> str:
@@ -128,27 +132,48 @@ class DeltaOutput:
         self.committed_tables: set[str] = set()
 
     def table_uri(self, name: str) -> str:
-        return _join(self.root, name)
+        return join(self.root, name)
 
     def committed(self, name: str) -> bool:
-        """Whether this run's rows are already in table ``name``."""
+        """Whether this run's commit still counts in table ``name``.
+
+        The run's application transaction says a commit happened; it still counts unless
+        a later commit overwrote the table. Where the log's history no longer reaches back
+        to the run's commit, the run's rows in the current snapshot decide.
+        """
+        import pyarrow.compute as pc
         from deltalake import DeltaTable
 
         uri = self.table_uri(name)
         if not DeltaTable.is_deltatable(uri):
             return False
-        return DeltaTable(uri).transaction_version(self.app_id) is not None
+        table = DeltaTable(uri)
+        if table.transaction_version(self.app_id) is None:
+            return False
+        for commit in table.history():  # newest first
+            if _commit_metadata(commit).get("bfpack.run_id") == self.run_id:
+                return True
+            if (commit.get("operationParameters") or {}).get("mode") == "Overwrite":
+                return False
+        return table.to_pyarrow_dataset().count_rows(filter=pc.field("run_id") == self.run_id) > 0
+
+    def _txn_version(self, uri: str) -> int:
+        """A transaction version never used before for this run on this table: the table's next
+        version. (Delta skips a write whose version it has seen; reruns are decided above.)"""
+        from deltalake import DeltaTable
+
+        return DeltaTable(uri).version() + 1 if DeltaTable.is_deltatable(uri) else 0
 
     def stage(self, name: str, df, sort_by: str | None = None) -> StagedTable:
         """Write ``df`` as Parquet files of this attempt under the table's directory."""
         directory = f"{self.attempt}"
-        path = _join(self.table_uri(name), directory)
+        path = join(self.table_uri(name), directory)
         writer = df.sortWithinPartitions(sort_by) if sort_by else df
         writer.write.mode("errorifexists").parquet(path)
         return StagedTable(name, self.table_uri(name), directory, nullable_schema_json(df.schema.json()))
 
     def data_files(self, staged: StagedTable) -> list[str]:
-        fs, base = filesystem(_join(staged.uri, staged.directory))
+        fs, base = filesystem(join(staged.uri, staged.directory))
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
         return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
                       and not posixpath.basename(i.path).startswith((".", "_")))
@@ -160,7 +185,7 @@ class DeltaOutput:
         """One atomic commit that adds the staged files (and, in overwrite mode, removes the rest)."""
         if self.mode == "append" and self.committed(staged.name):
             log.info("table %s already holds run %s; not committing it again", staged.name, self.run_id)
-            fs, path = filesystem(_join(staged.uri, staged.directory))
+            fs, path = filesystem(join(staged.uri, staged.directory))
             fs.delete_dir(path)
             return
         if self.method == "delta-spark":
@@ -183,7 +208,7 @@ class DeltaOutput:
             mtime = int(info.mtime.timestamp() * 1000) if info.mtime else now
             actions.append(AddAction(rel, info.size, {}, mtime, True, stats))
         schema = Schema.from_json(staged.schema_json)
-        props = CommitProperties(app_transactions=[Transaction(self.app_id, 0)],
+        props = CommitProperties(app_transactions=[Transaction(self.app_id, self._txn_version(staged.uri))],
                                  custom_metadata=self._commit_metadata())
         if DeltaTable.is_deltatable(staged.uri):
             DeltaTable(staged.uri).create_write_transaction(actions, self.mode, schema,
@@ -193,26 +218,28 @@ class DeltaOutput:
                                           commit_properties=props)
 
     def _commit_delta_spark(self, staged: StagedTable) -> None:
-        df = self.spark.read.parquet(_join(staged.uri, staged.directory))
+        df = self.spark.read.parquet(join(staged.uri, staged.directory))
         (df.write.format("delta").mode(self.mode)
-         .option("txnAppId", self.app_id).option("txnVersion", 0)
+         .option("txnAppId", self.app_id).option("txnVersion", self._txn_version(staged.uri))
          .option("userMetadata", json.dumps(self._commit_metadata()))
          .save(staged.uri))
-        fs, path = filesystem(_join(staged.uri, staged.directory))
+        fs, path = filesystem(join(staged.uri, staged.directory))
         fs.delete_dir(path)
 
     def discard(self) -> None:
         """Remove the files this attempt staged and did not commit (readers never saw them)."""
         for name in {"sequences", "documents", "rejects", "stats"} - self.committed_tables:
-            fs, path = filesystem(_join(self.table_uri(name), self.attempt))
+            fs, path = filesystem(join(self.table_uri(name), self.attempt))
             if fs.get_file_info(path).type == pafs.FileType.Directory:
                 fs.delete_dir(path)
 
     def clean_orphans(self, name: str, any_run: bool = False) -> list[str]:
-        """Delete attempt directories under table ``name`` that no commit ever added.
+        """Delete attempt directories under table ``name`` that no commit added.
 
-        Only this run's attempts, unless ``any_run`` (safe while holding the output
-        root's lock: no other run can be staging files there).
+        A directory is kept when the current snapshot reads a file in it or a commit in
+        the log's history names it. This run's other attempts go at once; with
+        ``any_run`` (while holding the output root's lock, so no run is staging) other
+        runs' directories go too, once older than Delta's default retention (7 days).
         """
         from deltalake import DeltaTable
 
@@ -220,19 +247,20 @@ class DeltaOutput:
         fs, base = filesystem(uri)
         if fs.get_file_info(base).type != pafs.FileType.Directory:
             return []
-        committed = set()
+        keep = {self.attempt}
         if DeltaTable.is_deltatable(uri):
-            for commit in DeltaTable(uri).history():
-                meta = commit.get("userMetadata")
-                meta = json.loads(meta) if isinstance(meta, str) and meta.startswith("{") else {}
-                committed.add(commit.get("bfpack.attempt") or meta.get("bfpack.attempt"))
+            table = DeltaTable(uri)
+            keep |= {p.split("/")[0] for p in table.get_add_actions(flatten=True).column("path").to_pylist()}
+            keep |= {_commit_metadata(commit).get("bfpack.attempt") for commit in table.history()}
+        cutoff = time.time() - RETENTION_SECONDS
         removed = []
-        prefix = "" if any_run else self.run_id + "-"
         for info in fs.get_file_info(pafs.FileSelector(base)):
             dirname = posixpath.basename(info.path)
-            if (info.type == pafs.FileType.Directory and dirname.startswith(prefix)
-                    and _ATTEMPT.fullmatch(dirname) and dirname not in committed
-                    and dirname != self.attempt):
+            if info.type != pafs.FileType.Directory or not _ATTEMPT.fullmatch(dirname) or dirname in keep:
+                continue
+            ours = dirname.startswith(self.run_id + "-")
+            old = info.mtime is not None and info.mtime.timestamp() < cutoff
+            if ours or (any_run and old):
                 fs.delete_dir(info.path)
                 removed.append(dirname)
         return removed

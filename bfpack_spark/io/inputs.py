@@ -21,39 +21,15 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from bfpack_spark.io.files import InputError, InputFile, Split, filesystem, join
+from bfpack_spark.io.readers import first_record
+
 JSONL_SUFFIXES = {".jsonl": None, ".json": None, ".ndjson": None}
 PYTHON_STDLIB = "python-stdlib"
 COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 #: Rough sizes used to size groups before anything is tokenized.
 BYTES_PER_TOKEN = 4
 COMPRESSION_RATIO = {"gzip": 3, "zstd": 4}
-
-
-class InputError(ValueError):
-    """The input cannot be read as configured; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class Split:
-    """A piece of one input file that one task reads."""
-
-    uri: str
-    source: str                      # stable name: the file's path relative to its input root
-    format: str                      # "jsonl", "parquet" or "text" (one document per file)
-    compression: str | None = None   # JSON lines: "gzip", "zstd" or None
-    row_groups: tuple[int, ...] = ()  # Parquet: the row groups to read
-    first_row: int = 0               # Parquet: index in the file of the first row read
-    byte_range: tuple[int, int] | None = None  # uncompressed JSON lines: [start, end)
-    est_items: int = 1
-
-
-@dataclass(frozen=True)
-class InputFile:
-    uri: str
-    source: str
-    size: int
-    format: str
-    compression: str | None = None
 
 
 @dataclass
@@ -63,20 +39,6 @@ class InputPlan:
 
     def listing(self) -> list[tuple[str, int]]:
         return [(f.source, f.size) for f in self.files]
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow file system and path for a local path or a URI (s3://, gs://, file://)."""
-    if "://" in uri:
-        try:
-            return pafs.FileSystem.from_uri(uri)
-        except Exception as exc:  # pyarrow raises several types for unsupported schemes
-            raise InputError(f"cannot open {uri!r}: {exc}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
-def _join(uri: str, rel: str) -> str:
-    return posixpath.join(uri.rstrip("/"), rel) if "://" in uri else os.path.join(uri, rel)
 
 
 def detect_format(path: str) -> tuple[str, str | None] | None:
@@ -129,7 +91,7 @@ def _delta_files(uri: str) -> list[InputFile]:
     adds = table.get_add_actions(flatten=True).to_pydict()
     name = posixpath.basename(uri.rstrip("/"))
     return [
-        InputFile(uri=_join(uri, path), source=f"{name}/{path}", size=int(size), format="parquet")
+        InputFile(uri=join(uri, path), source=f"{name}/{path}", size=int(size), format="parquet")
         for path, size in sorted(zip(adds["path"], adds["size_bytes"]))
     ]
 
@@ -144,7 +106,7 @@ def _expand(spec: str) -> list[tuple[str, str, int]]:
             prefix = rest[: min(rest.index(c) for c in "*?[" if c in rest)].rsplit("/", 1)[0]
             fs, base = filesystem(scheme_root + prefix)
             pattern = rest[len(prefix) + 1:]
-            return [(_join(scheme_root + prefix, rel), rel, size) for rel, size in _list_dir(fs, base)
+            return [(join(scheme_root + prefix, rel), rel, size) for rel, size in _list_dir(fs, base)
                     if fnmatch.fnmatch(rel, pattern)]
         root = spec[: min(spec.index(c) for c in "*?[" if c in spec)]
         root = root if root.endswith(os.sep) else os.path.dirname(root)
@@ -159,7 +121,7 @@ def _expand(spec: str) -> list[tuple[str, str, int]]:
         raise InputError(f"input path {spec!r} does not exist")
     if info.type == pafs.FileType.File:
         return [(spec, posixpath.basename(path.replace("\\", "/")), info.size)]
-    return [(_join(spec, rel), rel, size) for rel, size in _list_dir(fs, path)]
+    return [(join(spec, rel), rel, size) for rel, size in _list_dir(fs, path)]
 
 
 def python_stdlib_files() -> list[InputFile]:
@@ -276,31 +238,43 @@ def _parquet_splits(f: InputFile, payload: str, tokenized: bool, seq_len: int,
     return splits
 
 
-def _jsonl_splits(f: InputFile, seq_len: int, target: int) -> list[Split]:
+def _jsonl_splits(f: InputFile, seq_len: int, target: int, payload: str, tokenized: bool,
+                  id_column: str | None) -> list[Split]:
+    """Byte ranges of a plain file (whole compressed files), with the file's id convention.
+
+    Whether ids come from ``id_column`` or from file and row is decided once per file,
+    from its first record, so it cannot depend on how the file is cut.
+    """
+    first = first_record(Split(f.uri, f.source, "jsonl", f.compression))
+    if first is not None and payload not in first:
+        flag = "--token-column" if tokenized else "--text-column"
+        raise InputError(f"{flag} {payload!r} is not a field of the first record of {f.uri} "
+                         f"(fields: {', '.join(sorted(first))})")
+    has_ids = bool(id_column) and first is not None and id_column in first
     ratio = COMPRESSION_RATIO.get(f.compression or "", 1)
     # a document is at least one item; assume ~1 KB of text per document
     est = max(1, f.size * ratio // 1024 + f.size * ratio // (BYTES_PER_TOKEN * seq_len))
     if f.compression or est <= target:
-        return [Split(f.uri, f.source, "jsonl", f.compression, est_items=est)]
+        return [Split(f.uri, f.source, "jsonl", f.compression, has_ids=has_ids, est_items=est)]
     n = -(-est // target)
     step = -(-f.size // n)
-    return [Split(f.uri, f.source, "jsonl", None, byte_range=(s, min(s + step, f.size)),
+    return [Split(f.uri, f.source, "jsonl", None, byte_range=(s, min(s + step, f.size)), has_ids=has_ids,
                   est_items=est // n) for s in range(0, f.size, step)]
 
 
 def plan_inputs(paths: list[str], fmt: str, payload: str, tokenized: bool, seq_len: int,
-                target_items: int, min_groups: int = 1) -> InputPlan:
+                target_items: int, min_groups: int = 1, id_column: str | None = None) -> InputPlan:
     """List, split and group the input; ``payload`` is the text or token column Parquet must have.
 
     Groups hold about ``target_items`` items each, and there are at least
     ``min_groups`` of them where the files can be cut that finely.
     """
     files = list_inputs(paths, fmt)
-    splits = _splits(files, payload, tokenized, seq_len, target_items)
+    splits = _splits(files, payload, tokenized, seq_len, target_items, id_column)
     total = sum(s.est_items for s in splits)
     if total < target_items * min_groups:
         target_items = max(1, -(-total // min_groups))
-        splits = _splits(files, payload, tokenized, seq_len, target_items)
+        splits = _splits(files, payload, tokenized, seq_len, target_items, id_column)
     groups: list[list[Split]] = []
     est = 0
     for split in splits:
@@ -312,7 +286,8 @@ def plan_inputs(paths: list[str], fmt: str, payload: str, tokenized: bool, seq_l
     return InputPlan(files=files, groups=groups)
 
 
-def _splits(files: list[InputFile], payload: str, tokenized: bool, seq_len: int, target: int) -> list[Split]:
+def _splits(files: list[InputFile], payload: str, tokenized: bool, seq_len: int, target: int,
+            id_column: str | None) -> list[Split]:
     splits: list[Split] = []
     for f in files:
         if f.format == "parquet":
@@ -320,5 +295,5 @@ def _splits(files: list[InputFile], payload: str, tokenized: bool, seq_len: int,
         elif f.format == "text":
             splits.append(Split(f.uri, f.source, "text", est_items=1 + f.size // (BYTES_PER_TOKEN * seq_len)))
         else:
-            splits.extend(_jsonl_splits(f, seq_len, target))
+            splits.extend(_jsonl_splits(f, seq_len, target, payload, tokenized, id_column))
     return splits

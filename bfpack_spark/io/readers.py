@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zstandard
 
-from bfpack_spark.io.inputs import Split, filesystem
+from bfpack_spark.io.files import Split, filesystem
 
 BATCH_DOCS = 2048
 BLOCK_BYTES = 8 * 2**20
@@ -51,6 +51,7 @@ class RawBatch:
     texts: list[str] = field(default_factory=list)
     tokens: pa.Array | None = None
     rejects: list[Reject] = field(default_factory=list)
+    n_records: int = 0  # records the reader consumed: documents, or rejects it made itself
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -80,13 +81,14 @@ class _Corrupt(Exception):
 
 
 class _Inflated:
-    """``read(n)`` over a gzip or zstd stream, decoded incrementally so that every byte
-    decoded before a truncation or a corrupt block is handed out before the error.
-    Concatenated gzip members and zstd frames are read one after the other."""
+    """``read(n)`` over a gzip or zstd stream, decoded incrementally: every byte decoded
+    before a truncation or a corrupt block is handed out, the error comes on the next call.
+    Concatenated gzip members and zstd frames are read one after the other; zero bytes
+    padding the end of a gzip file (as some tools write) end it."""
 
     def __init__(self, raw, codec: str):
         self.raw, self.codec = raw, codec
-        self.decoder, self.fed = self._decoder(), False
+        self.decoder, self.fed, self.padding, self.error = self._decoder(), False, False, None
 
     def _decoder(self):
         if self.codec == "gzip":
@@ -94,22 +96,34 @@ class _Inflated:
         return zstandard.ZstdDecompressor().decompressobj()
 
     def read(self, n: int) -> bytes:
+        if self.error is not None:
+            raise self.error
         while True:
             chunk = self.raw.read(n)
             if not chunk:
                 if self.fed:
                     raise EOFError("the file ends inside a compressed block (truncated)")
                 return b""
-            out = []
-            while chunk:
-                out.append(self.decoder.decompress(chunk))
-                self.fed = True
-                if not self.decoder.eof:
-                    break
-                chunk, self.decoder, self.fed = self.decoder.unused_data, self._decoder(), False
-            data = b"".join(out)
-            if data:
-                return data
+            if self.padding:
+                if chunk.strip(b"\0"):
+                    raise ValueError("data after the zero padding that ends the file")
+                continue
+            out = bytearray()
+            try:
+                while chunk:
+                    out += self.decoder.decompress(chunk)
+                    self.fed = True
+                    if not self.decoder.eof:
+                        break
+                    chunk, self.decoder, self.fed = self.decoder.unused_data, self._decoder(), False
+                    if self.codec == "gzip" and chunk and not chunk.strip(b"\0"):
+                        chunk, self.padding = b"", True
+            except Exception as exc:
+                if not out:
+                    raise
+                self.error = exc
+            if out:
+                return bytes(out)
 
     def close(self) -> None:
         self.raw.close()
@@ -128,54 +142,73 @@ def _open_stream(split: Split, start: int):
 def _lines(split: Split, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
     """(offset, line) for each line whose first byte lies in the split; None for an over-long line.
 
-    A split that starts inside the file skips the line begun before it; the split
-    that holds a line's first byte reads it to its end.
+    A split that starts inside the file skips the line begun before it (reading from
+    one byte early tells whether its first byte starts a line); the split holding a
+    line's first byte reads that line to its end, past the split's end if need be.
     """
     start, end = split.byte_range or (0, None)
-    skip_first = start > 0
-    pos = start - 1 if skip_first else 0
+    skip = start > 0
+    pos = start - 1 if skip else 0   # file offset of the next block's first byte
     block_bytes = COMPRESSED_BLOCK_BYTES if split.compression else BLOCK_BYTES
     try:
         stream = _open_stream(split, pos)
     except Exception as exc:
         raise _Corrupt(0, f"{type(exc).__name__}: {exc}") from None
-    buf, buf_at, too_long = b"", pos, False
+    line_at, line, too_long = pos, bytearray(), False
     try:
         while True:
             try:
                 block = stream.read(block_bytes)
             except Exception as exc:  # decompression errors surface as assorted types
-                raise _Corrupt(buf_at, f"{type(exc).__name__}: {exc}") from None
+                raise _Corrupt(line_at, f"{type(exc).__name__}: {exc}") from None
             if not block:
                 break
-            buf += block
+            i = 0
             while True:
-                nl = buf.find(b"\n")
+                nl = block.find(b"\n", i)
+                if not too_long:
+                    line += block[i:] if nl < 0 else block[i:nl]
+                    if len(line) > max_bytes:  # keep counting bytes, stop keeping them
+                        line, too_long = bytearray(), True
                 if nl < 0:
-                    if len(buf) > max_bytes:  # keep the offset, drop the bytes
-                        buf_at += len(buf)
-                        buf, too_long = b"", True
                     break
-                line, buf = buf[:nl], buf[nl + 1:]
-                at, buf_at = buf_at, buf_at + nl + 1
-                if skip_first:
-                    skip_first = False
-                    continue
-                if end is not None and at >= end:
+                if skip:
+                    skip = False
+                elif end is not None and line_at >= end:
                     return
-                yield (at, None) if too_long or len(line) > max_bytes else (at, line)
-                too_long = False
-        if buf and not skip_first and (end is None or buf_at < end):
-            yield (buf_at, None) if too_long or len(buf) > max_bytes else (buf_at, buf)
+                else:
+                    yield line_at, None if too_long else bytes(line)
+                line_at, line, too_long, i = pos + nl + 1, bytearray(), False, nl + 1
+            pos += len(block)
+        if (line or too_long) and not skip and (end is None or line_at < end):
+            yield line_at, None if too_long else bytes(line)
     finally:
         stream.close()
+
+
+def first_record(split: Split, max_lines: int = 1000) -> dict | None:
+    """The first JSON object of a JSON-lines file (within its first ``max_lines`` lines)."""
+    whole = Split(split.uri, split.source, "jsonl", split.compression)
+    try:
+        for i, (_, raw) in enumerate(_lines(whole, 2**26)):
+            if i >= max_lines:
+                break
+            try:
+                obj = json.loads(raw) if raw is not None else None
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+    except _Corrupt:
+        pass
+    return None
 
 
 def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: bool,
                max_bytes: int) -> Iterator[RawBatch]:
     batch = RawBatch()
     token_lists: list[list[int]] = []
-    has_ids: bool | None = None if id_column else False
+    has_ids = split.has_ids and id_column is not None
     kind = "tokens" if tokenized else "text"
 
     def reject(row: int, reason: str, raw: object, doc_id: str | None = None) -> None:
@@ -202,8 +235,6 @@ def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: 
             if not isinstance(obj, dict):
                 reject(row, f"not a JSON object but a {type(obj).__name__}", raw)
                 continue
-            if has_ids is None:
-                has_ids = id_column in obj
             if has_ids:
                 doc_id = _id_string(obj.get(id_column))
                 if doc_id is None:
@@ -248,6 +279,7 @@ def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: 
 
 
 def _finish_jsonl(batch: RawBatch, token_lists: list[list[int]], tokenized: bool) -> RawBatch:
+    batch.n_records = len(batch.rows) + len(batch.rejects)
     if tokenized:
         try:
             batch.tokens = pa.array(token_lists, type=pa.list_(pa.int64()))
@@ -275,14 +307,14 @@ def read_parquet(split: Split, id_column: str | None, column: str, tokenized: bo
                 row += rb.num_rows
     except (OSError, pa.ArrowException) as exc:
         reason = f"unreadable Parquet data from this row on; the rest of the split is skipped ({exc})"
-        yield RawBatch(rejects=[Reject(split.source, row, reason)])
+        yield RawBatch(rejects=[Reject(split.source, row, reason)], n_records=1)
 
 
 def _parquet_batch(split: Split, rb: pa.RecordBatch, first_row: int, id_column: str | None,
                    column: str, tokenized: bool, max_bytes: int) -> RawBatch:
     n = rb.num_rows
     rows = np.arange(first_row, first_row + n)
-    batch = RawBatch()
+    batch = RawBatch(n_records=n)
     values = rb.column(column)
     ok = np.ones(n, dtype=bool)
     reasons: dict[int, str] = {}
@@ -355,7 +387,7 @@ def _parquet_batch(split: Split, rb: pa.RecordBatch, first_row: int, id_column: 
 def read_text_file(split: Split, id_column: str | None, column: str, tokenized: bool,
                    max_bytes: int) -> Iterator[RawBatch]:
     """The whole file is one document, its id the file's source name."""
-    batch = RawBatch()
+    batch = RawBatch(n_records=1)
     fs, path = filesystem(split.uri)
     try:
         size = fs.get_file_info(path).size

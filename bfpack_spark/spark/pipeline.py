@@ -44,7 +44,7 @@ from bfpack_spark.packing.plan import (
     residual_parts,
     route,
 )
-from bfpack_spark.schemas import CHUNK, FRAGMENTS, READ, REJECT, SEQUENCES, spark_ddl
+from bfpack_spark.schemas import CHUNK, COUNT, FRAGMENTS, READ, REJECT, SEQUENCES, spark_ddl
 from bfpack_spark.spark.session import collect_arrow, get_spark
 from bfpack_spark.stages.assemble import GroupPlan, assemble_fragments, fragments, local_sequences
 from bfpack_spark.stages.read import ReadSettings, read_group
@@ -130,10 +130,12 @@ def _read_stage(spark: SparkSession, config: PackConfig, inputs: InputPlan) -> D
 
 def _resolve_duplicates(first_chunks: DataFrame, policy: str, run_id: str) -> tuple[list[tuple[int, int]], list[dict]]:
     """(group, doc_index) of documents to drop as duplicates, and their reject records."""
+    if policy == "keep":
+        return [], []
     dup_ids = first_chunks.groupBy("doc_id").count().filter("count > 1").select("doc_id")
     rows = collect_arrow(first_chunks.join(dup_ids, "doc_id").select("doc_id", "group", "doc_index",
                                                                      "source", "row"))
-    if rows.num_rows == 0 or policy == "keep":
+    if rows.num_rows == 0:
         return [], []
     rows = rows.sort_by([("doc_id", "ascending"), ("group", "ascending"), ("doc_index", "ascending")])
     drop, rejects, first = [], [], None
@@ -272,9 +274,10 @@ def _audit(spark: SparkSession, staged: dict, expect: dict, seq_len: int, chunke
         F.count("*").alias("sequences"),
         F.coalesce(F.sum("n_tokens"), F.lit(0)).alias("tokens"),
         F.coalesce(F.max("n_tokens"), F.lit(0)).alias("max_tokens"),
-        F.sum(F.when((F.size("input_ids") != F.col("n_tokens"))
-                     | (F.aggregate("seg_lengths", F.lit(0), lambda a, x: a + x) != F.col("n_tokens"))
-                     | (F.size("doc_ids") != F.size("seg_lengths")), 1).otherwise(0)).alias("inconsistent"),
+        F.coalesce(F.sum(F.when((F.size("input_ids") != F.col("n_tokens"))
+                                | (F.aggregate("seg_lengths", F.lit(0), lambda a, x: a + x) != F.col("n_tokens"))
+                                | (F.size("doc_ids") != F.size("seg_lengths")), 1).otherwise(0)),
+                   F.lit(0)).alias("inconsistent"),
         F.coalesce(F.sum(n), F.lit(0)).alias("id_sum"),
         F.coalesce(F.sum(n * n), F.lit(0)).alias("id_square_sum"),
     ).first().asDict()
@@ -321,7 +324,8 @@ def run(config: PackConfig, spark: SparkSession | None = None) -> RunResult:
         load_tokenizer(config.tokenizer.tokenizer, config.tokenizer.eos_token)  # fail before Spark
         inputs = plan_inputs(config.input.paths, config.input.format,
                              config.input.token_column or config.input.text_column, config.tokenized,
-                             L, config.input.target_items_per_partition, config.input.min_partitions)
+                             L, config.input.target_items_per_partition, config.input.min_partitions,
+                             config.input.id_column or None)
         check_output(config.output.output)
     run_id = config.output.run_id or default_run_id(config, inputs.listing())
     log.info("run %s: %d input files in %d groups", run_id, len(inputs.files), len(inputs.groups))
@@ -329,7 +333,7 @@ def run(config: PackConfig, spark: SparkSession | None = None) -> RunResult:
     with OutputLock(config.output.output, run_id) as lock:
         output = DeltaOutput(spark, config.output.output, run_id, config.output.mode,
                              config.output.delta_writer)
-        if config.output.mode == "append" and all(output.committed(t) for t in TABLES):
+        if config.output.mode == "append" and output.committed("stats"):  # stats is committed last
             log.info("run %s is already in every table of %s; nothing to do", run_id, config.output.output)
             stats = (read_table(spark, output.table_uri("stats")).filter(F.col("run_id") == run_id)
                      .first().asDict())
@@ -348,7 +352,10 @@ def _run(spark, config, inputs, read_df, output, run_id, timer, started, locked)
     L = config.packing.seq_len
     first_chunks = read_df.filter((F.col("kind") == CHUNK) & (F.col("chunk") == 0))
     with timer("read"):
-        n_read_rejects = read_df.filter(F.col("kind") == REJECT).count()
+        counts = {r["kind"]: (r["rows"], r["records"]) for r in read_df.groupBy("kind").agg(
+            F.count("*").alias("rows"), F.sum("row").alias("records")).collect()}
+        n_read_rejects = counts.get(REJECT, (0, 0))[0]
+        documents_read = int(counts.get(COUNT, (0, 0))[1] or 0)  # counted by the readers themselves
         drop, dup_rejects = _resolve_duplicates(first_chunks, config.quality.duplicate_ids, run_id)
         docs = _collect_docs(first_chunks)
     n_groups = len(inputs.groups)
@@ -357,7 +364,6 @@ def _run(spark, config, inputs, read_df, output, run_id, timer, started, locked)
         key = docs.group * (1 << 40) + docs.index
         dropped[np.isin(key, [g * (1 << 40) + i for g, i in drop])] = True
         docs = _Docs(docs.group[~dropped], docs.index[~dropped], docs.tokens[~dropped])
-    documents_read = docs.group.shape[0] + len(drop) + n_read_rejects
     rejected = len(drop) + n_read_rejects
     log.info("read %d documents (%d tokens), %d rejected", documents_read, int(docs.tokens.sum()), rejected)
     if documents_read and rejected / documents_read > config.quality.max_reject_fraction:

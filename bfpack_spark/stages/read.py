@@ -19,7 +19,7 @@ from bfpack_spark import faults
 from bfpack_spark.io.inputs import Split
 from bfpack_spark.io.readers import RawBatch, Reject, read_split
 from bfpack_spark.packing import chunk_documents
-from bfpack_spark.schemas import CHUNK, READ, REJECT
+from bfpack_spark.schemas import CHUNK, COUNT, READ, REJECT
 from bfpack_spark.tokenize import encode_texts, load_tokenizer
 
 
@@ -56,27 +56,32 @@ def _flat(tokens: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return values, offsets - offsets[0]
 
 
-def _check_token_ids(raw: RawBatch, vocab_size: int, tokenizer_name: str) -> RawBatch:
-    """Reject documents holding an id outside ``0..vocab_size-1``; the rest as list<int32>."""
+def _check_token_ids(raw: RawBatch, vocab_size: int, tokenizer_name: str) -> None:
+    """Reject documents holding an id outside ``0..vocab_size-1``; the rest become list<int32>."""
+    if not raw.rows:
+        return
     values, offsets = _flat(raw.tokens)
     bad_values = (values < 0) | (values >= vocab_size)
-    keep = np.ones(len(raw.rows), dtype=bool)
     if bad_values.any():
         parents = np.searchsorted(offsets, np.flatnonzero(bad_values), side="right") - 1
-        for doc in np.unique(parents):
-            first = int(values[offsets[doc] + np.argmax(bad_values[offsets[doc]:offsets[doc + 1]])])
-            raw.rejects.append(Reject(
-                "", raw.rows[doc],
-                f"token id {first} is outside the vocabulary of {tokenizer_name} (0..{vocab_size - 1}); "
-                f"set --tokenizer to the tokenizer that made these ids", "", raw.ids[doc]))
-            keep[doc] = False
-    kept = raw.tokens.filter(pa.array(keep))
-    values, offsets = _flat(kept)
+        first_bad = {}
+        for pos, doc in zip(np.flatnonzero(bad_values), parents):
+            first_bad.setdefault(int(doc), int(values[pos]))
+        mask = np.zeros(len(raw.rows), bool)
+        mask[list(first_bad)] = True
+        _reject_where(raw, mask, [
+            f"token id {first_bad[d]} is outside the vocabulary of {tokenizer_name} (0..{vocab_size - 1}); "
+            f"set --tokenizer to the tokenizer that made these ids" for d in sorted(first_bad)])
+    values, offsets = _flat(raw.tokens)
     raw.tokens = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
                                           pa.array(values.astype(np.int32, copy=False)))
-    raw.rows = [r for r, k in zip(raw.rows, keep) if k]
-    raw.ids = [d for d, k in zip(raw.ids, keep) if k]
-    return raw
+
+
+def _count_row(group: int, n_records: int) -> pa.RecordBatch:
+    table = {name: pa.nulls(1, f.type) for name, f in zip(READ.names, READ)}
+    table.update(kind=pa.array([COUNT], pa.int8()), group=pa.array([group], pa.int32()),
+                 row=pa.array([n_records], pa.int64()))
+    return pa.RecordBatch.from_pydict(table, schema=READ)
 
 
 def _reject_rows(group: int, rejects: list[Reject]) -> pa.RecordBatch:
@@ -120,47 +125,52 @@ def _chunk_rows(group: int, first_doc: int, source: str, raw: RawBatch, tokens: 
 
 
 def read_group(group: int, splits: list[Split], settings: ReadSettings) -> Iterator[pa.RecordBatch]:
-    """Chunk rows of every document of the group (in canonical order) and its reject rows."""
+    """Chunk rows of every document of the group (in canonical order), its reject rows, and
+    one count row: how many records the readers consumed, for the audit."""
     faults.check("read")
     tokenizer = load_tokenizer(settings.tokenizer, settings.eos_token)
-    doc_index = 0
+    doc_index = n_records = 0
     for split in splits:
         for raw in read_split(split, settings.id_column, settings.column, settings.tokenized,
                               settings.max_document_bytes):
-            if raw.rows:
-                raw = _drop_empty(raw, settings)
-            if raw.rows and settings.tokenized:
-                raw = _check_token_ids(raw, tokenizer.vocab_size, tokenizer.name)
-                tokens = raw.tokens
+            n_records += raw.n_records
+            if not settings.keep_empty:
+                _reject_where(raw, _lengths(raw) == 0, "empty document (quality.empty_documents: skip)")
+            if settings.tokenized:
+                _check_token_ids(raw, tokenizer.vocab_size, tokenizer.name)
                 if settings.append_eos and raw.rows:
-                    tokens = _append_token(tokens, tokenizer.eos_id)
+                    raw.tokens = _append_token(raw.tokens, tokenizer.eos_id)
             elif raw.rows:
-                tokens = encode_texts(tokenizer, raw.texts, settings.append_eos)
+                raw.tokens, raw.texts = encode_texts(tokenizer, raw.texts, settings.append_eos), []
+            _reject_where(raw, _lengths(raw) == 0, "no tokens: the tokenizer made nothing of this text")
             if raw.rejects:
                 for r in raw.rejects:
                     r.source = split.source
                 yield _reject_rows(group, raw.rejects)
             if raw.rows:
-                yield _chunk_rows(group, doc_index, split.source, raw, tokens, settings.seq_len)
+                yield _chunk_rows(group, doc_index, split.source, raw, raw.tokens, settings.seq_len)
                 doc_index += len(raw.rows)
+    yield _count_row(group, n_records)
 
 
-def _drop_empty(raw: RawBatch, settings: ReadSettings) -> RawBatch:
-    """Empty documents: rejected, or kept when they get an end-of-document token."""
-    if settings.tokenized:
-        empty = np.asarray(pc.list_value_length(raw.tokens).to_numpy(zero_copy_only=False) == 0)
-    else:
-        empty = np.fromiter((len(t) == 0 for t in raw.texts), bool, len(raw.texts))
-    if not empty.any() or settings.keep_empty:
-        return raw
-    for i in np.flatnonzero(empty):
-        raw.rejects.append(Reject("", raw.rows[i], "empty document (quality.empty_documents: skip)",
-                                  "", raw.ids[i]))
-    keep = ~empty
+def _lengths(raw: RawBatch) -> np.ndarray:
+    if raw.tokens is not None:
+        return pc.list_value_length(raw.tokens).to_numpy(zero_copy_only=False)
+    return np.fromiter((len(t) for t in raw.texts), np.int64, len(raw.texts))
+
+
+def _reject_where(raw: RawBatch, mask: np.ndarray, reason: str | list[str]) -> None:
+    """Move the documents selected by ``mask`` from the batch to its rejects."""
+    if not mask.any():
+        return
+    bad = np.flatnonzero(mask)
+    reasons = reason if isinstance(reason, list) else [reason] * bad.shape[0]
+    for i, why in zip(bad, reasons):
+        raw.rejects.append(Reject("", raw.rows[i], why, "", raw.ids[i]))
+    keep = ~mask
     raw.rows = [r for r, k in zip(raw.rows, keep) if k]
     raw.ids = [d for d, k in zip(raw.ids, keep) if k]
-    if settings.tokenized:
+    if raw.tokens is not None:
         raw.tokens = raw.tokens.filter(pa.array(keep))
-    else:
+    if raw.texts:
         raw.texts = [t for t, k in zip(raw.texts, keep) if k]
-    return raw

@@ -1,0 +1,78 @@
+"""Readers without Spark: splits, damaged files, every record accounted for."""
+
+import gzip
+import json
+
+import pytest
+import zstandard
+
+from bfpack_spark.io import readers
+from bfpack_spark.io.inputs import Split
+from bfpack_spark.io.readers import _lines, read_jsonl
+
+
+def lines_of(path, size, n_splits, max_bytes=10**9, monkeypatch=None):
+    step = -(-size // n_splits)
+    out = []
+    for s in range(0, size, step):
+        out.extend(_lines(Split(str(path), "f.jsonl", "jsonl", byte_range=(s, min(s + step, size))), max_bytes))
+    return out
+
+
+@pytest.mark.parametrize("block", [7, 64, 8 * 2**20])
+@pytest.mark.parametrize("n_splits", [1, 2, 3, 7, 50])
+def test_every_line_belongs_to_exactly_one_split(tmp_path, monkeypatch, block, n_splits):
+    monkeypatch.setattr(readers, "BLOCK_BYTES", block)
+    rows = ['{"id": "a"}', "x" * 300, "", '{"id": "b"}', "y" * 5, "z" * 90, '{"id": "c"}']
+    data = ("\n".join(rows) + "\n").encode()
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(data)
+    expected, at = [], 0
+    for r in rows:
+        expected.append((at, r.encode() if len(r) <= 100 else None))
+        at += len(r) + 1
+    assert lines_of(path, len(data), n_splits, max_bytes=100) == expected
+
+
+def test_last_line_without_newline_and_long_lines(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "BLOCK_BYTES", 16)
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(b"short\n" + b"L" * 200 + b"\nafter\nend")
+    assert lines_of(path, path.stat().st_size, 4, max_bytes=50) == [
+        (0, b"short"), (6, None), (207, b"after"), (213, b"end")]
+
+
+def jsonl_bytes(n, start=0):
+    return "".join(json.dumps({"id": f"d{i}", "text": f"text {i}"}) + "\n" for i in range(start, start + n)).encode()
+
+
+def read_all(path, compression):
+    split = Split(str(path), path.name, "jsonl", compression, has_ids=True)
+    batches = list(read_jsonl(split, "id", "text", False, 10**6))
+    return [d for b in batches for d in b.ids], [r.reason for b in batches for r in b.rejects], \
+        sum(b.n_records for b in batches)
+
+
+def test_gzip_damage_keeps_what_came_before(tmp_path):
+    good = gzip.compress(jsonl_bytes(2000))
+    (tmp_path / "t.jsonl.gz").write_bytes(good[: len(good) // 2])
+    ids, reasons, n = read_all(tmp_path / "t.jsonl.gz", "gzip")
+    assert len(ids) > 500 and ids == [f"d{i}" for i in range(len(ids))]
+    assert reasons[-1].startswith("corrupt or truncated gzip file")
+    assert n == len(ids) + len(reasons)
+
+
+def test_gzip_members_and_zero_padding(tmp_path):
+    data = gzip.compress(jsonl_bytes(3)) + gzip.compress(jsonl_bytes(2, 3)) + b"\0" * 512
+    (tmp_path / "p.jsonl.gz").write_bytes(data)
+    ids, reasons, _ = read_all(tmp_path / "p.jsonl.gz", "gzip")
+    assert ids == ["d0", "d1", "d2", "d3", "d4"] and reasons == []
+
+
+def test_zstd_frames_and_garbage(tmp_path):
+    c = zstandard.ZstdCompressor()
+    (tmp_path / "z.jsonl.zst").write_bytes(c.compress(jsonl_bytes(2)) + c.compress(jsonl_bytes(1, 2)))
+    assert read_all(tmp_path / "z.jsonl.zst", "zstd")[:2] == (["d0", "d1", "d2"], [])
+    (tmp_path / "g.jsonl.zst").write_bytes(c.compress(jsonl_bytes(3)) + b"garbage that is not zstd")
+    ids, reasons, _ = read_all(tmp_path / "g.jsonl.zst", "zstd")
+    assert ids == ["d0", "d1", "d2"] and reasons[0].startswith("corrupt or truncated zstd file")
