@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bfpack", description="Best-fit packing of text corpora into fixed-length LLM training "
                                    "sequences, on Spark, into Delta tables.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+    parser.add_argument("--debug", action="store_true", help="show the stack trace when a run fails")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     pack = sub.add_parser("pack", help="read, tokenize and pack a corpus (JSONL, Parquet, Delta, text)",
                           description="Read a corpus, tokenize it, pack it and write the Delta tables "
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(tok)
     demo = sub.add_parser("demo", help="pack this Python's standard library sources (no download needed)",
                           description="Pack the running Python's standard-library sources with "
-                                      "cl100k_base at L=2048 into out/demo; a couple of minutes on 2 cores.")
+                                      "cl100k_base at L=2048 into out/demo; under a minute on 2 cores.")
     _add_config_flags(demo)
     return parser
 
@@ -134,15 +135,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"bfpack: error: {exc}", file=sys.stderr)
         return 2
-    from bfpack_spark.spark.pipeline import AuditError, run  # imports pyspark: after the checks
+    # Imported here: pyspark loads slowly, and mistakes above are reported without it.
+    from bfpack_spark.spark.pipeline import AuditError, run
+    from bfpack_spark.spark.session import SparkStartError, first_line
 
     try:
         result = run(config)
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, SparkStartError) as exc:
         print(f"bfpack: error: {exc}", file=sys.stderr)
         return 2
     except (AuditError, DeltaError, RunLockedError) as exc:
         print(f"bfpack: run failed: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"bfpack: run failed: {type(exc).__name__}: {first_line(exc)}\n"
+              f"(nothing was committed; rerun with --debug for the stack trace)", file=sys.stderr)
         return 1
     print_summary(result)
     return 0

@@ -127,10 +127,12 @@ class PackConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """A hash of everything that decides the tables' contents (not where or how they go)."""
+        """A hash of the settings that decide the tables' contents: not where the input is
+        (the input files' own fingerprints stand for it), not where or how output is written."""
         d = self.to_dict()
         d.pop("spark")
         d["output"] = {}
+        d["input"].pop("paths")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     @property
@@ -173,6 +175,11 @@ class PackConfig:
         if q.empty_documents == "keep" and not self.append_eos:
             raise ConfigError("quality.empty_documents: 'keep' packs an empty document as its "
                               "end-of-document token, so it needs tokenizer.append_eos: true")
+        master = self.spark.master
+        if master is not None and not re.fullmatch(r"local(\[(\*|\d+)(,\d+)?\])?|yarn|(spark|k8s|mesos)://\S+",
+                                                    master):
+            raise ConfigError(f"spark.master: {master!r} is not a master URL (local[N], yarn, "
+                              f"spark://host:port, k8s://...)")
         if self.output.run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}",
                                                                self.output.run_id):
             raise ConfigError(f"output.run_id: {self.output.run_id!r} must be 1-100 letters, digits, "
@@ -281,9 +288,10 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     return config
 
 
-def default_run_id(config: PackConfig, input_listing: list[tuple[str, int]]) -> str:
-    """``run-<hash>`` of the config's content fingerprint and the input files (path, size)."""
+def default_run_id(config: PackConfig, input_listing: list[tuple[str, int, str]]) -> str:
+    """``run-<hash>`` of the config's fingerprint and the input files (name, size, content digest):
+    the same files, however their location is spelled, with the same settings, are the same run."""
     h = hashlib.sha256(config.fingerprint().encode())
-    for path, size in input_listing:
-        h.update(f"{path}\0{size}\n".encode())
+    for name, size, digest in input_listing:
+        h.update(f"{name}\0{size}\0{digest}\n".encode())
     return "run-" + h.hexdigest()[:16]

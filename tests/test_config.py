@@ -17,10 +17,11 @@ def test_run_id_ignores_where_and_how_but_not_what():
     base = load_config(None, {"input.paths": ["x"], "output.output": "out/a"})
     elsewhere = load_config(None, {"input.paths": ["x"], "output.output": "out/b", "spark.master": "local[1]"})
     longer = load_config(None, {"input.paths": ["x"], "output.output": "out/a", "packing.seq_len": 4096})
-    listing = [("x", 10)]
-    assert default_run_id(base, listing) == default_run_id(elsewhere, listing)
+    moved = load_config(None, {"input.paths": ["/data/x"], "output.output": "out/a"})
+    listing = [("x", 10, "d1")]
+    assert default_run_id(base, listing) == default_run_id(elsewhere, listing) == default_run_id(moved, listing)
     assert default_run_id(base, listing) != default_run_id(longer, listing)
-    assert default_run_id(base, listing) != default_run_id(base, [("x", 11)])
+    assert default_run_id(base, listing) != default_run_id(base, [("x", 10, "d2")])
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -30,6 +31,7 @@ def test_run_id_ignores_where_and_how_but_not_what():
     ({"input.paths": []}, "input.paths: no input given"),
     ({"quality.empty_documents": "keep", "tokenizer.append_eos": False}, "needs tokenizer.append_eos"),
     ({"input.format": "text", "input.token_column": "tokens"}, "text files hold text"),
+    ({"spark.master": "nonsense://x"}, "spark.master: 'nonsense://x' is not a master URL"),
 ])
 def test_validation_names_the_field(overrides, message):
     settings = {"input.paths": ["x"], "output.output": "out"}

@@ -148,6 +148,7 @@ def bfpack(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     (["pack", "--config", "conf/local.yaml", "--run-id", "a/b"], "output.run_id"),
     (["pack", "--config", "conf/local.yaml", "--input", "python-stdlib", "--output", ""], "output.output"),
     (["pack", "--input", "python-stdlib", "--output", "/proc/no/such/dir"], "cannot write to the output root"),
+    (["pack", "--input", "python-stdlib", "--output", "x", "--master", "yarn-cluster"], "spark.master"),
 ])
 def test_user_mistakes_fail_in_one_line_before_spark(args, message):
     done = bfpack(*args, timeout=60)
@@ -166,6 +167,22 @@ def test_bad_yaml_is_one_line(tmp_path):
         done = bfpack("pack", "--config", str(tmp_path / f"{name}.yaml"), timeout=60)
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert "pwned" not in done.stdout
+
+
+def test_a_tokenizer_without_eos_and_a_missing_text_field_fail_before_spark(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"]))
+    tok.save(str(tmp_path / "noeos.json"))
+    write_jsonl(tmp_path / "c.jsonl", [{"id": "1", "content": "hello"}])
+    done = bfpack("pack", "--input", str(tmp_path / "c.jsonl"), "--output", str(tmp_path / "o"),
+                  "--text-column", "content", "--tokenizer", str(tmp_path / "noeos.json"), timeout=60)
+    assert done.returncode == 2 and "has no end-of-document token" in done.stderr
+    done = bfpack("pack", "--input", str(tmp_path / "c.jsonl"), "--output", str(tmp_path / "o"), timeout=60)
+    assert done.returncode == 2 and "--text-column 'text' is not a field of the first record" in done.stderr
+    assert "fields: content, id" in done.stderr
 
 
 def test_help_explains_every_option():

@@ -76,3 +76,33 @@ def test_zstd_frames_and_garbage(tmp_path):
     (tmp_path / "g.jsonl.zst").write_bytes(c.compress(jsonl_bytes(3)) + b"garbage that is not zstd")
     ids, reasons, _ = read_all(tmp_path / "g.jsonl.zst", "zstd")
     assert ids == ["d0", "d1", "d2"] and reasons[0].startswith("corrupt or truncated zstd file")
+
+
+def test_globs_mean_the_same_on_uris_as_on_local_paths(tmp_path):
+    from bfpack_spark.io.inputs import glob_regex, list_inputs
+
+    (tmp_path / "sub" / "deep").mkdir(parents=True)
+    for rel in ("a.jsonl", "b.jsonl", "sub/c.jsonl", "sub/deep/d.jsonl"):
+        (tmp_path / rel).write_text('{"text": "x"}\n')
+    for pattern in ("*.jsonl", "**/*.jsonl", "sub/*.jsonl", "[ab].jsonl"):
+        local = [f.source for f in list_inputs([f"{tmp_path}/{pattern}"])]
+        uri = [f.source for f in list_inputs([f"file://{tmp_path}/{pattern}"])]
+        assert local == uri, pattern
+    assert [f.source for f in list_inputs([f"file://{tmp_path}/*.jsonl"])] == ["a.jsonl", "b.jsonl"]
+    assert glob_regex("**/*.jsonl").fullmatch("x.jsonl") and not glob_regex("*.jsonl").fullmatch("s/x.jsonl")
+
+
+def test_ids_are_decided_per_file_however_it_is_split(tmp_path):
+    from bfpack_spark.io.inputs import plan_inputs
+
+    lines = [json.dumps({"id": f"d{i}", "text": "t" * 50}) for i in range(200)]
+    lines[150] = json.dumps({"text": "this one lost its id"})
+    (tmp_path / "ids.jsonl").write_text("\n".join(lines) + "\n")
+    plan = plan_inputs([str(tmp_path / "ids.jsonl")], "auto", "text", False, 2048, target_items=1,
+                       min_groups=8, id_column="id")
+    splits = [s for g in plan.groups for s in g]
+    assert len(splits) > 1 and all(s.has_ids for s in splits)
+    batches = [b for s in splits for b in read_jsonl(s, "id", "text", False, 10**6)]
+    ids = [d for b in batches for d in b.ids]
+    assert ids == [f"d{i}" for i in range(200) if i != 150]
+    assert [r.reason for b in batches for r in b.rejects] == ["id field 'id' is missing"]

@@ -261,3 +261,27 @@ def test_one_core_gives_the_same_tables_as_two(spark, tokenized, reference, tmp_
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     same_tables(spark, reference, tmp_path)
+
+
+def test_documents_the_tokenizer_makes_nothing_of_are_rejected(spark, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"]))
+    tok.save(str(tmp_path / "ws.json"))
+    write_jsonl(tmp_path / "c.jsonl", [{"id": "1", "text": "hello world"}, {"id": "2", "text": "   \n\t "}])
+    result = pack(spark, [tmp_path / "c.jsonl"], tmp_path / "out", **{
+        "tokenizer.tokenizer": str(tmp_path / "ws.json"), "tokenizer.append_eos": False})
+    s = result.stats
+    assert (s["documents_read"], s["documents_packed"], s["documents_rejected"]) == (2, 1, 1)
+    reasons = DeltaTable(str(tmp_path / "out" / "rejects")).to_pyarrow_table().column("reason").to_pylist()
+    assert reasons == ["no tokens: the tokenizer made nothing of this text"]
+
+
+def test_an_empty_corpus_makes_empty_tables(spark, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    result = pack(spark, [tmp_path / "empty.jsonl"], tmp_path / "out")
+    assert result.stats["audit_passed"] and result.stats["sequences"] == 0
+    for name in ("sequences", "documents", "rejects", "stats"):
+        assert DeltaTable.is_deltatable(str(tmp_path / "out" / name))

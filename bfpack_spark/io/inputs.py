@@ -10,10 +10,11 @@ order in which the files were listed.
 
 from __future__ import annotations
 
-import fnmatch
 import glob as globlib
+import hashlib
 import os
 import posixpath
+import re
 import sysconfig
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -37,8 +38,25 @@ class InputPlan:
     files: list[InputFile]
     groups: list[list[Split]] = field(default_factory=list)
 
-    def listing(self) -> list[tuple[str, int]]:
-        return [(f.source, f.size) for f in self.files]
+    def listing(self) -> list[tuple[str, int, str]]:
+        """(name, size, digest of the first and last 64 KiB) of every input file."""
+        return [(f.source, f.size, content_digest(f)) for f in self.files]
+
+
+def content_digest(f: InputFile, edge: int = 2**16) -> str:
+    """A digest of a file's first and last ``edge`` bytes: cheap, and it changes when content does
+    (compressed files and Parquet footers summarize their whole content at the end)."""
+    fs, path = filesystem(f.uri)
+    h = hashlib.sha256()
+    try:
+        with fs.open_input_file(path) as fh:
+            h.update(fh.read(edge))
+            if f.size > edge:
+                fh.seek(max(edge, f.size - edge))
+                h.update(fh.read(edge))
+    except OSError as exc:
+        raise InputError(f"cannot read {f.uri!r}: {exc}") from None
+    return h.hexdigest()[:16]
 
 
 def detect_format(path: str) -> tuple[str, str | None] | None:
@@ -96,6 +114,33 @@ def _delta_files(uri: str) -> list[InputFile]:
     ]
 
 
+def glob_regex(pattern: str) -> re.Pattern:
+    """A glob as a regex with the local file system's meaning: ``*`` and ``?`` stay within one
+    path segment, ``**`` spans any number of them, ``[...]`` is a character class."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1:]:
+            end = pattern.index("]", i + 1)
+            out.append("[" + pattern[i + 1:end].replace("!", "^", 1) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
 def _expand(spec: str) -> list[tuple[str, str, int]]:
     """(uri, source, size) for every data file that one input argument names."""
     magic = any(c in spec for c in "*?[")
@@ -106,8 +151,9 @@ def _expand(spec: str) -> list[tuple[str, str, int]]:
             prefix = rest[: min(rest.index(c) for c in "*?[" if c in rest)].rsplit("/", 1)[0]
             fs, base = filesystem(scheme_root + prefix)
             pattern = rest[len(prefix) + 1:]
+            matcher = glob_regex(pattern)
             return [(join(scheme_root + prefix, rel), rel, size) for rel, size in _list_dir(fs, base)
-                    if fnmatch.fnmatch(rel, pattern)]
+                    if matcher.fullmatch(rel)]
         root = spec[: min(spec.index(c) for c in "*?[" if c in spec)]
         root = root if root.endswith(os.sep) else os.path.dirname(root)
         out = []
@@ -182,10 +228,13 @@ def list_inputs(paths: Iterable[str], fmt: str = "auto") -> list[InputFile]:
 
 def _list_one(spec: str, fmt: str) -> list[InputFile]:
     """The data files one input argument names."""
-    fs, path = filesystem(spec)
-    if fmt == "delta" or (fmt == "auto" and "*" not in spec
-                          and fs.get_file_info(path).type == pafs.FileType.Directory and _is_delta(fs, path)):
-        return _delta_files(spec)
+    magic = any(c in spec for c in "*?[")
+    is_dir = False
+    if not magic:
+        fs, path = filesystem(spec)
+        is_dir = fs.get_file_info(path).type == pafs.FileType.Directory
+        if fmt == "delta" or (fmt == "auto" and is_dir and _is_delta(fs, path)):
+            return _delta_files(spec)
     found = _expand(spec)
     if not found:
         raise InputError(f"input {spec!r} matches no file")
@@ -198,7 +247,7 @@ def _list_one(spec: str, fmt: str) -> list[InputFile]:
             files.append(InputFile(uri, source, size, fmt, detected[1] if detected else None))
         elif detected is not None:
             files.append(InputFile(uri, source, size, *detected))
-        elif not ("*" in spec or fs.get_file_info(path).type == pafs.FileType.Directory):
+        elif not (magic or is_dir):
             raise InputError(f"cannot tell the format of {spec!r} from its name; set --input-format")
         # else: a directory or glob may hold other files (READMEs, _SUCCESS, ...)
     return files

@@ -66,7 +66,7 @@ def flatten_token_lists(tokens: TokenLists) -> tuple[np.ndarray, npt.NDArray[np.
     return np.concatenate(values), np.concatenate(offsets)
 
 
-def _list_array(offsets: np.ndarray, values: pa.Array) -> pa.Array:
+def list_array(offsets: np.ndarray, values: pa.Array) -> pa.Array:
     """A ``list`` array, or ``large_list`` when the values overflow 32-bit offsets."""
     if offsets[-1] < 2**31:
         return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
@@ -90,10 +90,10 @@ def sequences_table(seg_offsets: np.ndarray, tokens: np.ndarray, seg_docs: pa.Ar
     """
     token_offsets = np.concatenate(([0], np.cumsum(seg_lengths)))[seg_offsets]
     return pa.table({
-        "input_ids": _list_array(token_offsets, pa.array(tokens)),
-        docs_column: _list_array(seg_offsets, seg_docs),
-        "seg_starts": _list_array(seg_offsets, pa.array(np.asarray(seg_starts).astype(np.int32))),
-        "seg_lengths": _list_array(seg_offsets, pa.array(np.asarray(seg_lengths).astype(np.int32))),
+        "input_ids": list_array(token_offsets, pa.array(tokens)),
+        docs_column: list_array(seg_offsets, seg_docs),
+        "seg_starts": list_array(seg_offsets, pa.array(np.asarray(seg_starts).astype(np.int32))),
+        "seg_lengths": list_array(seg_offsets, pa.array(np.asarray(seg_lengths).astype(np.int32))),
         "n_tokens": pa.array(np.diff(token_offsets).astype(np.int32)),
     })
 

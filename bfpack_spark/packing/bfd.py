@@ -23,22 +23,31 @@ from bfpack_spark.packing._jit import jit
 
 
 @jit
-def _bfd_kernel(lengths, seq_len):
-    n = lengths.shape[0]
-    # Counting sort, longest first, stable within a length.
+def longest_first(lengths, seq_len):
+    """Counting sort of lengths in 1..seq_len, longest first, stable within a length.
+
+    Returns the order, and for each length its first rank and its count.
+    """
     counts = np.zeros(seq_len + 1, np.int64)
-    for i in range(n):
+    for i in range(lengths.shape[0]):
         counts[lengths[i]] += 1
-    start = np.empty(seq_len + 1, np.int64)
+    start = np.zeros(seq_len + 1, np.int64)
     pos = 0
     for c in range(seq_len, 0, -1):
         start[c] = pos
         pos += counts[c]
-    order = np.empty(n, np.int64)
+    order = np.empty(lengths.shape[0], np.int64)
     cursor = start.copy()
-    for i in range(n):
+    for i in range(lengths.shape[0]):
         order[cursor[lengths[i]]] = i
         cursor[lengths[i]] += 1
+    return order, start, counts
+
+
+@jit
+def _bfd_kernel(lengths, seq_len):
+    n = lengths.shape[0]
+    order, start, counts = longest_first(lengths, seq_len)
 
     size = 1
     while size < seq_len + 1:

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bfpack_spark.packing._jit import jit
-from bfpack_spark.packing.bfd import _bfd_kernel, _validate_seq_len
+from bfpack_spark.packing.bfd import _bfd_kernel, _validate_seq_len, longest_first
 from bfpack_spark.packing.chunking import chunk_documents
 from bfpack_spark.packing.layout import Layout, _group_by_sequence, concat_layout
 
@@ -88,18 +88,7 @@ def _finish(doc, start, length, seq, n_seqs, doc_group, **extra) -> Plan:
 def _route(lengths, home, n_parts, seq_len, keep_home):
     """Target partition of each item: an equal share of every length per partition."""
     n = lengths.shape[0]
-    counts = np.zeros(seq_len + 1, np.int64)
-    for i in range(n):
-        counts[lengths[i]] += 1
-    order = np.empty(n, np.int64)
-    begin = np.zeros(seq_len + 1, np.int64)  # rank of the first item of each length
-    for x in range(seq_len - 1, 0, -1):
-        begin[x] = begin[x + 1] + counts[x + 1]
-    cursor = begin.copy()
-    for i in range(n):
-        order[cursor[lengths[i]]] = i
-        cursor[lengths[i]] += 1
-
+    order, begin, counts = longest_first(lengths, seq_len)
     target = np.empty(n, np.int64)
     quota = np.empty(n_parts, np.int64)
     used = np.empty(n_parts, np.int64)

@@ -48,7 +48,7 @@ from bfpack_spark.schemas import CHUNK, COUNT, FRAGMENTS, READ, REJECT, SEQUENCE
 from bfpack_spark.spark.session import collect_arrow, get_spark
 from bfpack_spark.stages.assemble import GroupPlan, assemble_fragments, fragments, local_sequences
 from bfpack_spark.stages.read import ReadSettings, read_group
-from bfpack_spark.tokenize import load_tokenizer
+from bfpack_spark.tokenize import TokenizerError, load_tokenizer
 
 log = logging.getLogger("bfpack")
 
@@ -321,7 +321,10 @@ def run(config: PackConfig, spark: SparkSession | None = None) -> RunResult:
     started = datetime.now(UTC)
     L = config.packing.seq_len
     with timer("plan inputs"):
-        load_tokenizer(config.tokenizer.tokenizer, config.tokenizer.eos_token)  # fail before Spark
+        tokenizer = load_tokenizer(config.tokenizer.tokenizer, config.tokenizer.eos_token)  # fail before Spark
+        if config.append_eos and tokenizer.eos_id is None:
+            raise TokenizerError(f"{tokenizer.name} has no end-of-document token; name one with --eos-token "
+                                 f"or turn it off with --no-append-eos")
         inputs = plan_inputs(config.input.paths, config.input.format,
                              config.input.token_column or config.input.text_column, config.tokenized,
                              L, config.input.target_items_per_partition, config.input.min_partitions,

@@ -24,6 +24,18 @@ LOCAL_DEFAULTS = {
 }
 
 
+class SparkStartError(RuntimeError):
+    """Spark could not start as configured (master, memory, classpath)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, without Java's stack trace."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:500]
+    return type(exc).__name__
+
+
 def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[str, str] | None = None) -> SparkSession:
     """The active session, or a new one: ``master`` or spark-submit's, else ``local[*]``."""
     active = SparkSession.getActiveSession()
@@ -44,7 +56,11 @@ def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[st
     settings.update(conf or {})
     for key, value in settings.items():
         builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    try:
+        spark = builder.getOrCreate()
+    except Exception as exc:  # Java and Python errors of all kinds; the first line says which
+        raise SparkStartError(f"cannot start Spark (master {master or 'from spark-submit'}): "
+                              f"{first_line(exc)}") from None
     spark.sparkContext.setLogLevel("WARN")
     return spark
 

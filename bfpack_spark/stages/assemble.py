@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from bfpack_spark import faults
-from bfpack_spark.packing.arrow import gather_segments, sequences_table
+from bfpack_spark.packing.arrow import flatten_token_lists, gather_segments, list_array, sequences_table
 from bfpack_spark.packing.plan import Plan
 from bfpack_spark.schemas import FRAGMENTS, SEQUENCES
 
@@ -60,11 +59,8 @@ class _GroupTokens:
         rows = rows.sort_by([("doc_index", "ascending"), ("chunk", "ascending")])
         doc_index = rows.column("doc_index").to_numpy()
         firsts = np.flatnonzero(np.diff(doc_index, prepend=-1) != 0)
-        tokens = rows.column("tokens").combine_chunks()
-        values = tokens.values.to_numpy()[tokens.offsets[0].as_py():tokens.offsets[-1].as_py()]
-        chunk_lengths = np.diff(tokens.offsets.to_numpy())
-        ends = np.concatenate(([0], np.cumsum(chunk_lengths)))
-        doc_offsets = ends[np.append(firsts, len(doc_index))]
+        values, chunk_offsets = flatten_token_lists(rows.column("tokens"))  # 64-bit offsets
+        doc_offsets = chunk_offsets[np.append(firsts, len(doc_index))]
         return cls(doc_index[firsts], rows.column("doc_id").take(pa.array(firsts)).combine_chunks(),
                    values, doc_offsets)
 
@@ -73,7 +69,10 @@ class _GroupTokens:
 
 
 def _batches(table: pa.Table, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    yield from table.select(schema.names).cast(schema).to_batches(max_chunksize=OUTPUT_ROWS)
+    """Batches in Spark's types; cast one batch at a time, so that a group holding more than
+    2^31 tokens (built with 64-bit offsets) still fits Spark's 32-bit lists."""
+    for batch in table.select(schema.names).to_batches(max_chunksize=OUTPUT_ROWS):
+        yield batch.cast(schema)
 
 
 def local_sequences(rows: pa.Table, plan: GroupPlan, run_id: str) -> Iterator[pa.RecordBatch]:
@@ -107,13 +106,12 @@ def fragments(rows: pa.Table, plan: GroupPlan) -> Iterator[pa.RecordBatch]:
     pos = group.positions(plan.doc_index[move])
     lengths = plan.length[move]
     tokens = gather_segments(group.values, group.doc_offsets, pos, plan.start[move], lengths)
-    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
     table = pa.table({
         "seq_id": pa.array(plan.seq[move]),
         "slot": pa.array(plan.slot[move]),
         "doc_id": group.doc_ids.take(pa.array(pos)),
         "seg_start": pa.array(plan.start[move].astype(np.int32)),
-        "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens)),
+        "tokens": list_array(np.concatenate(([0], np.cumsum(lengths))), pa.array(tokens)),
     })
     yield from _batches(table, FRAGMENTS)
 
@@ -126,10 +124,9 @@ def assemble_fragments(frags: pa.Table, run_id: str) -> Iterator[pa.RecordBatch]
     seq = frags.column("seq_id").to_numpy()
     boundaries = np.flatnonzero(np.diff(seq, prepend=-1) != 0)
     seg_offsets = np.append(boundaries, len(seq))
-    tokens = frags.column("tokens").combine_chunks()
-    lengths = pc.list_value_length(tokens).to_numpy()
-    values = pc.list_flatten(tokens).to_numpy()
-    table = sequences_table(seg_offsets, values, frags.column("doc_id").combine_chunks(),
+    values, offsets = flatten_token_lists(frags.column("tokens"))
+    lengths = np.diff(offsets)
+    table = sequences_table(seg_offsets, values[offsets[0]:offsets[-1]], frags.column("doc_id").combine_chunks(),
                             frags.column("seg_start").to_numpy(), lengths, docs_column="doc_ids")
     table = table.append_column("seq_id", pa.array(seq[boundaries]))
     table = table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string()))

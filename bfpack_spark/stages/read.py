@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from bfpack_spark import faults
 from bfpack_spark.io.inputs import Split
 from bfpack_spark.io.readers import RawBatch, Reject, read_split
-from bfpack_spark.packing import chunk_documents
+from bfpack_spark.packing import chunk_documents, flatten_token_lists
 from bfpack_spark.schemas import CHUNK, COUNT, READ, REJECT
 from bfpack_spark.tokenize import encode_texts, load_tokenizer
 
@@ -51,9 +51,9 @@ def _append_token(tokens: pa.Array, token: int) -> pa.ListArray:
 
 
 def _flat(tokens: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    offsets = tokens.offsets.to_numpy().astype(np.int64)
-    values = tokens.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
-    return values, offsets - offsets[0]
+    """The token buffer of these lists alone, and offsets into it from 0."""
+    values, offsets = flatten_token_lists(tokens)
+    return values[offsets[0]:offsets[-1]], offsets - offsets[0]
 
 
 def _check_token_ids(raw: RawBatch, vocab_size: int, tokenizer_name: str) -> None:
