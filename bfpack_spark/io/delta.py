@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import date, datetime
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -250,7 +251,7 @@ class DeltaOutput:
         keep = {self.attempt}
         if DeltaTable.is_deltatable(uri):
             table = DeltaTable(uri)
-            keep |= {p.split("/")[0] for p in table.get_add_actions(flatten=True).column("path").to_pylist()}
+            keep |= {p.split("/")[0] for p in pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist()}
             keep |= {_commit_metadata(commit).get("bfpack.attempt") for commit in table.history()}
         cutoff = time.time() - RETENTION_SECONDS
         removed = []

@@ -19,6 +19,7 @@ import sysconfig
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -106,7 +107,7 @@ def _delta_files(uri: str) -> list[InputFile]:
             f"Delta table {uri!r} uses {', '.join(sorted(unsupported))}, which bfpack does not read; "
             f"rewrite it without them (e.g. REORG TABLE ... APPLY (PURGE)) or export it to Parquet"
         )
-    adds = table.get_add_actions(flatten=True).to_pydict()
+    adds = pa.table(table.get_add_actions(flatten=True)).to_pydict()
     name = posixpath.basename(uri.rstrip("/"))
     return [
         InputFile(uri=join(uri, path), source=f"{name}/{path}", size=int(size), format="parquet")

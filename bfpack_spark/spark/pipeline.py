@@ -195,20 +195,24 @@ def _plan_bfd(spark: SparkSession, docs: _Docs, n_groups: int, n_parts: int, con
 
 
 def _assemble(spark: SparkSession, chunks: DataFrame, plan: Plan, docs: _Docs, n_groups: int,
-              run_id: str, merge_items: int) -> DataFrame:
-    group_plans = spark.sparkContext.broadcast(GroupPlan.split(plan, docs.group, docs.index, n_groups))
+              run_id: str, merge_items: int) -> tuple[DataFrame, list]:
+    """The sequences DataFrame, and the broadcasts it reads (to release once it is written).
+
+    One broadcast per group: a task loads only its own group's slice of the plan.
+    """
+    group_plans = [spark.sparkContext.broadcast(p) for p in GroupPlan.split(plan, docs.group, docs.index, n_groups)]
 
     def build_local(batches):
         table = _partition_table(batches)
         if table is not None:
             for g, rows in _per_group(table):
-                yield from local_sequences(rows, group_plans.value[g], run_id)
+                yield from local_sequences(rows, group_plans[g].value, run_id)
 
     def build_fragments(batches):
         table = _partition_table(batches)
         if table is not None:
             for g, rows in _per_group(table):
-                yield from fragments(rows, group_plans.value[g])
+                yield from fragments(rows, group_plans[g].value)
 
     def join_fragments(batches):
         table = _partition_table(batches)
@@ -218,7 +222,7 @@ def _assemble(spark: SparkSession, chunks: DataFrame, plan: Plan, docs: _Docs, n
     local = chunks.mapInArrow(build_local, spark_ddl(SEQUENCES))
     moving = ~plan.local
     if not moving.any():
-        return local
+        return local, group_plans
     movers = np.unique(np.stack([docs.group[plan.doc[moving]], docs.index[plan.doc[moving]]]), axis=1)
     source = chunks
     if movers.shape[1] < 0.5 * docs.group.shape[0]:  # send only documents with moving segments
@@ -229,7 +233,7 @@ def _assemble(spark: SparkSession, chunks: DataFrame, plan: Plan, docs: _Docs, n
     merged = (source.mapInArrow(build_fragments, spark_ddl(FRAGMENTS))
               .repartition(n_reduce, "seq_id")
               .mapInArrow(join_fragments, spark_ddl(SEQUENCES)))
-    return local.unionByName(merged)
+    return local.unionByName(merged), group_plans
 
 
 def _packing_stats(plan: Plan, lengths: np.ndarray, seq_len: int) -> PackingStats:
@@ -396,9 +400,11 @@ def _run(spark, config, inputs, read_df, output, run_id, timer, started, locked)
         first_chunks = first_chunks.join(F.broadcast(dropped_df), ["group", "doc_index"], "left_anti")
     staged = {}
     with timer("assemble and write sequences"):
-        sequences = _assemble(spark, chunks, plan, docs, n_groups, run_id,
-                              config.packing.merge_items_per_partition)
+        sequences, broadcasts = _assemble(spark, chunks, plan, docs, n_groups, run_id,
+                                          config.packing.merge_items_per_partition)
         staged["sequences"] = output.stage("sequences", sequences, sort_by="seq_id")
+        for b in broadcasts:
+            b.destroy()
     with timer("write documents and rejects"):
         documents = first_chunks.select(
             "doc_id", F.col("doc_tokens").alias("n_tokens"),
