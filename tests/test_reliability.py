@@ -14,7 +14,7 @@ from deltalake import DeltaTable
 from bfpack_spark.config import load_config
 from bfpack_spark.faults import InjectedFault
 from bfpack_spark.io.delta import read_table
-from bfpack_spark.io.lock import LOCK_NAME, RunLockedError
+from bfpack_spark.io.lock import LOCK_NAME, OutputLock, RunLockedError
 from bfpack_spark.spark.pipeline import AuditError, run
 
 from corpora import write_jsonl, write_tokenized
@@ -204,6 +204,13 @@ def test_a_second_run_on_the_same_output_is_refused(spark, tokenized, tmp_path):
                                                   "host": os.uname().nodename, "started": "then"}))
     pack(spark, [tokenized], tmp_path, **{"input.token_column": "tokens"})
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_an_unreadable_lock_stops_the_run_with_a_message(tmp_path):
+    (tmp_path / LOCK_NAME).write_text("")  # a run killed between creating and writing its lock
+    with pytest.raises(RunLockedError, match="lock file cannot be read.*delete .*_bfpack.lock"):
+        with OutputLock(str(tmp_path), "run-x"):
+            pass
 
 
 def test_orphans_of_a_killed_run_are_removed_and_never_read(spark, tokenized, reference, tmp_path):

@@ -59,10 +59,11 @@ class OutputLock:
                                 other.get("run_id"), other.get("pid"))
                     os.unlink(self.path)
                     continue
-                raise RunLockedError(
-                    f"another bfpack run ({other.get('run_id')}, process {other.get('pid')} on "
-                    f"{other.get('host')}, started {other.get('started')}) is writing to {self.root}; "
-                    f"wait for it, or delete {self.path} if that run is no longer alive") from None
+                holder = (f"another bfpack run ({other.get('run_id')}, process {other.get('pid')} on "
+                          f"{other.get('host')}, started {other.get('started')})" if other
+                          else "a run whose lock file cannot be read")
+                raise RunLockedError(f"{holder} is writing to {self.root}; wait for it, or delete "
+                                     f"{self.path} if that run is no longer alive") from None
             with os.fdopen(fd, "w") as fh:
                 json.dump(me, fh)
             self.held = True
