@@ -106,3 +106,26 @@ def test_ids_are_decided_per_file_however_it_is_split(tmp_path):
     ids = [d for b in batches for d in b.ids]
     assert ids == [f"d{i}" for i in range(200) if i != 150]
     assert [r.reason for b in batches for r in b.rejects] == ["id field 'id' is missing"]
+
+
+def test_a_damaged_parquet_row_group_is_one_reject_naming_its_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "f.parquet"
+    texts = [f"document {i} " + "word " * 50 for i in range(300)]
+    pq.write_table(pa.table({"id": [str(i) for i in range(300)], "text": texts}), path,
+                   row_group_size=100, compression="zstd")
+    meta = pq.ParquetFile(path).metadata
+    second = meta.row_group(1).column(1)  # the text column chunk of row group 1
+    data = bytearray(path.read_bytes())
+    start = second.dictionary_page_offset or second.data_page_offset
+    data[start:start + second.total_compressed_size] = b"\xff" * second.total_compressed_size
+    path.write_bytes(bytes(data))
+    split = Split(str(path), "f.parquet", "parquet", row_groups=(0, 1, 2))
+    batches = list(readers.read_split(split, "id", "text", False, 10**9))
+    docs = [t for b in batches for t in b.texts]
+    rejects = [r for b in batches for r in b.rejects]
+    assert docs == texts[:100] + texts[200:]
+    assert len(rejects) == 1 and rejects[0].row == 100
+    assert "(row group 1); rows 100-199 of this file are skipped" in rejects[0].reason

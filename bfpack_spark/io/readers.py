@@ -293,21 +293,31 @@ def _finish_jsonl(batch: RawBatch, token_lists: list[list[int]], tokenized: bool
 
 def read_parquet(split: Split, id_column: str | None, column: str, tokenized: bool,
                  max_bytes: int) -> Iterator[RawBatch]:
+    """Row group by row group, so damage in one costs only its own rows (one reject)."""
     fs, path = filesystem(split.uri)
     row = split.first_row
     try:
-        with fs.open_input_file(path) as fh:
-            pf = pq.ParquetFile(fh)
-            has_ids = id_column is not None and id_column in pf.schema_arrow.names
-            columns = [column] + ([id_column] if has_ids else [])
-            for rb in pf.iter_batches(batch_size=BATCH_DOCS, row_groups=list(split.row_groups),
-                                      columns=columns):
-                yield _parquet_batch(split, rb, row, id_column if has_ids else None, column, tokenized,
-                                     max_bytes)
-                row += rb.num_rows
+        fh = fs.open_input_file(path)
+        pf = pq.ParquetFile(fh)
     except (OSError, pa.ArrowException) as exc:
-        reason = f"unreadable Parquet data from this row on; the rest of the split is skipped ({exc})"
+        reason = f"unreadable Parquet file; row groups {list(split.row_groups)} skipped ({exc})"
         yield RawBatch(rejects=[Reject(split.source, row, reason)], n_records=1)
+        return
+    with fh:
+        has_ids = id_column is not None and id_column in pf.schema_arrow.names
+        columns = [column] + ([id_column] if has_ids else [])
+        for g in split.row_groups:
+            group_end = row + pf.metadata.row_group(g).num_rows
+            try:
+                for rb in pf.iter_batches(batch_size=BATCH_DOCS, row_groups=[g], columns=columns):
+                    yield _parquet_batch(split, rb, row, id_column if has_ids else None, column, tokenized,
+                                         max_bytes)
+                    row += rb.num_rows
+            except (OSError, pa.ArrowException) as exc:
+                reason = (f"unreadable Parquet data (row group {g}); rows {row}-{group_end - 1} of this "
+                          f"file are skipped ({exc})")
+                yield RawBatch(rejects=[Reject(split.source, row, reason)], n_records=1)
+            row = group_end
 
 
 def _parquet_batch(split: Split, rb: pa.RecordBatch, first_row: int, id_column: str | None,
