@@ -293,7 +293,7 @@ def _finish_jsonl(batch: RawBatch, token_lists: list[list[int]], tokenized: bool
 
 def read_parquet(split: Split, id_column: str | None, column: str, tokenized: bool,
                  max_bytes: int) -> Iterator[RawBatch]:
-    """Row group by row group, so damage in one costs only its own rows (one reject)."""
+    """Row group by row group, so damage in one costs only its own rows."""
     fs, path = filesystem(split.uri)
     row = split.first_row
     try:
@@ -313,10 +313,10 @@ def read_parquet(split: Split, id_column: str | None, column: str, tokenized: bo
                     yield _parquet_batch(split, rb, row, id_column if has_ids else None, column, tokenized,
                                          max_bytes)
                     row += rb.num_rows
-            except (OSError, pa.ArrowException) as exc:
-                reason = (f"unreadable Parquet data (row group {g}); rows {row}-{group_end - 1} of this "
-                          f"file are skipped ({exc})")
-                yield RawBatch(rejects=[Reject(split.source, row, reason)], n_records=1)
+            except (OSError, pa.ArrowException) as exc:  # every row not yet read is a reject
+                reason = f"unreadable Parquet data in row group {g} (rows {row}-{group_end - 1}): {exc}"
+                yield RawBatch(rejects=[Reject(split.source, r, reason) for r in range(row, group_end)],
+                               n_records=group_end - row)
             row = group_end
 
 
