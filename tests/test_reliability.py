@@ -47,6 +47,14 @@ def bad_corpus(tmp_path_factory):
     whole = gzip.compress("".join(json.dumps(r) + "\n" for r in GOOD[40:]).encode())
     (root / "b.jsonl.gz").write_bytes(whole[: len(whole) * 2 // 3])  # truncated
     (root / "c.jsonl.zst").write_bytes(os.urandom(2000))  # not zstd at all
+    parquet = pa.table({"id": [f"pq-{i}" for i in range(30)], "text": [f"row {i} " + "text " * i for i in range(30)]})
+    pq.write_table(parquet, root / "d.parquet", row_group_size=10)
+    data = (root / "d.parquet").read_bytes()
+    (root / "e.parquet").write_bytes(data[: len(data) // 2])  # truncated: no footer
+    text = pq.ParquetFile(root / "d.parquet").metadata.row_group(1).column(1)  # damage rows 10-19
+    at = text.dictionary_page_offset or text.data_page_offset
+    (root / "d.parquet").write_bytes(data[:at] + b"\xff" * text.total_compressed_size
+                                     + data[at + text.total_compressed_size:])
     return root
 
 
@@ -65,11 +73,15 @@ def test_every_bad_record_is_a_reject_with_its_reason(spark, bad_corpus, tmp_pat
     assert s["documents_read"] == s["documents_packed"] + s["documents_rejected"]
     assert s["documents_rejected"] == len(rejects) and s["documents_packed"] == documents.num_rows
     reasons = " | ".join(r["reason"] for r in rejects)
-    for words in list(BAD_LINES.values()) + ["invalid UTF-8", "max_document_bytes", "corrupt or truncated"]:
+    for words in list(BAD_LINES.values()) + ["invalid UTF-8", "max_document_bytes", "corrupt or truncated",
+                                             "unreadable Parquet file", "unreadable Parquet data in row group 1"]:
         assert words in reasons, words
     assert sum("corrupt or truncated" in r["reason"] for r in rejects) >= 2  # the .gz and the .zst
     packed = set(documents.column("doc_id").to_pylist())
     assert {f"good-{i}" for i in range(40)} | {"large-ok"} <= packed
+    # the damaged Parquet row group's rows are rejects, one each; the others are packed
+    assert sorted(r["row"] for r in rejects if r["source"] == "d.parquet") == list(range(10, 20))
+    assert {f"pq-{i}" for i in [*range(10), *range(20, 30)]} <= packed
     # what the truncated gzip still held was read, line by line
     assert len(packed & {f"good-{i}" for i in range(40, 60)}) > 0
     lines_in_a = 40 + len(BAD_LINES) + 3

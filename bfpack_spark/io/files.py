@@ -21,7 +21,7 @@ class Split:
     source: str                      # stable name: the file's path relative to its input root
     format: str                      # "jsonl", "parquet" or "text" (one document per file)
     compression: str | None = None   # JSON lines: "gzip", "zstd" or None
-    row_groups: tuple[int, ...] = ()  # Parquet: the row groups to read
+    row_groups: tuple[int, ...] | None = ()  # Parquet: the row groups to read (None: all; footer unread)
     first_row: int = 0               # Parquet: index in the file of the first row read
     byte_range: tuple[int, int] | None = None  # uncompressed JSON lines: [start, end)
     has_ids: bool = False            # JSON lines: the file's first record has the id field

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob as globlib
 import hashlib
+import logging
 import os
 import posixpath
 import re
@@ -25,6 +26,8 @@ import pyarrow.parquet as pq
 
 from bfpack_spark.io.files import InputError, InputFile, Split, filesystem, join
 from bfpack_spark.io.readers import first_record
+
+log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = {".jsonl": None, ".json": None, ".ndjson": None}
 PYTHON_STDLIB = "python-stdlib"
@@ -260,8 +263,9 @@ def _parquet_splits(f: InputFile, payload: str, tokenized: bool, seq_len: int,
     try:
         with fs.open_input_file(path) as fh:
             meta = pq.ParquetFile(fh).metadata
-    except Exception as exc:
-        raise InputError(f"cannot read Parquet file {f.uri!r}: {exc}") from None
+    except (OSError, pa.ArrowException) as exc:  # damaged: its reader makes it a reject
+        log.warning("cannot read the Parquet footer of %s (%s); it will be a reject", f.uri, exc)
+        return [Split(f.uri, f.source, "parquet", row_groups=None)]
     names = meta.schema.to_arrow_schema().names
     if payload not in names:
         flag = "--token-column" if tokenized else "--text-column"

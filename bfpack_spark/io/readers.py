@@ -300,13 +300,14 @@ def read_parquet(split: Split, id_column: str | None, column: str, tokenized: bo
         fh = fs.open_input_file(path)
         pf = pq.ParquetFile(fh)
     except (OSError, pa.ArrowException) as exc:
-        reason = f"unreadable Parquet file; row groups {list(split.row_groups)} skipped ({exc})"
+        reason = f"unreadable Parquet file (damaged or truncated footer): {exc}"
         yield RawBatch(rejects=[Reject(split.source, row, reason)], n_records=1)
         return
     with fh:
         has_ids = id_column is not None and id_column in pf.schema_arrow.names
         columns = [column] + ([id_column] if has_ids else [])
-        for g in split.row_groups:
+        groups = range(pf.metadata.num_row_groups) if split.row_groups is None else split.row_groups
+        for g in groups:
             group_end = row + pf.metadata.row_group(g).num_rows
             try:
                 for rb in pf.iter_batches(batch_size=BATCH_DOCS, row_groups=[g], columns=columns):
