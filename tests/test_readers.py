@@ -130,3 +130,31 @@ def test_a_damaged_parquet_row_group_rejects_its_rows_and_no_others(tmp_path):
     assert [r.row for r in rejects] == list(range(100, 200))
     assert all("unreadable Parquet data in row group 1 (rows 100-199)" in r.reason for r in rejects)
     assert sum(b.n_records for b in batches) == 300
+
+
+@pytest.mark.parametrize("codec", ["gzip", "zstd"])
+def test_a_bad_checksum_keeps_every_line_that_decodes(tmp_path, codec):
+    """The checksum is only seen at the end: the decoder drops what it decoded in that call."""
+    data = jsonl_bytes(3000)
+    if codec == "gzip":
+        damaged = bytearray(gzip.compress(data))
+        damaged[-8] ^= 0xFF  # the CRC32 of the member
+    else:
+        damaged = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(data))
+        damaged[-1] ^= 0xFF
+    path = tmp_path / f"c.jsonl.{'gz' if codec == 'gzip' else 'zst'}"
+    path.write_bytes(bytes(damaged))
+    ids, reasons, n = read_all(path, codec)
+    assert ids == [f"d{i}" for i in range(3000)]
+    assert len(reasons) == 1 and reasons[0].startswith(f"corrupt or truncated {codec} file")
+    assert n == 3001
+
+
+def test_damage_inside_a_zstd_frame_keeps_the_lines_before_it(tmp_path):
+    data = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(jsonl_bytes(20000)))
+    data[len(data) * 3 // 10] ^= 0xFF
+    (tmp_path / "m.jsonl.zst").write_bytes(bytes(data))
+    ids, reasons, n = read_all(tmp_path / "m.jsonl.zst", "zstd")
+    # one flipped byte garbles a few lines of its block; the rest of the frame decodes intact
+    assert sum(x == f"d{i}" for i, x in enumerate(ids)) >= 19_900
+    assert reasons[-1].startswith("corrupt or truncated zstd file") and n == len(ids) + len(reasons)

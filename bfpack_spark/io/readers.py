@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -81,49 +82,88 @@ class _Corrupt(Exception):
 
 
 class _Inflated:
-    """``read(n)`` over a gzip or zstd stream, decoded incrementally: every byte decoded
-    before a truncation or a corrupt block is handed out, the error comes on the next call.
-    Concatenated gzip members and zstd frames are read one after the other; zero bytes
-    padding the end of a gzip file (as some tools write) end it."""
+    """``read()`` over a gzip or zstd stream, decoded incrementally: every byte that decodes
+    before the damage of a corrupt or truncated file is handed out, the error comes on the next
+    call. Concatenated gzip members and zstd frames are read one after the other; zero bytes
+    padding the end of a gzip file (as some tools write) end it.
 
-    def __init__(self, raw, codec: str):
-        self.raw, self.codec = raw, codec
-        self.decoder, self.fed, self.padding, self.error = self._decoder(), False, False, None
+    A decoder that fails drops what it decoded in the failing call, which may hold whole
+    valid lines (a bad checksum is only seen at the end of a frame). So the file is decoded
+    again up to the failing piece and through it one byte at a time, to hand out all of that.
+    """
 
-    def _decoder(self):
+    def __init__(self, open_raw: Callable[[], Any], codec: str):
+        self.open_raw, self.codec = open_raw, codec
+        self.raw = open_raw()
+        self.blocks = self._decode(self.raw, COMPRESSED_BLOCK_BYTES)
+        self.piece_at = 0      # compressed offset of the piece the decoder was last fed
+        self.in_decoder = False
+        self.handed = 0        # decoded bytes handed out
+        self.error: Exception | None = None
+
+    def _new_decoder(self):
         if self.codec == "gzip":
             return zlib.decompressobj(16 + zlib.MAX_WBITS)
         return zstandard.ZstdDecompressor().decompressobj()
 
-    def read(self, n: int) -> bytes:
-        if self.error is not None:
-            raise self.error
+    def _decode(self, raw, piece: int, careful_from: int | None = None) -> Iterator[bytes]:
+        """Decoded blocks of the whole stream; from compressed offset ``careful_from`` on, the
+        input is fed one byte at a time."""
+        track = careful_from is None
+        decoder, fed, padding, pos = self._new_decoder(), False, False, 0
         while True:
-            chunk = self.raw.read(n)
+            size = piece if track or pos + piece <= careful_from else max(1, careful_from - pos)
+            chunk = raw.read(size)
             if not chunk:
-                if self.fed:
+                if fed:
                     raise EOFError("the file ends inside a compressed block (truncated)")
-                return b""
-            if self.padding:
+                return
+            if track:
+                self.piece_at = pos
+            pos += len(chunk)
+            if padding:
                 if chunk.strip(b"\0"):
                     raise ValueError("data after the zero padding that ends the file")
                 continue
-            out = bytearray()
-            try:
-                while chunk:
-                    out += self.decoder.decompress(chunk)
-                    self.fed = True
-                    if not self.decoder.eof:
-                        break
-                    chunk, self.decoder, self.fed = self.decoder.unused_data, self._decoder(), False
-                    if self.codec == "gzip" and chunk and not chunk.strip(b"\0"):
-                        chunk, self.padding = b"", True
-            except Exception as exc:
-                if not out:
-                    raise
-                self.error = exc
-            if out:
-                return bytes(out)
+            while chunk:
+                self.in_decoder = track
+                out = decoder.decompress(chunk)
+                self.in_decoder, fed = False, True
+                if out:
+                    yield out
+                if not decoder.eof:
+                    break
+                chunk, decoder, fed = decoder.unused_data, self._new_decoder(), False
+                if self.codec == "gzip" and chunk and not chunk.strip(b"\0"):
+                    chunk, padding = b"", True
+
+    def _salvage(self) -> bytes:
+        """What decodes between the bytes handed out and the decoder's failure."""
+        out, skip = bytearray(), self.handed
+        raw = self.open_raw()
+        try:
+            for block in self._decode(raw, COMPRESSED_BLOCK_BYTES, careful_from=self.piece_at):
+                out += block[skip:]
+                skip = max(0, skip - len(block))
+        except Exception:  # the same failure, now after every byte that could be decoded
+            pass
+        finally:
+            raw.close()
+        return bytes(out)
+
+    def read(self, n: int = -1) -> bytes:
+        """The next decoded block (of any size)."""
+        if self.error is not None:
+            raise self.error
+        try:
+            block = next(self.blocks, b"")
+        except Exception as exc:
+            self.error = exc
+            block = self._salvage() if self.in_decoder else b""
+            if not block:
+                raise
+        self.handed += len(block)
+        return block
 
     def close(self) -> None:
         self.raw.close()
@@ -133,7 +173,7 @@ def _open_stream(split: Split, start: int):
     """A binary stream of the split's (decompressed) bytes, positioned at ``start``."""
     fs, path = filesystem(split.uri)
     if split.compression:
-        return _Inflated(fs.open_input_stream(path, compression=None), split.compression)
+        return _Inflated(lambda: fs.open_input_stream(path, compression=None), split.compression)
     fh = fs.open_input_file(path)
     fh.seek(start)
     return fh
