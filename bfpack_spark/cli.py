@@ -76,8 +76,15 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (not the whole usage block), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bfpack", description="Best-fit packing of text corpora into fixed-length LLM training "
                                    "sequences, on Spark, into Delta tables.")
     common = argparse.ArgumentParser(add_help=False)
@@ -129,6 +136,10 @@ def print_summary(result, out=sys.stdout) -> None:
     print(f"time: {sum(s['stage_seconds'].values()):.1f}s ({times})", file=out)
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split("\n"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -137,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
     except USER_ERRORS as exc:
-        print(f"bfpack: error: {exc}", file=sys.stderr)
+        print(f"bfpack: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     # Imported here: pyspark loads slowly, and mistakes above are reported without it.
     from bfpack_spark.spark.pipeline import AuditError, run
@@ -146,10 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = run(config)
     except (*USER_ERRORS, SparkStartError) as exc:
-        print(f"bfpack: error: {exc}", file=sys.stderr)
+        print(f"bfpack: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except (AuditError, DeltaError, RunLockedError) as exc:
-        print(f"bfpack: run failed: {exc}", file=sys.stderr)
+        print(f"bfpack: run failed: {_one_line(exc)}", file=sys.stderr)
         return 1
     except Exception as exc:
         if args.debug:

@@ -89,7 +89,9 @@ def _tiktoken_tokenizer(spec: str, eos_token: str | None) -> Tokenizer:
         try:
             enc = tiktoken.get_encoding(spec)
         except ValueError as exc:
-            raise TokenizerError(f"unknown tokenizer {spec!r}: {exc}") from exc
+            raise TokenizerError(
+                f"unknown tokenizer {spec!r}: not a tiktoken encoding ({', '.join(tiktoken.list_encoding_names())}), "
+                f"a .tiktoken file or a tokenizer.json") from exc
         except Exception as exc:  # a download that this machine cannot make
             raise TokenizerError(
                 f"cannot load tiktoken encoding {spec!r} ({type(exc).__name__}: {exc}); "

@@ -64,8 +64,9 @@ class StageTimer:
     seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
-    def __call__(self, stage: str):
-        log.info("stage %s ...", stage)
+    def __call__(self, stage: str, announce: bool = True):
+        if announce:
+            log.info("stage %s ...", stage)
         t0 = time.perf_counter()
         yield
         self.seconds[stage] = round(time.perf_counter() - t0, 3)
@@ -324,7 +325,7 @@ def run(config: PackConfig, spark: SparkSession | None = None) -> RunResult:
     timer = StageTimer()
     started = datetime.now(UTC)
     L = config.packing.seq_len
-    with timer("plan inputs"):
+    with timer("plan inputs", announce=False):  # a mistake found here is the only line printed
         tokenizer = load_tokenizer(config.tokenizer.tokenizer, config.tokenizer.eos_token)  # fail before Spark
         if config.append_eos and tokenizer.eos_id is None:
             raise TokenizerError(f"{tokenizer.name} has no end-of-document token; name one with --eos-token "
