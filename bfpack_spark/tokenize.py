@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,14 +36,21 @@ class TokenizerError(ValueError):
     """The tokenizer cannot be loaded or used as configured."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Tokenizer:
-    """A loaded tokenizer: its name, vocabulary size, end-of-document id and encoder."""
+    """A loaded tokenizer: its name, its token ids, end-of-document id and encoder."""
 
     name: str
-    vocab_size: int
+    known_ids: np.ndarray  # bool per id 0..max: whether the vocabulary has it (vocabularies have gaps)
     eos_id: int | None
     encode_batch: Callable[[Sequence[str]], list[Sequence[int]]]
+
+
+def _id_mask(ids: Iterable[int]) -> np.ndarray:
+    ids = np.fromiter(ids, dtype=np.int64)
+    mask = np.zeros(int(ids.max(initial=-1)) + 1, dtype=bool)
+    mask[ids] = True
+    return mask
 
 
 @contextlib.contextmanager
@@ -112,7 +119,16 @@ def _tiktoken_tokenizer(spec: str, eos_token: str | None) -> Tokenizer:
         return [enc.encode_to_numpy(t, disallowed_special=()) if len(t) >= _HUGE_TEXT
                 else enc.encode_ordinary(t) for t in texts]
 
-    return Tokenizer(name=enc.name, vocab_size=enc.n_vocab, eos_id=eos_id, encode_batch=encode_batch)
+    known = _id_mask(i for i in range(enc.n_vocab) if _decodes(enc, i))
+    return Tokenizer(name=enc.name, known_ids=known, eos_id=eos_id, encode_batch=encode_batch)
+
+
+def _decodes(enc, token_id: int) -> bool:
+    try:
+        enc.decode_single_token_bytes(token_id)
+    except KeyError:
+        return False
+    return True
 
 
 def _hf_tokenizer(path: str, eos_token: str | None) -> Tokenizer:
@@ -132,7 +148,7 @@ def _hf_tokenizer(path: str, eos_token: str | None) -> Tokenizer:
     def encode_batch(texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in tok.encode_batch_fast(list(texts), add_special_tokens=False)]
 
-    return Tokenizer(name=os.path.basename(path), vocab_size=tok.get_vocab_size(with_added_tokens=True),
+    return Tokenizer(name=os.path.basename(path), known_ids=_id_mask(tok.get_vocab(with_added_tokens=True).values()),
                      eos_id=eos_id, encode_batch=encode_batch)
 
 

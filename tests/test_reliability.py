@@ -94,8 +94,8 @@ def test_every_bad_record_is_a_reject_with_its_reason(spark, bad_corpus, tmp_pat
 
 def test_bad_token_ids_are_rejected(spark, tmp_path):
     table = pa.table({
-        "id": ["ok", "oov", "neg", None, "nulltok", "empty", "ok2"],
-        "tokens": pa.array([[1, 2, 3], [5, 200_000], [-1, 4], [7], [1, None], [], [9] * 600],
+        "id": ["ok", "oov", "neg", None, "nulltok", "empty", "ok2", "gap"],
+        "tokens": pa.array([[1, 2, 3], [5, 200_000], [-1, 4], [7], [1, None], [], [9] * 600, [3, 100256]],
                            type=pa.list_(pa.int64())),
     })
     pq.write_table(table, tmp_path / "t.parquet")
@@ -106,12 +106,13 @@ def test_bad_token_ids_are_rejected(spark, tmp_path):
     rejects = {r["doc_id"] or f"row {r['row']}": r["reason"]
                for r in DeltaTable(str(tmp_path / "out" / "rejects")).to_pyarrow_table().to_pylist()}
     assert "outside the vocabulary" in rejects["oov"] and "outside the vocabulary" in rejects["neg"]
+    assert "token id 100256 is outside the vocabulary" in rejects["gap"]  # cl100k_base has no id 100256
     assert "null token id" in rejects["nulltok"] and "empty document" in rejects["empty"]
     assert "null or empty" in rejects["row 3"]
     assert "not a list of integers" in rejects["j1"] and "not a list of integers" in rejects["j2"]
     packed = DeltaTable(str(tmp_path / "out" / "documents")).to_pyarrow_table().column("doc_id").to_pylist()
     assert sorted(packed) == ["j3", "ok", "ok2"]
-    assert result.stats["documents_read"] == 10
+    assert result.stats["documents_read"] == 11
 
 
 def test_too_many_rejects_fail_before_commit(spark, bad_corpus, tmp_path):

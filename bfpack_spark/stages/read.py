@@ -20,7 +20,7 @@ from bfpack_spark.io.inputs import Split
 from bfpack_spark.io.readers import RawBatch, Reject, read_split
 from bfpack_spark.packing import chunk_documents, flatten_token_lists
 from bfpack_spark.schemas import CHUNK, COUNT, READ, REJECT
-from bfpack_spark.tokenize import encode_texts, load_tokenizer
+from bfpack_spark.tokenize import Tokenizer, encode_texts, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,14 @@ def _flat(tokens: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return values[offsets[0]:offsets[-1]], offsets - offsets[0]
 
 
-def _check_token_ids(raw: RawBatch, vocab_size: int, tokenizer_name: str) -> None:
-    """Reject documents holding an id outside ``0..vocab_size-1``; the rest become list<int32>."""
+def _check_token_ids(raw: RawBatch, tokenizer: Tokenizer) -> None:
+    """Reject documents holding an id that is not a token of the tokenizer; the rest become list<int32>."""
     if not raw.rows:
         return
     values, offsets = _flat(raw.tokens)
-    bad_values = (values < 0) | (values >= vocab_size)
+    known = tokenizer.known_ids
+    bad_values = (values < 0) | (values >= known.shape[0])
+    bad_values[~bad_values] = ~known[values[~bad_values]]
     if bad_values.any():
         parents = np.searchsorted(offsets, np.flatnonzero(bad_values), side="right") - 1
         first_bad = {}
@@ -69,8 +71,10 @@ def _check_token_ids(raw: RawBatch, vocab_size: int, tokenizer_name: str) -> Non
             first_bad.setdefault(int(doc), int(values[pos]))
         mask = np.zeros(len(raw.rows), bool)
         mask[list(first_bad)] = True
+        gaps = int((~known).sum())
+        vocabulary = f"ids 0..{known.shape[0] - 1}" + (f" but {gaps} unassigned" if gaps else "")
         _reject_where(raw, mask, [
-            f"token id {first_bad[d]} is outside the vocabulary of {tokenizer_name} (0..{vocab_size - 1}); "
+            f"token id {first_bad[d]} is outside the vocabulary of {tokenizer.name} ({vocabulary}); "
             f"set --tokenizer to the tokenizer that made these ids" for d in sorted(first_bad)])
     values, offsets = _flat(raw.tokens)
     raw.tokens = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
@@ -137,7 +141,7 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings) -> Itera
             if not settings.keep_empty:
                 _reject_where(raw, _lengths(raw) == 0, "empty document (quality.empty_documents: skip)")
             if settings.tokenized:
-                _check_token_ids(raw, tokenizer.vocab_size, tokenizer.name)
+                _check_token_ids(raw, tokenizer)
                 if settings.append_eos and raw.rows:
                     raw.tokens = _append_token(raw.tokens, tokenizer.eos_id)
             elif raw.rows:
