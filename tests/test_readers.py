@@ -16,7 +16,7 @@ def lines_of(path, size, n_splits, max_bytes=10**9, monkeypatch=None):
     out = []
     for s in range(0, size, step):
         out.extend(_lines(Split(str(path), "f.jsonl", "jsonl", byte_range=(s, min(s + step, size))), max_bytes))
-    return out
+    return [(at, None if isinstance(line, readers.LineHead) else line) for at, line in out]
 
 
 @pytest.mark.parametrize("block", [7, 64, 8 * 2**20])
@@ -158,3 +158,14 @@ def test_damage_inside_a_zstd_frame_keeps_the_lines_before_it(tmp_path):
     # one flipped byte garbles a few lines of its block; the rest of the frame decodes intact
     assert sum(x == f"d{i}" for i, x in enumerate(ids)) >= 19_900
     assert reasons[-1].startswith("corrupt or truncated zstd file") and n == len(ids) + len(reasons)
+
+
+def test_a_byte_order_mark_and_an_oversized_line(tmp_path):
+    path = tmp_path / "b.jsonl"
+    big = json.dumps({"id": "big", "text": "x" * 5000})
+    path.write_bytes(b"\xef\xbb\xbf" + jsonl_bytes(2) + big.encode() + b"\n")
+    split = Split(str(path), "b.jsonl", "jsonl", has_ids=True)
+    batches = list(read_jsonl(split, "id", "text", False, 1000))
+    assert [i for b in batches for i in b.ids] == ["d0", "d1"]
+    [reject] = [r for b in batches for r in b.rejects]
+    assert "larger than max_document_bytes" in reject.reason and reject.excerpt.startswith('{"id": "big"')

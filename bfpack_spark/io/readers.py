@@ -14,6 +14,7 @@ file whose first record lacks that field, gets ids derived from source and row
 
 from __future__ import annotations
 
+import codecs
 import json
 import zlib
 from collections.abc import Callable, Iterator
@@ -63,6 +64,13 @@ def excerpt(value: object) -> str:
         value = value[: EXCERPT_CHARS * 4].decode("utf-8", errors="replace")
     text = str(value)
     return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "..."
+
+
+def _json_kind(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words."""
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+             dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _id_string(value: object) -> str | None:
@@ -179,8 +187,20 @@ def _open_stream(split: Split, start: int):
     return fh
 
 
-def _lines(split: Split, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
-    """(offset, line) for each line whose first byte lies in the split; None for an over-long line.
+class LineHead(bytes):
+    """The first bytes of a line longer than ``max_document_bytes`` (the rest is not kept)."""
+
+
+def _line(data: bytearray, too_long: bool, offset: int) -> bytes:
+    line = bytes(data)
+    if offset == 0 and line.startswith(codecs.BOM_UTF8):  # some tools start UTF-8 files with one
+        line = line[len(codecs.BOM_UTF8):]
+    return LineHead(line) if too_long else line
+
+
+def _lines(split: Split, max_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) for each line whose first byte lies in the split; a :class:`LineHead` for a
+    line over ``max_bytes``.
 
     A split that starts inside the file skips the line begun before it (reading from
     one byte early tells whether its first byte starts a line); the split holding a
@@ -208,8 +228,9 @@ def _lines(split: Split, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
                 nl = block.find(b"\n", i)
                 if not too_long:
                     line += block[i:] if nl < 0 else block[i:nl]
-                    if len(line) > max_bytes:  # keep counting bytes, stop keeping them
-                        line, too_long = bytearray(), True
+                    if len(line) > max_bytes:  # stop keeping bytes, but for an excerpt
+                        del line[EXCERPT_CHARS * 4:]
+                        too_long = True
                 if nl < 0:
                     break
                 if skip:
@@ -217,11 +238,11 @@ def _lines(split: Split, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
                 elif end is not None and line_at >= end:
                     return
                 else:
-                    yield line_at, None if too_long else bytes(line)
+                    yield line_at, _line(line, too_long, line_at)
                 line_at, line, too_long, i = pos + nl + 1, bytearray(), False, nl + 1
             pos += len(block)
         if (line or too_long) and not skip and (end is None or line_at < end):
-            yield line_at, None if too_long else bytes(line)
+            yield line_at, _line(line, too_long, line_at)
     finally:
         stream.close()
 
@@ -234,7 +255,7 @@ def first_record(split: Split, max_lines: int = 1000) -> dict | None:
             if i >= max_lines:
                 break
             try:
-                obj = json.loads(raw) if raw is not None else None
+                obj = None if isinstance(raw, LineHead) else json.loads(raw)
             except ValueError:
                 continue
             if isinstance(obj, dict):
@@ -256,8 +277,8 @@ def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: 
 
     try:
         for row, raw in _lines(split, max_bytes):
-            if raw is None:
-                reject(row, f"document larger than max_document_bytes ({max_bytes:,} bytes)", "")
+            if isinstance(raw, LineHead):
+                reject(row, f"document larger than max_document_bytes ({max_bytes:,} bytes)", raw)
                 continue
             if not raw.strip():
                 reject(row, "blank line (no JSON record)", raw)
@@ -273,13 +294,13 @@ def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: 
                 reject(row, f"malformed JSON: {exc.msg} at column {exc.colno}", raw)
                 continue
             if not isinstance(obj, dict):
-                reject(row, f"not a JSON object but a {type(obj).__name__}", raw)
+                reject(row, f"not a JSON object but {_json_kind(obj)}", raw)
                 continue
             if has_ids:
                 doc_id = _id_string(obj.get(id_column))
                 if doc_id is None:
                     value = obj.get(id_column)
-                    what = "missing" if value is None or value == "" else f"a {type(value).__name__}"
+                    what = "missing" if value is None or value == "" else _json_kind(value)
                     reject(row, f"id field {id_column!r} is {what}", raw)
                     continue
             else:
@@ -297,7 +318,7 @@ def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: 
                 token_lists.append(value)
             else:
                 if not isinstance(value, str):
-                    reject(row, f"{kind} field {field_name!r} is a {type(value).__name__}, not a string",
+                    reject(row, f"{kind} field {field_name!r} is {_json_kind(value)}, not a string",
                            raw, doc_id)
                     continue
                 try:
