@@ -2,6 +2,7 @@
 
     python benchmarks/bench_pipeline.py                    # 1M documents, median 300 tokens
     python benchmarks/bench_pipeline.py --docs 200000      # smaller
+    python benchmarks/bench_pipeline.py --input corpus/    # your tokenized corpus (id + tokens)
 
 Writes a synthetic tokenized corpus (log-normal document lengths, random token ids)
 as Parquet, then runs in one Spark session, on the same corpus and writing the same
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from deltalake import DeltaTable
 
 from bfpack_spark.config import load_config
 from bfpack_spark.packing import bfd_layout
@@ -51,6 +53,10 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=1.2)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--files", type=int, default=16)
+    parser.add_argument("--input", default=None,
+                        help="an existing tokenized corpus (Parquet/Delta/JSONL) instead of the synthetic one")
+    parser.add_argument("--token-column", default="tokens", help="with --input: the token list column")
+    parser.add_argument("--id-column", default="id", help="with --input: the id column")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
     parser.add_argument("--runs", default="concat:in_place,bfd:in_place,bfd:shuffle",
                         help="strategy:placement pairs to run, in order")
@@ -60,19 +66,23 @@ def main() -> None:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bfpack-bench-"))
     t0 = time.perf_counter()
-    lengths = write_corpus(work / "corpus", args.docs, args.median, args.sigma, args.files)
-    n_tokens = int(lengths.sum())
-    print(f"corpus: {args.docs:,} documents, {n_tokens:,} tokens (log-normal median {args.median:g}, "
-          f"sigma {args.sigma:g}) in {args.files} Parquet files, written in {time.perf_counter() - t0:.1f}s")
-    one_process = bfd_layout(lengths, args.seq_len).n_sequences
-    lower = -(-n_tokens // args.seq_len)
-    print(f"one-process BFD: {one_process:,} sequences (lower bound {lower:,})")
+    if args.input:
+        corpus, one_process = args.input, None  # one-process BFD from the packed documents' lengths
+        print(f"corpus: {corpus} (columns {args.id_column!r}, {args.token_column!r})")
+    else:
+        corpus = str(work / "corpus")
+        lengths = write_corpus(work / "corpus", args.docs, args.median, args.sigma, args.files)
+        print(f"corpus: {args.docs:,} documents, {int(lengths.sum()):,} tokens (log-normal median "
+              f"{args.median:g}, sigma {args.sigma:g}) in {args.files} Parquet files, written in "
+              f"{time.perf_counter() - t0:.1f}s")
+        one_process = bfd_layout(lengths, args.seq_len).n_sequences
 
     spark = get_spark("local[2]", "bfpack-bench", {"spark.ui.showConsoleProgress": "false"})
 
-    def pack(corpus: Path, out: Path, strategy: str, placement: str):
+    def pack(corpus: str, out: Path, strategy: str, placement: str, columns: tuple[str, str] = ("id", "tokens")):
         config = load_config(None, {
-            "input.paths": [str(corpus)], "input.token_column": "tokens", "output.output": str(out),
+            "input.paths": [corpus], "input.id_column": columns[0], "input.token_column": columns[1],
+            "output.output": str(out),
             "packing.seq_len": args.seq_len, "packing.strategy": strategy, "packing.placement": placement,
         })
         t0 = time.perf_counter()
@@ -82,7 +92,7 @@ def main() -> None:
     # Warm up the JVM, the Python workers and numba's cache on a small corpus, untimed.
     write_corpus(work / "warmup", 20_000, args.median, args.sigma, 2, seed=1)
     for strategy in ("concat", "bfd"):
-        pack(work / "warmup", work / f"warmup-{strategy}", strategy, "in_place")
+        pack(str(work / "warmup"), work / f"warmup-{strategy}", strategy, "in_place")
         shutil.rmtree(work / f"warmup-{strategy}", ignore_errors=True)
 
     results: dict[str, list[float]] = {}
@@ -90,11 +100,15 @@ def main() -> None:
         for spec in args.runs.split(","):
             strategy, placement = spec.split(":")
             out = work / f"out-{strategy}-{placement}"
-            result, seconds = pack(work / "corpus", out, strategy, placement)
+            result, seconds = pack(corpus, out, strategy, placement, (args.id_column, args.token_column))
             results.setdefault(spec, []).append(seconds)
             s = result.stats
+            if one_process is None:
+                lengths = DeltaTable(str(out / "documents")).to_pyarrow_table(columns=["n_tokens"])
+                one_process = bfd_layout(lengths.column(0).to_numpy(), args.seq_len).n_sequences
+            lower = -(-s["tokens"] // args.seq_len)
             print(f"\n== {strategy} ({placement}), round {round_ + 1}: {seconds:.1f}s wall, "
-                  f"{args.docs / seconds:,.0f} docs/s, {n_tokens / seconds / 1e6:.2f} M tokens/s")
+                  f"{s['documents_packed'] / seconds:,.0f} docs/s, {s['tokens'] / seconds / 1e6:.2f} M tokens/s")
             print(f"   sequences {s['sequences']:,} (one-process BFD {one_process:,}: "
                   f"{s['sequences'] - one_process:+,}; lower bound {lower:,}: +{s['sequences'] - lower:,}); "
                   f"truncations/doc {s['truncations_per_document']:.4f}; "
