@@ -137,7 +137,7 @@ def print_summary(result, out=sys.stdout) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split("\n"))
+    return str(exc).replace("\n", " ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

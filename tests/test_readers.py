@@ -132,9 +132,11 @@ def test_a_damaged_parquet_row_group_rejects_its_rows_and_no_others(tmp_path):
     assert sum(b.n_records for b in batches) == 300
 
 
+@pytest.mark.parametrize("piece", [512, 2**16])
 @pytest.mark.parametrize("codec", ["gzip", "zstd"])
-def test_a_bad_checksum_keeps_every_line_that_decodes(tmp_path, codec):
+def test_a_bad_checksum_keeps_every_line_that_decodes(tmp_path, monkeypatch, codec, piece):
     """The checksum is only seen at the end: the decoder drops what it decoded in that call."""
+    monkeypatch.setattr(readers, "COMPRESSED_BLOCK_BYTES", piece)
     data = jsonl_bytes(3000)
     if codec == "gzip":
         damaged = bytearray(gzip.compress(data))
@@ -150,13 +152,15 @@ def test_a_bad_checksum_keeps_every_line_that_decodes(tmp_path, codec):
     assert n == 3001
 
 
-def test_damage_inside_a_zstd_frame_keeps_the_lines_before_it(tmp_path):
+def test_damage_inside_a_zstd_frame_keeps_the_lines_before_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "COMPRESSED_BLOCK_BYTES", 1024)
     data = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(jsonl_bytes(20000)))
     data[len(data) * 3 // 10] ^= 0xFF
     (tmp_path / "m.jsonl.zst").write_bytes(bytes(data))
     ids, reasons, n = read_all(tmp_path / "m.jsonl.zst", "zstd")
     # one flipped byte garbles a few lines of its block; the rest of the frame decodes intact
     assert sum(x == f"d{i}" for i, x in enumerate(ids)) >= 19_900
+    assert len(ids) <= 20_000 and ids[-1] == "d19999"  # nothing handed out twice, nothing cut off
     assert reasons[-1].startswith("corrupt or truncated zstd file") and n == len(ids) + len(reasons)
 
 
@@ -169,3 +173,23 @@ def test_a_byte_order_mark_and_an_oversized_line(tmp_path):
     assert [i for b in batches for i in b.ids] == ["d0", "d1"]
     [reject] = [r for b in batches for r in b.rejects]
     assert "larger than max_document_bytes" in reject.reason and reject.excerpt.startswith('{"id": "big"')
+    assert reject.row == 3 + len(jsonl_bytes(2))  # offsets count the mark's bytes
+
+
+def test_gzip_padding_right_after_a_piece_boundary(tmp_path, monkeypatch):
+    member = gzip.compress(jsonl_bytes(50))
+    monkeypatch.setattr(readers, "COMPRESSED_BLOCK_BYTES", len(member))  # the member ends a piece
+    (tmp_path / "p.jsonl.gz").write_bytes(member + b"\0" * 100)
+    ids, reasons, _ = read_all(tmp_path / "p.jsonl.gz", "gzip")
+    assert ids == [f"d{i}" for i in range(50)] and reasons == []
+
+
+def test_a_parquet_file_planned_without_its_footer_is_still_checked_for_the_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a", "b"], "body": ["x", "y"]}), tmp_path / "f.parquet")
+    split = Split(str(tmp_path / "f.parquet"), "f.parquet", "parquet", row_groups=None)
+    [batch] = list(readers.read_split(split, "id", "text", False, 10**9))
+    assert [r.row for r in batch.rejects] == [0, 1] and batch.n_records == 2
+    assert "no column 'text'" in batch.rejects[0].reason

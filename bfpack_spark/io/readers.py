@@ -118,7 +118,7 @@ class _Inflated:
         """Decoded blocks of the whole stream; from compressed offset ``careful_from`` on, the
         input is fed one byte at a time."""
         track = careful_from is None
-        decoder, fed, padding, pos = self._new_decoder(), False, False, 0
+        decoder, fed, padding, ended, pos = self._new_decoder(), False, False, False, 0
         while True:
             size = piece if track or pos + piece <= careful_from else max(1, careful_from - pos)
             chunk = raw.read(size)
@@ -134,6 +134,9 @@ class _Inflated:
                     raise ValueError("data after the zero padding that ends the file")
                 continue
             while chunk:
+                if self.codec == "gzip" and ended and not fed and not chunk.strip(b"\0"):
+                    padding = True  # zero bytes after a complete member end the file
+                    break
                 self.in_decoder = track
                 out = decoder.decompress(chunk)
                 self.in_decoder, fed = False, True
@@ -141,9 +144,7 @@ class _Inflated:
                     yield out
                 if not decoder.eof:
                     break
-                chunk, decoder, fed = decoder.unused_data, self._new_decoder(), False
-                if self.codec == "gzip" and chunk and not chunk.strip(b"\0"):
-                    chunk, padding = b"", True
+                chunk, decoder, fed, ended = decoder.unused_data, self._new_decoder(), False, True
 
     def _salvage(self) -> bytes:
         """What decodes between the bytes handed out and the decoder's failure."""
@@ -359,25 +360,38 @@ def read_parquet(split: Split, id_column: str | None, column: str, tokenized: bo
     row = split.first_row
     try:
         fh = fs.open_input_file(path)
-        pf = pq.ParquetFile(fh)
-    except (OSError, pa.ArrowException) as exc:
-        reason = f"unreadable Parquet file (damaged or truncated footer): {exc}"
-        yield RawBatch(rejects=[Reject(split.source, row, reason)], n_records=1)
+    except OSError as exc:
+        yield RawBatch(rejects=[Reject(split.source, row, f"unreadable Parquet file: {exc}")], n_records=1)
         return
     with fh:
+        try:
+            pf = pq.ParquetFile(fh)
+        except (OSError, pa.ArrowException) as exc:
+            reason = f"unreadable Parquet file (damaged or truncated footer): {exc}"
+            yield RawBatch(rejects=[Reject(split.source, row, reason)], n_records=1)
+            return
+        groups = range(pf.metadata.num_row_groups) if split.row_groups is None else split.row_groups
         has_ids = id_column is not None and id_column in pf.schema_arrow.names
         columns = [column] + ([id_column] if has_ids else [])
-        groups = range(pf.metadata.num_row_groups) if split.row_groups is None else split.row_groups
         for g in groups:
             group_end = row + pf.metadata.row_group(g).num_rows
-            try:
-                for rb in pf.iter_batches(batch_size=BATCH_DOCS, row_groups=[g], columns=columns):
+            if column not in pf.schema_arrow.names:  # checked at planning, unless the footer was unreadable then
+                problem = f"no column {column!r} in this file"
+            else:
+                problem = None
+                batches = pf.iter_batches(batch_size=BATCH_DOCS, row_groups=[g], columns=columns)
+                while row < group_end:
+                    try:
+                        rb = next(batches)
+                    except (OSError, pa.ArrowException, StopIteration) as exc:
+                        problem = (f"unreadable Parquet data in row group {g} (rows {row}-{group_end - 1}): "
+                                   f"{exc or 'the file holds fewer rows than its footer says'}")
+                        break
                     yield _parquet_batch(split, rb, row, id_column if has_ids else None, column, tokenized,
                                          max_bytes)
                     row += rb.num_rows
-            except (OSError, pa.ArrowException) as exc:  # every row not yet read is a reject
-                reason = f"unreadable Parquet data in row group {g} (rows {row}-{group_end - 1}): {exc}"
-                yield RawBatch(rejects=[Reject(split.source, r, reason) for r in range(row, group_end)],
+            if problem:  # every row not read is a reject
+                yield RawBatch(rejects=[Reject(split.source, r, problem) for r in range(row, group_end)],
                                n_records=group_end - row)
             row = group_end
 
