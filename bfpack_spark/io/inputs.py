@@ -257,6 +257,11 @@ def _list_one(spec: str, fmt: str) -> list[InputFile]:
     return files
 
 
+def _missing_payload(payload: str, tokenized: bool, where: str) -> InputError:
+    flag = "--token-column" if tokenized else "--text-column"
+    return InputError(f"{flag} {payload!r} is not {where}")
+
+
 def _parquet_splits(f: InputFile, payload: str, tokenized: bool, seq_len: int,
                     target: int) -> list[Split]:
     fs, path = filesystem(f.uri)
@@ -268,8 +273,7 @@ def _parquet_splits(f: InputFile, payload: str, tokenized: bool, seq_len: int,
         return [Split(f.uri, f.source, "parquet", row_groups=None)]
     names = meta.schema.to_arrow_schema().names
     if payload not in names:
-        flag = "--token-column" if tokenized else "--text-column"
-        raise InputError(f"{flag} {payload!r} is not a column of {f.uri} (columns: {', '.join(names)})")
+        raise _missing_payload(payload, tokenized, f"a column of {f.uri} (columns: {', '.join(names)})")
     splits, current, first_row, row = [], [], 0, 0
     est = 0
     for i in range(meta.num_row_groups):
@@ -301,9 +305,8 @@ def _jsonl_splits(f: InputFile, seq_len: int, target: int, payload: str, tokeniz
     """
     first = first_record(Split(f.uri, f.source, "jsonl", f.compression))
     if first is not None and payload not in first:
-        flag = "--token-column" if tokenized else "--text-column"
-        raise InputError(f"{flag} {payload!r} is not a field of the first record of {f.uri} "
-                         f"(fields: {', '.join(sorted(first))})")
+        raise _missing_payload(payload, tokenized, f"a field of the first record of {f.uri} "
+                                                   f"(fields: {', '.join(sorted(first))})")
     has_ids = bool(id_column) and first is not None and id_column in first
     ratio = COMPRESSION_RATIO.get(f.compression or "", 1)
     # a document is at least one item; assume ~1 KB of text per document

@@ -210,7 +210,6 @@ def _lines(split: Split, max_bytes: int) -> Iterator[tuple[int, bytes]]:
     start, end = split.byte_range or (0, None)
     skip = start > 0
     pos = start - 1 if skip else 0   # file offset of the next block's first byte
-    block_bytes = COMPRESSED_BLOCK_BYTES if split.compression else BLOCK_BYTES
     try:
         stream = _open_stream(split, pos)
     except Exception as exc:
@@ -219,7 +218,7 @@ def _lines(split: Split, max_bytes: int) -> Iterator[tuple[int, bytes]]:
     try:
         while True:
             try:
-                block = stream.read(block_bytes)
+                block = stream.read(BLOCK_BYTES)  # a compressed stream hands out what one piece decodes to
             except Exception as exc:  # decompression errors surface as assorted types
                 raise _Corrupt(line_at, f"{type(exc).__name__}: {exc}") from None
             if not block:
@@ -373,12 +372,12 @@ def read_parquet(split: Split, id_column: str | None, column: str, tokenized: bo
         groups = range(pf.metadata.num_row_groups) if split.row_groups is None else split.row_groups
         has_ids = id_column is not None and id_column in pf.schema_arrow.names
         columns = [column] + ([id_column] if has_ids else [])
+        # checked at planning, unless the footer was unreadable then
+        missing = None if column in pf.schema_arrow.names else f"no column {column!r} in this file"
         for g in groups:
             group_end = row + pf.metadata.row_group(g).num_rows
-            if column not in pf.schema_arrow.names:  # checked at planning, unless the footer was unreadable then
-                problem = f"no column {column!r} in this file"
-            else:
-                problem = None
+            problem = missing
+            if not missing:
                 batches = pf.iter_batches(batch_size=BATCH_DOCS, row_groups=[g], columns=columns)
                 while row < group_end:
                     try:
