@@ -66,15 +66,15 @@ class PackingConfig:
     seq_len: int = _f(2048, "L: the sequence length (context size) to pack into")
     strategy: Literal["bfd", "concat"] = _f("bfd", "bfd: best-fit packing; concat: the concatenate-"
                                                     "and-cut baseline (for comparison)")
-    placement: Literal["in_place", "shuffle"] = _f(
-        "in_place", "in_place: each partition takes its share of every length from the documents "
-                    "read where it runs, only the rest moves; shuffle: items are dealt to "
-                    "partitions by rank alone")
     partitions: int | None = _f(None, "number of packing partitions (default: one per input group)")
     residual_fill: float = _f(0.99, "sequences of a partition filled below this fraction of seq_len "
                                     "are re-packed in the residual merge")
-    merge_items_per_partition: int = _f(200_000, "the final reduce stage uses one partition per this "
-                                                 "many moved segments")
+    merge_items_per_partition: int = _f(200_000, "at most this many items per task of a residual "
+                                                 "merge round, and moved segments per task of the "
+                                                 "final reduce")
+    length_buckets: int = _f(256, "packing partitions get an equal share of each of this many length "
+                                  "buckets (linear over 1..seq_len); more: tighter on length-sorted "
+                                  "input, more tokens move")
 
 
 @dataclass
@@ -84,6 +84,8 @@ class OutputConfig:
                                                            "add this run (a new shard) to them")
     run_id: str | None = _f(None, "run id stored in every row (default: derived from input and "
                                   "config, so rerunning the same command is idempotent)")
+    work_dir: str | None = _f(None, "scratch space for tokens between the read and the assembly, visible "
+                                    "to every executor (default: _bfpack_work under the output root)")
     delta_writer: Literal["auto", "delta-spark", "deltalake"] = _f(
         "auto", "how Delta commits are made: delta-spark when its JVM connector is on the "
                 "classpath, else the deltalake package")
@@ -162,6 +164,7 @@ class PackConfig:
         _positive("input.target_items_per_partition", self.input.target_items_per_partition)
         _positive("input.min_partitions", self.input.min_partitions)
         _positive("packing.merge_items_per_partition", p.merge_items_per_partition)
+        _positive("packing.length_buckets", p.length_buckets)
         if p.partitions is not None:
             _positive("packing.partitions", p.partitions)
         if not 0.0 <= p.residual_fill <= 1.0:

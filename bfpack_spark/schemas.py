@@ -1,37 +1,83 @@
-"""Schemas of the intermediate rows and of the output tables, in Arrow and Spark terms.
+"""Schemas of the rows between stages and of the output tables, in Arrow, Spark and Delta terms.
 
-One definition per table: the Arrow schema is what the stages produce, and the
-Spark DDL used for ``mapInArrow`` is derived from it, so the two cannot drift.
+One Arrow definition per table; the Spark DDL used for ``mapInArrow`` and the Delta
+schema recorded in the log are derived from it, so they cannot drift.
 """
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 
-#: Rows of the read stage: one per chunk of a document (kind 0), per reject (kind 1), and one
-#: per group with the number of records its readers consumed in ``row`` (kind 2).
-CHUNK, REJECT, COUNT = 0, 1, 2
+#: Rows out of the read stage: one per document (kind DOC), one summary per group (GROUP,
+#: ``info`` = its counts as JSON) and one per file it wrote (FILE, ``info`` = a StagedFile).
+DOC, GROUP, FILE = 0, 1, 2
 READ = pa.schema([
     ("kind", pa.int8()),
     ("group", pa.int32()),
-    ("doc_index", pa.int64()),   # position of the document within its group
-    ("chunk", pa.int32()),       # position of the chunk within its document
+    ("doc_index", pa.int64()),   # position of the document among its group's packable documents
     ("doc_id", pa.string()),
-    ("doc_tokens", pa.int64()),  # length of the whole document
-    ("tokens", pa.list_(pa.int32())),
+    ("n_tokens", pa.int64()),
     ("source", pa.string()),
     ("row", pa.int64()),
-    ("reason", pa.string()),
-    ("excerpt", pa.string()),
+    ("info", pa.string()),
 ])
 
-#: Pieces of sequences that are assembled after a shuffle by ``seq_id``.
-FRAGMENTS = pa.schema([
+#: A group's documents in the run's workspace, between the read and the assembly.
+STORED = pa.schema([
+    ("doc_id", pa.string()),
+    ("source", pa.string()),
+    ("row", pa.int64()),
+    ("tokens", pa.list_(pa.int32())),
+])
+
+#: Items (chunks, lengths only) through the packing rounds.
+ITEM = pa.schema([
+    ("group", pa.int32()),
+    ("doc_index", pa.int64()),
+    ("chunk", pa.int32()),
+    ("length", pa.int32()),
+    ("target", pa.int32()),      # partition of the round it is packed in
+])
+PACKED = pa.schema([
+    ("group", pa.int32()),
+    ("doc_index", pa.int64()),
+    ("chunk", pa.int32()),
+    ("length", pa.int32()),
+    ("part", pa.int32()),
+    ("final", pa.bool_()),
+    ("rank", pa.int64()),        # the sequence's number among the partition's final sequences
+    ("slot", pa.int32()),
+    ("local", pa.bool_()),
+])
+
+#: What the assembly of one group is told: where each of its items goes (PLAN), which of its
+#: documents are duplicates (DROP), and that it exists at all (MARK).
+PLAN, DROP, MARK = 0, 1, 2
+ORDERS = pa.schema([
+    ("kind", pa.int8()),
+    ("group", pa.int32()),
+    ("doc_index", pa.int64()),
+    ("chunk", pa.int32()),
+    ("seq_id", pa.int64()),
+    ("slot", pa.int32()),
+    ("local", pa.bool_()),
+    ("first_source", pa.string()),
+    ("first_row", pa.int64()),
+])
+
+#: Out of the assembly: pieces of sequences built elsewhere (FRAGMENT), shuffled by ``seq_id``,
+#: and descriptions of written files (FILE, passed through the shuffle).
+FRAGMENT = 3
+ASSEMBLED = pa.schema([
+    ("kind", pa.int8()),
     ("seq_id", pa.int64()),
     ("slot", pa.int32()),
     ("doc_id", pa.string()),
     ("seg_start", pa.int32()),
     ("tokens", pa.list_(pa.int32())),
+    ("info", pa.string()),
 ])
 
 SEQUENCES = pa.schema([
@@ -62,8 +108,52 @@ REJECTS = pa.schema([
     ("excerpt", pa.string()),
 ])
 
+STATS = pa.schema([
+    ("run_id", pa.string()),
+    ("started_at", pa.string()),
+    ("mode", pa.string()),
+    ("strategy", pa.string()),
+    ("seq_len", pa.int32()),
+    ("config", pa.string()),
+    ("input_files", pa.int32()),
+    ("input_groups", pa.int32()),
+    ("packing_partitions", pa.int32()),
+    ("documents_read", pa.int64()),
+    ("documents_packed", pa.int64()),
+    ("documents_rejected", pa.int64()),
+    ("tokens", pa.int64()),
+    ("chunks", pa.int64()),
+    ("sequences", pa.int64()),
+    ("lower_bound", pa.int64()),
+    ("overhead", pa.int64()),
+    ("overhead_fraction", pa.float64()),
+    ("padding_tokens", pa.int64()),
+    ("mean_fill", pa.float64()),
+    ("truncations_per_document", pa.float64()),
+    ("documents_truncated", pa.int64()),
+    ("concat_sequences", pa.int64()),
+    ("concat_truncations_per_document", pa.float64()),
+    ("concat_documents_truncated", pa.int64()),
+    ("truncations_by_length", pa.string()),
+    ("residual_items", pa.int64()),
+    ("residual_sequences", pa.int64()),
+    ("merge_rounds", pa.int32()),
+    ("moved_segments", pa.int64()),
+    ("moved_tokens", pa.int64()),
+    ("audit_passed", pa.bool_()),
+    ("audit", pa.string()),
+    ("stage_seconds", pa.map_(pa.string(), pa.float64())),
+])
+
+TABLES: dict[str, pa.Schema] = {"sequences": SEQUENCES, "documents": DOCUMENTS, "rejects": REJECTS,
+                                 "stats": STATS}
+
 _DDL = {
     pa.int8(): "tinyint", pa.int32(): "int", pa.int64(): "bigint", pa.string(): "string",
+    pa.float64(): "double", pa.bool_(): "boolean",
+}
+_DELTA = {
+    pa.int8(): "byte", pa.int32(): "integer", pa.int64(): "long", pa.string(): "string",
     pa.float64(): "double", pa.bool_(): "boolean",
 }
 
@@ -71,9 +161,32 @@ _DDL = {
 def _ddl_type(t: pa.DataType) -> str:
     if pa.types.is_list(t):
         return f"array<{_ddl_type(t.value_type)}>"
+    if pa.types.is_map(t):
+        return f"map<{_ddl_type(t.key_type)},{_ddl_type(t.item_type)}>"
     return _DDL[t]
+
+
+def spark_types(schema: pa.Schema) -> dict[str, str]:
+    """The Spark type (DDL) of each field of an Arrow schema."""
+    return {f.name: _ddl_type(f.type) for f in schema}
 
 
 def spark_ddl(schema: pa.Schema) -> str:
     """The Spark DDL string of an Arrow schema (for ``mapInArrow``)."""
-    return ", ".join(f"`{f.name}` {_ddl_type(f.type)}" for f in schema)
+    return ", ".join(f"`{name}` {t}" for name, t in spark_types(schema).items())
+
+
+def _delta_type(t: pa.DataType):
+    if pa.types.is_list(t):
+        return {"type": "array", "elementType": _delta_type(t.value_type), "containsNull": True}
+    if pa.types.is_map(t):
+        return {"type": "map", "keyType": _delta_type(t.key_type), "valueType": _delta_type(t.item_type),
+                "valueContainsNull": True}
+    return _DELTA[t]
+
+
+def delta_schema_json(schema: pa.Schema) -> str:
+    """The Delta (Spark) schema of a table, every field nullable: what Spark reads back from the
+    Parquet files, so that both commit paths record the same schema."""
+    fields = [{"name": f.name, "type": _delta_type(f.type), "nullable": True, "metadata": {}} for f in schema]
+    return json.dumps({"type": "struct", "fields": fields}, separators=(",", ":"))

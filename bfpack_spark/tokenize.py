@@ -44,6 +44,7 @@ class Tokenizer:
     known_ids: np.ndarray  # bool per id 0..max: whether the vocabulary has it (vocabularies have gaps)
     eos_id: int | None
     encode_batch: Callable[[Sequence[str]], list[Sequence[int]]]
+    decode: Callable[[Sequence[int]], str]  # invalid byte sequences become U+FFFD
 
 
 def _id_mask(ids: Iterable[int]) -> np.ndarray:
@@ -120,7 +121,11 @@ def _tiktoken_tokenizer(spec: str, eos_token: str | None) -> Tokenizer:
                 else enc.encode_ordinary(t) for t in texts]
 
     known = _id_mask(i for i in range(enc.n_vocab) if _decodes(enc, i))
-    return Tokenizer(name=enc.name, known_ids=known, eos_id=eos_id, encode_batch=encode_batch)
+
+    def decode(ids: Sequence[int]) -> str:
+        return enc.decode([int(i) for i in ids], errors="replace")
+
+    return Tokenizer(name=enc.name, known_ids=known, eos_id=eos_id, encode_batch=encode_batch, decode=decode)
 
 
 def _decodes(enc, token_id: int) -> bool:
@@ -148,8 +153,11 @@ def _hf_tokenizer(path: str, eos_token: str | None) -> Tokenizer:
     def encode_batch(texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in tok.encode_batch_fast(list(texts), add_special_tokens=False)]
 
+    def decode(ids: Sequence[int]) -> str:
+        return tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
     return Tokenizer(name=os.path.basename(path), known_ids=_id_mask(tok.get_vocab(with_added_tokens=True).values()),
-                     eos_id=eos_id, encode_batch=encode_batch)
+                     eos_id=eos_id, encode_batch=encode_batch, decode=decode)
 
 
 @functools.lru_cache(maxsize=8)

@@ -159,8 +159,12 @@ def test_killed_at_any_stage_then_rerun_equals_an_uninterrupted_run(spark, token
     pack(spark, [tokenized], tmp_path, **settings)
     same_tables(spark, reference, tmp_path)
     for name in ("sequences", "documents", "rejects", "stats"):  # no file of a failed attempt is left
-        attempts = [p.name for p in (tmp_path / name).iterdir() if p.name.startswith("run-")]
-        assert len(attempts) == 1, attempts
+        read = {uri.split(f"/{name}/")[1].split("/")[0] for uri in DeltaTable(str(tmp_path / name)).file_uris()}
+        attempts = {p.name for p in (tmp_path / name).iterdir() if p.name.startswith("run-")}
+        assert attempts == read and len(read) <= 1, (attempts, read)
+        files = {str(p.relative_to(tmp_path / name)) for p in (tmp_path / name).glob("run-*/*")}
+        assert files == {uri.split(f"/{name}/")[1] for uri in DeltaTable(str(tmp_path / name)).file_uris()}
+    assert not any((tmp_path / "_bfpack_work").glob("*")), "a workspace was left behind"
 
 
 def test_running_twice_adds_rows_once(spark, tokenized, reference, tmp_path):

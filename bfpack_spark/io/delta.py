@@ -1,11 +1,13 @@
-"""Delta output: Spark writes Parquet data files, then one atomic commit per table adds them.
+"""Delta output: the tasks write Parquet data files (:mod:`bfpack_spark.io.staging`), then one
+atomic commit per table adds exactly the files whose descriptions reached the driver.
 
 Two ways to commit, same tables (schema, rows, one commit per table per run):
 
-- ``deltalake`` (delta-rs, a PyPI package; needs no JVM connector): the files Spark
-  wrote under the table directory are added by one ``AddAction`` commit;
+- ``deltalake`` (delta-rs, a PyPI package; needs no JVM connector): one commit of
+  ``AddAction`` s, with the per-file statistics the writers computed;
 - ``delta-spark`` (where Delta's JVM connector is on the classpath: EMR, Databricks):
-  the staged files are written through ``format("delta")``, then removed.
+  Spark reads the staged files and writes them through ``format("delta")``; so it is
+  chosen only when the JVM can open the output root's file system.
 
 Every commit carries the application transaction ``(bfpack:<run_id>, 0)``, so a
 table already holding a run is recognized and never gets its rows twice. Files
@@ -21,14 +23,13 @@ import posixpath
 import re
 import time
 import uuid
-from dataclasses import dataclass
-from datetime import date, datetime
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from bfpack_spark.io.files import filesystem, join
+from bfpack_spark.io.staging import StagedFile
+from bfpack_spark.schemas import TABLES, delta_schema_json
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +51,14 @@ def connector_available(spark) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class StagedTable:
-    name: str
-    uri: str          # table root
-    directory: str    # relative directory under the table root holding this attempt's files
-    schema_json: str  # Spark/Delta schema of the rows
-
-
-def _json_value(v):
-    if isinstance(v, (datetime, date)):
-        return v.isoformat()
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    return v
+def jvm_can_open(spark, uri: str) -> bool:
+    """Whether Spark's JVM has a file system for ``uri`` (pip's pyspark has none for s3://)."""
+    try:
+        jpath = spark._jvm.org.apache.hadoop.fs.Path(uri)
+        jpath.getFileSystem(spark._jsc.hadoopConfiguration())
+        return True
+    except Exception:
+        return False
 
 
 def _commit_metadata(commit: dict) -> dict:
@@ -74,59 +69,19 @@ def _commit_metadata(commit: dict) -> dict:
     return meta
 
 
-def nullable_schema_json(schema_json: str) -> str:
-    """The schema with every field, element and value nullable: what Spark reads back from
-    Parquet files, so both commit paths record the same table schema."""
-    def relax(node):
-        if isinstance(node, dict):
-            for key in ("nullable", "containsNull", "valueContainsNull"):
-                if key in node:
-                    node[key] = True
-            for value in node.values():
-                relax(value)
-        elif isinstance(node, list):
-            for value in node:
-                relax(value)
-        return node
-
-    return json.dumps(relax(json.loads(schema_json)), separators=(",", ":"))
-
-
-def file_stats(fs: pafs.FileSystem, path: str) -> tuple[str, int]:
-    """Delta ``stats`` JSON (record count, per-column min/max/null count) from a Parquet footer."""
-    with fs.open_input_file(path) as fh:
-        meta = pq.ParquetFile(fh).metadata
-    mins: dict = {}
-    maxs: dict = {}
-    nulls: dict = {}
-    for rg in range(meta.num_row_groups):
-        group = meta.row_group(rg)
-        for c in range(group.num_columns):
-            col = group.column(c)
-            name = col.path_in_schema
-            if "." in name:  # nested (list) columns: no statistics in Delta
-                continue
-            st = col.statistics
-            if st is None or not st.has_min_max:
-                nulls[name] = nulls.get(name, 0) + (st.null_count if st is not None else 0)
-                continue
-            lo, hi = _json_value(st.min), _json_value(st.max)
-            mins[name] = lo if name not in mins else min(mins[name], lo)
-            maxs[name] = hi if name not in maxs else max(maxs[name], hi)
-            nulls[name] = nulls.get(name, 0) + st.null_count
-    stats = {"numRecords": meta.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}
-    return json.dumps(stats), meta.num_rows
-
-
 class DeltaOutput:
     """The Delta tables under one output root, written by one run."""
 
     def __init__(self, spark, root: str, run_id: str, mode: str, method: str = "auto"):
         if method == "auto":
-            method = "delta-spark" if connector_available(spark) else "deltalake"
+            method = ("delta-spark" if connector_available(spark) and jvm_can_open(spark, root)
+                      else "deltalake")
         if method == "delta-spark" and not connector_available(spark):
             raise DeltaError("delta_writer is delta-spark but Delta's JVM connector is not on the "
                              "classpath; add it (--packages io.delta:delta-spark_2.12:<v>) or use deltalake")
+        if method == "delta-spark" and not jvm_can_open(spark, root):
+            raise DeltaError(f"delta_writer is delta-spark but Spark's JVM has no file system for {root}; "
+                             f"use delta_writer: deltalake")
         self.spark, self.root, self.run_id, self.mode, self.method = spark, root, run_id, mode, method
         self.attempt = f"{run_id}-{uuid.uuid4().hex[:8]}"
         self.app_id = APP_PREFIX + run_id
@@ -165,74 +120,68 @@ class DeltaOutput:
 
         return DeltaTable(uri).version() + 1 if DeltaTable.is_deltatable(uri) else 0
 
-    def stage(self, name: str, df, sort_by: str | None = None) -> StagedTable:
-        """Write ``df`` as Parquet files of this attempt under the table's directory."""
-        directory = f"{self.attempt}"
-        path = join(self.table_uri(name), directory)
-        writer = df.sortWithinPartitions(sort_by) if sort_by else df
-        writer.write.mode("errorifexists").parquet(path)
-        return StagedTable(name, self.table_uri(name), directory, nullable_schema_json(df.schema.json()))
-
-    def data_files(self, staged: StagedTable) -> list[str]:
-        fs, base = filesystem(join(staged.uri, staged.directory))
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                      and not posixpath.basename(i.path).startswith((".", "_")))
-
-    def _commit_metadata(self) -> dict[str, str]:
+    def _our_metadata(self) -> dict[str, str]:
         return {"bfpack.run_id": self.run_id, "bfpack.attempt": self.attempt}
 
-    def commit(self, staged: StagedTable) -> None:
-        """One atomic commit that adds the staged files (and, in overwrite mode, removes the rest)."""
-        if self.mode == "append" and self.committed(staged.name):
-            log.info("table %s already holds run %s; not committing it again", staged.name, self.run_id)
-            fs, path = filesystem(join(staged.uri, staged.directory))
-            fs.delete_dir(path)
+    def commit(self, name: str, files: list[StagedFile]) -> None:
+        """One atomic commit that adds ``files`` to table ``name`` (and, in overwrite mode, removes
+        the rest); then the attempt's other files there (of failed task attempts) are deleted."""
+        if self.mode == "append" and self.committed(name):
+            log.info("table %s already holds run %s; not committing it again", name, self.run_id)
+            self._delete_attempt(name)
             return
         if self.method == "delta-spark":
-            self._commit_delta_spark(staged)
+            self._commit_delta_spark(name, files)
         else:
-            self._commit_deltalake(staged)
-        self.committed_tables.add(staged.name)
+            self._commit_deltalake(name, files)
+            self._delete_attempt(name, keep={f.path for f in files})
+        self.committed_tables.add(name)
 
-    def _commit_deltalake(self, staged: StagedTable) -> None:
+    def _commit_deltalake(self, name: str, files: list[StagedFile]) -> None:
         from deltalake import CommitProperties, DeltaTable, Schema, Transaction
         from deltalake.transaction import AddAction, create_table_with_add_actions
 
-        fs, table_path = filesystem(staged.uri)
-        actions = []
+        uri = self.table_uri(name)
         now = int(time.time() * 1000)
-        for path in self.data_files(staged):
-            info = fs.get_file_info(path)
-            stats, _ = file_stats(fs, path)
-            rel = posixpath.relpath(path.replace("\\", "/"), table_path.replace("\\", "/"))
-            mtime = int(info.mtime.timestamp() * 1000) if info.mtime else now
-            actions.append(AddAction(rel, info.size, {}, mtime, True, stats))
-        schema = Schema.from_json(staged.schema_json)
-        props = CommitProperties(app_transactions=[Transaction(self.app_id, self._txn_version(staged.uri))],
-                                 custom_metadata=self._commit_metadata())
-        if DeltaTable.is_deltatable(staged.uri):
-            DeltaTable(staged.uri).create_write_transaction(actions, self.mode, schema,
-                                                            commit_properties=props)
+        actions = [AddAction(f.path, f.size, {}, now, True, f.stats) for f in files]
+        schema = Schema.from_json(delta_schema_json(TABLES[name]))
+        props = CommitProperties(app_transactions=[Transaction(self.app_id, self._txn_version(uri))],
+                                 custom_metadata=self._our_metadata())
+        if DeltaTable.is_deltatable(uri):
+            DeltaTable(uri).create_write_transaction(actions, self.mode, schema, commit_properties=props)
         else:
-            create_table_with_add_actions(staged.uri, schema, actions, mode="append",
-                                          commit_properties=props)
+            create_table_with_add_actions(uri, schema, actions, mode="append", commit_properties=props)
 
-    def _commit_delta_spark(self, staged: StagedTable) -> None:
-        df = self.spark.read.parquet(join(staged.uri, staged.directory))
+    def _commit_delta_spark(self, name: str, files: list[StagedFile]) -> None:
+        from pyspark.sql.types import StructType
+
+        uri = self.table_uri(name)
+        schema = StructType.fromJson(json.loads(delta_schema_json(TABLES[name])))
+        df = (self.spark.read.schema(schema).parquet(*[join(uri, f.path) for f in files]) if files
+              else self.spark.createDataFrame([], schema))
         (df.write.format("delta").mode(self.mode)
-         .option("txnAppId", self.app_id).option("txnVersion", self._txn_version(staged.uri))
-         .option("userMetadata", json.dumps(self._commit_metadata()))
-         .save(staged.uri))
-        fs, path = filesystem(join(staged.uri, staged.directory))
-        fs.delete_dir(path)
+         .option("txnAppId", self.app_id).option("txnVersion", self._txn_version(uri))
+         .option("userMetadata", json.dumps(self._our_metadata()))
+         .save(uri))
+        self._delete_attempt(name)
+
+    def _delete_attempt(self, name: str, keep: set[str] = frozenset()) -> None:
+        """Delete this attempt's files under table ``name``, but those in ``keep`` (relative paths)."""
+        fs, base = filesystem(join(self.table_uri(name), self.attempt))
+        if fs.get_file_info(base).type != pafs.FileType.Directory:
+            return
+        if not keep:
+            fs.delete_dir(base)
+            return
+        for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+            rel = f"{self.attempt}/{info.path[len(base):].lstrip('/')}"
+            if info.type == pafs.FileType.File and rel not in keep:
+                fs.delete_file(info.path)
 
     def discard(self) -> None:
         """Remove the files this attempt staged and did not commit (readers never saw them)."""
-        for name in {"sequences", "documents", "rejects", "stats"} - self.committed_tables:
-            fs, path = filesystem(join(self.table_uri(name), self.attempt))
-            if fs.get_file_info(path).type == pafs.FileType.Directory:
-                fs.delete_dir(path)
+        for name in set(TABLES) - self.committed_tables:
+            self._delete_attempt(name)
 
     def clean_orphans(self, name: str, any_run: bool = False) -> list[str]:
         """Delete attempt directories under table ``name`` that no commit added.
@@ -282,3 +231,17 @@ def read_table(spark, uri: str):
     if not files:
         return spark.createDataFrame([], schema)
     return spark.read.schema(schema).parquet(*files)
+
+
+def read_stats_row(uri: str, run_id: str) -> dict:
+    """The stats row of one run, read with pyarrow from the files of the table's snapshot."""
+    import pyarrow.dataset as ds
+    from deltalake import DeltaTable
+
+    rows = (ds.dataset(DeltaTable(uri).file_uris(), format="parquet")
+            .to_table(filter=ds.field("run_id") == run_id).to_pylist())
+    if not rows:
+        raise DeltaError(f"{uri} holds no stats row of run {run_id}")
+    row = rows[0]
+    row["stage_seconds"] = dict(row["stage_seconds"] or [])
+    return row

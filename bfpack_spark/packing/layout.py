@@ -80,13 +80,15 @@ def bfd_layout(doc_lengths: npt.ArrayLike, seq_len: int) -> Layout:
     return Layout(seg_offsets, chunks.doc[order], chunks.start[order], chunks.length[order])
 
 
-def concat_layout(doc_lengths: npt.ArrayLike, seq_len: int) -> Layout:
-    """The baseline: documents concatenated in input order, the stream cut every ``seq_len``."""
+def concat_pieces(doc_lengths: npt.ArrayLike, seq_len: int,
+                  first_token: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Documents concatenated in order into a stream whose first token is at ``first_token``,
+    cut every ``seq_len``: (doc, start, length, sequence) of every piece, in stream order."""
     seq_len = _validate_seq_len(seq_len)
     lengths = np.asarray(doc_lengths, dtype=np.int64)
     if lengths.size and lengths.min() < 0:
         raise ValueError("document lengths must not be negative")
-    doc_start = np.cumsum(lengths) - lengths  # position of each document in the stream
+    doc_start = first_token + np.cumsum(lengths) - lengths  # position of each document in the stream
     nonempty = lengths > 0
     first = np.where(nonempty, doc_start // seq_len, 0)
     last = np.where(nonempty, (doc_start + lengths - 1) // seq_len, -1)
@@ -96,9 +98,15 @@ def concat_layout(doc_lengths: npt.ArrayLike, seq_len: int) -> Layout:
     seq = first[doc] + piece
     start = np.maximum(0, seq * seq_len - doc_start[doc])
     end = np.minimum(lengths[doc], (seq + 1) * seq_len - doc_start[doc])
-    n_seqs = -(-int(lengths.sum()) // seq_len)
+    return doc, start, end - start, seq
+
+
+def concat_layout(doc_lengths: npt.ArrayLike, seq_len: int) -> Layout:
+    """The baseline: documents concatenated in input order, the stream cut every ``seq_len``."""
+    doc, start, length, seq = concat_pieces(doc_lengths, seq_len)
+    n_seqs = -(-int(length.sum()) // seq_len)
     seg_offsets = np.searchsorted(seq, np.arange(n_seqs + 1), side="left").astype(np.int64)
-    return Layout(seg_offsets, doc, start, end - start)
+    return Layout(seg_offsets, doc, start, length)
 
 
 def make_layout(doc_lengths: npt.ArrayLike, seq_len: int, strategy: str = "bfd") -> Layout:

@@ -1,57 +1,193 @@
-"""Distributed packing plans, computed from document lengths alone.
+"""Distributed packing plans, computed from item lengths alone.
 
-A corpus is read in *groups* (content-defined input splits, one Spark task each).
-Packing happens in ``P`` *packing partitions*, each packed by BFD on its own, and the
-items of under-filled sequences of every partition are packed together again in a
-final *residual merge*. Only lengths are needed to decide all of this, so the whole
-plan is computed before a single token moves; tokens then move at most once.
+A corpus is read in *groups* (one Spark task each) and cut into *items*: chunks of at
+most L tokens. Items are packed by best-fit-decreasing in *partitions*, each on its
+own, in stages:
 
-Stratification. A partition of same-length items packs badly, so every partition
-gets an equal share of every item length: take all items longest first (ties in
-canonical order) and deal them round-robin; partition ``p`` gets the items of rank
-``k`` with ``k % P == p``. Each partition is then a scaled copy of the corpus, and
-per-partition BFD plus the residual merge uses as few sequences as BFD over the
-whole corpus (see ``tests/test_plan.py``).
+- **Stage 0** has ``P`` partitions. Each gets an equal share of every *length bucket*
+  (``n_buckets`` linear buckets over 1..L), so each is a scaled copy of the corpus and
+  packs as tightly as the whole. A partition takes its share from the group(s) it is
+  *home* to first (group ``g`` lives in partition ``g * P // n_groups``), so only the
+  surplus of a group's length mix moves. Within a bucket, which items stay and which
+  go where is decided by a low-discrepancy order over the exact lengths
+  (:func:`_interleave`), so no target gets systematically the short or the long end of
+  a bucket: on length-sorted input that bias alone costs 0.1-0.2% more sequences (see
+  BENCHMARKS.md).
+- Sequences filled to at least ``fill_threshold * L`` are *final*. The items of the
+  others form the *residue*, packed again in **merge rounds** of
+  ``ceil(residue / merge_items)`` length-stratified partitions, so that no task ever
+  holds more than ``merge_items`` items, until a round of one partition (or a round
+  that made little progress) makes everything final.
 
-Placement. Which items fill a partition's quota of a length is free. With
-``placement="in_place"`` a partition takes its quota from the groups it is the home
-of (group ``g`` lives in partition ``g * P // n_groups``) and only the surplus moves
-to partitions short of that length; a sequence made only of one group's items is
-then assembled where that group was read, and nothing of it crosses the network.
-With ``placement="shuffle"`` items are dealt by rank alone, and nearly every
-sequence is assembled after a full shuffle.
+Everything a task needs is here as plain numpy: :class:`Routing` (built on the driver
+from per-(source, bucket) counts, O(sources x buckets)) deals a source's items to
+targets; :func:`pack_partition` packs one partition; :func:`merge_round` sizes the
+next round. :func:`plan_bfd` runs the same steps in one process, for tests and for
+``benchmarks/bench_plan.py``; Spark runs them in its tasks (``stages/plan.py``) and
+must give the same plan.
 
-The steps are separate functions so that Spark can run the packing ones in its
-tasks: :func:`route` (deal chunks to partitions), :func:`pack_parts` (BFD within each
-partition, and again within each part of the residue), :func:`assign_sequences`
-(dense sequence ids, slots, locality); :func:`plan_bfd` runs them all in one process.
-Both plans, and the concatenation baseline's (:func:`plan_concat`), are a
-:class:`Plan`: one row per segment, in canonical order (document, then offset).
+Sequence ids are dense and deterministic: stage 0's final sequences of partition 0, 1,
+..., then each merge round's, each partition's numbered in the order BFD opened them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from bfpack_spark.packing._jit import jit
-from bfpack_spark.packing.bfd import _bfd_kernel, _validate_seq_len, longest_first
+from bfpack_spark.packing.bfd import _bfd_kernel, _validate_seq_len
 from bfpack_spark.packing.chunking import chunk_documents
 from bfpack_spark.packing.layout import Layout, _group_by_sequence, concat_layout
 
-PLACEMENTS = ("in_place", "shuffle")
+DEFAULT_BUCKETS = 256
+_PHI = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def length_buckets(lengths: npt.ArrayLike, seq_len: int, n_buckets: int) -> npt.NDArray[np.int64]:
+    """The bucket of each item length in 1..seq_len: ``n_buckets`` linear buckets (at most one per length)."""
+    n_buckets = min(n_buckets, seq_len)
+    return (np.asarray(lengths, dtype=np.int64) - 1) * n_buckets // seq_len
+
+
+def _interleave(buckets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Item order for dealing: by bucket, and within a bucket by a golden-ratio sequence over the
+    items sorted by exact length, so that any run of consecutive items spans the bucket's lengths."""
+    n = buckets.shape[0]
+    by_length = np.lexsort((np.arange(n), lengths, buckets))
+    b = buckets[by_length]
+    index = np.arange(n) - np.searchsorted(b, b, side="left")
+    key = np.mod((index + 1) * _PHI, 1.0)
+    return by_length[np.lexsort((key, b))]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How the items of ``S`` sources are dealt to ``n_targets`` targets, an equal share of
+    every length bucket each (extra items of a bucket rotate, so targets' totals stay even).
+
+    ``keep[s, b]`` items of source ``s`` in bucket ``b`` stay at its home target; the rest
+    are *surplus*, numbered across sources from ``surplus_start[s, b]``, and target ``p``
+    takes surplus numbers ``deficit_ends[b, p - 1]`` up to ``deficit_ends[b, p]``.
+    """
+
+    n_targets: int
+    n_buckets: int
+    home: npt.NDArray[np.int64]
+    keep: npt.NDArray[np.int64]
+    surplus_start: npt.NDArray[np.int64]
+    deficit_ends: npt.NDArray[np.int64]
+
+    @classmethod
+    def from_counts(cls, counts: npt.ArrayLike, n_targets: int, home: npt.ArrayLike | None = None) -> Routing:
+        """``counts[s, b]``: items of source ``s`` in bucket ``b``; ``home[s]``: the target a source
+        fills first (None: every item is dealt)."""
+        counts = np.asarray(counts, dtype=np.int64)
+        n_sources, n_buckets = counts.shape
+        totals = counts.sum(axis=0)
+        base, extra = np.divmod(totals, n_targets)
+        first = (np.cumsum(extra) - extra) % n_targets
+        targets = np.arange(n_targets)[:, None]
+        quota = base[None, :] + (((targets - first[None, :]) % n_targets) < extra[None, :])
+        filled = np.zeros((n_targets, n_buckets), np.int64)
+        keep = np.zeros_like(counts)
+        homes = np.full(n_sources, -1, np.int64) if home is None else np.asarray(home, dtype=np.int64)
+        if home is not None:
+            for s in range(n_sources):  # sources sharing a home fill it in order
+                h = homes[s]
+                keep[s] = np.minimum(counts[s], quota[h] - filled[h])
+                filled[h] += keep[s]
+        surplus = counts - keep
+        return cls(n_targets, n_buckets, homes, keep, np.cumsum(surplus, axis=0) - surplus,
+                   np.cumsum(quota - filled, axis=0).T.copy())
+
+    def targets(self, source: int, lengths: npt.ArrayLike, buckets: npt.ArrayLike,
+                interleave: bool = True) -> npt.NDArray[np.int64]:
+        """The target of each item of ``source`` (items in canonical order, as counted)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        buckets = np.asarray(buckets, dtype=np.int64)
+        n = lengths.shape[0]
+        order = _interleave(buckets, lengths) if interleave else np.argsort(buckets, kind="stable")
+        b = buckets[order]
+        rank = np.arange(n) - np.searchsorted(b, b, side="left")
+        keep = self.keep[source, b]
+        stay = rank < keep
+        target = np.empty(n, np.int64)
+        target[order[stay]] = self.home[source]
+        number = (self.surplus_start[source, b] + rank - keep)[~stay]
+        moving_b = b[~stay]
+        span = int(self.deficit_ends[:, -1].max(initial=0)) + 1  # one search over all buckets at once
+        ends = (self.deficit_ends + np.arange(self.n_buckets)[:, None] * span).ravel()
+        flat = np.searchsorted(ends, number + moving_b * span, side="right")
+        target[order[~stay]] = flat - moving_b * self.n_targets
+        return target
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One partition packed: per item (canonical order), its sequence and place in it."""
+
+    bin: npt.NDArray[np.int64]     # sequence within the partition, numbered as BFD opened them
+    final: npt.NDArray[np.bool_]   # the sequence is final (else its items go to the next round)
+    rank: npt.NDArray[np.int64]    # the sequence's number among the partition's final ones (-1: not final)
+    slot: npt.NDArray[np.int64]    # position of the item within its sequence
+    local: npt.NDArray[np.bool_]   # every item of the sequence comes from one group
+    n_final: int
+
+
+def pack_partition(lengths: npt.ArrayLike, groups: npt.ArrayLike, seq_len: int, threshold: float) -> Packed:
+    """BFD over one partition's items (given in canonical order); sequences filled to at least
+    ``threshold * seq_len`` are final."""
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    groups = np.asarray(groups, dtype=np.int64)
+    if lengths.shape[0] == 0:
+        empty = np.empty(0, np.int64)
+        return Packed(empty, np.empty(0, np.bool_), empty, empty, np.empty(0, np.bool_), 0)
+    bins, n_bins = _bfd_kernel(lengths, seq_len)
+    fill = np.bincount(bins, weights=lengths, minlength=n_bins)
+    final_bin = fill >= threshold * seq_len
+    rank_of_bin = np.where(final_bin, np.cumsum(final_bin) - 1, -1)
+    offsets, order = _group_by_sequence(bins, n_bins)
+    slot = np.empty(bins.shape[0], np.int64)
+    slot[order] = np.arange(bins.shape[0]) - np.repeat(offsets[:-1], np.diff(offsets))
+    lo = np.full(n_bins, np.iinfo(np.int64).max)
+    hi = np.full(n_bins, -1)
+    np.minimum.at(lo, bins, groups)
+    np.maximum.at(hi, bins, groups)
+    return Packed(bins, final_bin[bins], rank_of_bin[bins], slot, (lo == hi)[bins], int(final_bin.sum()))
+
+
+def merge_round(n_items: int, merge_items: int, fill_threshold: float, stalled: bool) -> tuple[int, float]:
+    """Partitions and fill threshold of the next merge round over ``n_items`` residual items.
+
+    A round of one partition, or one after a round that left more than half of its items
+    unplaced (``stalled``: lengths that cannot fill a sequence to the threshold), makes
+    every sequence final, so rounds always end.
+    """
+    n_parts = max(1, -(-n_items // merge_items))
+    return n_parts, 0.0 if n_parts == 1 or stalled else fill_threshold
+
+
+def home_targets(n_sources: int, n_targets: int) -> npt.NDArray[np.int64]:
+    """The home partition of each group: groups are spread evenly, in order."""
+    return np.arange(n_sources, dtype=np.int64) * n_targets // max(n_sources, 1)
+
+
+def sequence_offsets(final_counts: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    """First sequence id of each partition, in stage then partition order (exclusive prefix sum)."""
+    counts = np.asarray(final_counts, dtype=np.int64)
+    return np.cumsum(counts) - counts
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Where every segment of every document goes.
+    """Where every segment of every document goes (one-process form, for tests and benchmarks).
 
     Segment ``j`` is tokens ``start[j]:start[j] + length[j]`` of document ``doc[j]``
-    (documents in canonical order); it is the ``slot[j]``-th segment of sequence
-    ``seq[j]``. ``local[j]`` says its whole sequence comes from the documents of one
-    group, so that group's task can emit it without moving tokens.
+    (canonical order: document, then offset); it is the ``slot[j]``-th segment of
+    sequence ``seq[j]``. ``local[j]``: its whole sequence comes from one group.
     """
 
     doc: npt.NDArray[np.int64]
@@ -63,168 +199,81 @@ class Plan:
     n_sequences: int
     residual_items: int = 0
     residual_sequences: int = 0
+    merge_rounds: int = 0
 
     def layout(self) -> Layout:
         """The same plan as sequences of segments (sorted by sequence, then slot)."""
-        seg_offsets, order = _group_by_sequence(self.seq, self.n_sequences)  # slots ascend
-        return Layout(seg_offsets, self.doc[order], self.start[order], self.length[order])
-
-
-def _finish(doc, start, length, seq, n_seqs, doc_group, **extra) -> Plan:
-    """Slots (segment order within a sequence, by canonical order) and locality."""
-    seg_offsets, order = _group_by_sequence(seq, n_seqs)
-    slot = np.empty(seq.shape[0], np.int64)
-    slot[order] = np.arange(seq.shape[0]) - np.repeat(seg_offsets[:-1], np.diff(seg_offsets))
-    group = doc_group[doc]
-    lo = np.full(n_seqs, np.iinfo(np.int64).max)
-    hi = np.full(n_seqs, -1)
-    np.minimum.at(lo, seq, group)
-    np.maximum.at(hi, seq, group)
-    local = (lo == hi)[seq]
-    return Plan(doc, start, length, seq, slot, local, int(n_seqs), **extra)
-
-
-@jit
-def _route(lengths, home, n_parts, seq_len, keep_home):
-    """Target partition of each item: an equal share of every length per partition."""
-    n = lengths.shape[0]
-    order, begin, counts = longest_first(lengths, seq_len)
-    target = np.empty(n, np.int64)
-    quota = np.empty(n_parts, np.int64)
-    used = np.empty(n_parts, np.int64)
-    for x in range(seq_len, 0, -1):
-        s, e = begin[x], begin[x] + counts[x]
-        if s == e:
-            continue
-        if not keep_home:
-            for k in range(s, e):
-                target[order[k]] = k % n_parts
-            continue
-        base, rem = (e - s) // n_parts, (e - s) % n_parts
-        for p in range(n_parts):
-            quota[p] = base + (1 if (p - s) % n_parts < rem else 0)
-            used[p] = 0
-        n_surplus = 0
-        for k in range(s, e):  # home first, in canonical order, up to the quota
-            i = order[k]
-            h = home[i]
-            if used[h] < quota[h]:
-                target[i] = h
-                used[h] += 1
-            else:
-                target[i] = -1
-                n_surplus += 1
-        p = 0
-        for k in range(s, e):  # surplus to the partitions still short, in order
-            i = order[k]
-            if target[i] == -1:
-                while used[p] >= quota[p]:
-                    p += 1
-                target[i] = p
-                used[p] += 1
-    return target
-
-
-@dataclass(frozen=True)
-class Items:
-    """The chunks to pack, in canonical order, each with the packing partition it goes to."""
-
-    doc: npt.NDArray[np.int64]
-    start: npt.NDArray[np.int64]
-    length: npt.NDArray[np.int64]
-    part: npt.NDArray[np.int64]
-
-
-def route(doc_lengths: npt.ArrayLike, doc_group: npt.ArrayLike, n_groups: int, seq_len: int,
-          n_partitions: int, placement: str = "in_place") -> Items:
-    """Chunk the documents and deal the chunks to partitions, an equal share of every length each."""
-    seq_len = _validate_seq_len(seq_len)
-    if placement not in PLACEMENTS:
-        raise ValueError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
-    if n_partitions < 1:
-        raise ValueError(f"n_partitions must be at least 1, got {n_partitions}")
-    chunks = chunk_documents(doc_lengths, seq_len)
-    home = np.asarray(doc_group, dtype=np.int64)[chunks.doc] * n_partitions // max(n_groups, 1)
-    part = _route(chunks.length, home, n_partitions, seq_len, placement == "in_place")
-    return Items(chunks.doc, chunks.start, chunks.length, part)
-
-
-def pack_parts(part: np.ndarray, lengths: np.ndarray, seq_len: int,
-               fill_threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """BFD within each part separately, items taken in the order given (canonical order).
-
-    Returns each item's sequence number within its part, and whether that sequence is
-    filled to at least ``fill_threshold * seq_len`` (final) or goes to the residual merge.
-    """
-    part = np.asarray(part, dtype=np.int64)
-    lengths = np.asarray(lengths, dtype=np.int64)
-    bins = np.empty(part.shape[0], np.int64)
-    final = np.empty(part.shape[0], np.bool_)
-    if part.shape[0] == 0:
-        return bins, final
-    n_parts = int(part.max()) + 1
-    offsets, by_part = _group_by_sequence(part, n_parts)
-    for p in range(n_parts):
-        items = by_part[offsets[p]:offsets[p + 1]]
-        if items.shape[0] == 0:
-            continue
-        b, n = _bfd_kernel(lengths[items], seq_len)
-        fill = np.bincount(b, weights=lengths[items], minlength=n)
-        bins[items] = b
-        final[items] = (fill >= fill_threshold * seq_len)[b]
-    return bins, final
-
-
-def residual_parts(lengths: np.ndarray, seq_len: int, n_reduce: int) -> np.ndarray:
-    """The reduce partition of each residual item: stratified by length, like the packing partitions."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    return _route(lengths, np.zeros(lengths.shape[0], np.int64), max(1, n_reduce), seq_len, False)
-
-
-def sequence_ids(part: np.ndarray, bins: np.ndarray, first: int = 0) -> tuple[np.ndarray, int]:
-    """Dense ids ``first, first+1, ...`` for the distinct (part, sequence) pairs, in that order."""
-    if part.shape[0] == 0:
-        return np.empty(0, np.int64), first
-    key = part * (int(bins.max()) + 1) + bins
-    uniq, ids = np.unique(key, return_inverse=True)
-    return ids.astype(np.int64) + first, first + int(uniq.shape[0])
-
-
-def assign_sequences(items: Items, bins: np.ndarray, final: np.ndarray, residual_part: np.ndarray,
-                     residual_bins: np.ndarray, doc_group: np.ndarray) -> Plan:
-    """The plan from both packing stages: final sequences of partition 0, 1, ..., then the
-    residual merge's, numbered densely."""
-    seq = np.empty(items.length.shape[0], np.int64)
-    seq[final], n_final = sequence_ids(items.part[final], bins[final])
-    seq[~final], n_seqs = sequence_ids(residual_part, residual_bins, n_final)
-    return _finish(items.doc, items.start, items.length, seq, n_seqs, np.asarray(doc_group, np.int64),
-                   residual_items=int((~final).sum()), residual_sequences=n_seqs - n_final)
+        order = np.lexsort((self.slot, self.seq))
+        seg_offsets = np.searchsorted(self.seq[order], np.arange(self.n_sequences + 1))
+        return Layout(seg_offsets.astype(np.int64), self.doc[order], self.start[order], self.length[order])
 
 
 def plan_bfd(doc_lengths: npt.ArrayLike, doc_group: npt.ArrayLike, n_groups: int, seq_len: int,
-             n_partitions: int, fill_threshold: float = 0.99, placement: str = "in_place",
-             n_reduce: int = 1) -> Plan:
-    """Best-fit packing of the whole corpus as ``n_partitions`` BFD runs plus a residual merge,
-    in one process (Spark runs the same steps, :func:`pack_parts` in its tasks).
+             n_partitions: int, fill_threshold: float = 0.99, merge_items: int = 200_000,
+             n_buckets: int = DEFAULT_BUCKETS, *, interleave: bool = True, route: bool = True) -> Plan:
+    """Best-fit packing as Spark runs it, in one process.
 
     ``doc_lengths`` and ``doc_group`` list every document in canonical order (groups
-    ascending). Sequences of a partition filled to at least ``fill_threshold * seq_len``
-    are final; the items of the others are packed again together, in ``n_reduce``
-    length-stratified parts.
+    ascending). ``interleave=False`` and ``route=False`` (stage 0 keeps every item at
+    home) exist to measure what they buy (``benchmarks/bench_plan.py``).
     """
+    seq_len = _validate_seq_len(seq_len)
+    if n_partitions < 1:
+        raise ValueError(f"n_partitions must be at least 1, got {n_partitions}")
     if not 0.0 <= fill_threshold <= 1.0:
         raise ValueError(f"fill_threshold must be within [0, 1], got {fill_threshold}")
-    items = route(doc_lengths, doc_group, n_groups, seq_len, n_partitions, placement)
-    bins, final = pack_parts(items.part, items.length, seq_len, fill_threshold)
-    left = items.length[~final]
-    rpart = residual_parts(left, seq_len, n_reduce)
-    rbins, _ = pack_parts(rpart, left, seq_len, 0.0)
-    return assign_sequences(items, bins, final, rpart, rbins, doc_group)
+    chunks = chunk_documents(doc_lengths, seq_len)
+    group = np.asarray(doc_group, dtype=np.int64)[chunks.doc]
+    bucket = length_buckets(chunks.length, seq_len, n_buckets)
+    n = chunks.length.shape[0]
+    seq = np.empty(n, np.int64)
+    slot = np.empty(n, np.int64)
+    local = np.empty(n, np.bool_)
+    items, source, n_sources = np.arange(n), group, n_groups
+    home = home_targets(n_groups, n_partitions)
+    n_targets, threshold, next_id = n_partitions, fill_threshold, 0
+    residual_items = rounds = stage0_sequences = 0
+    while items.shape[0]:
+        counts = np.zeros((n_sources, min(n_buckets, seq_len)), np.int64)
+        np.add.at(counts, (source, bucket[items]), 1)
+        routing = Routing.from_counts(counts, n_targets, home)
+        target = np.empty(items.shape[0], np.int64)
+        for s in np.unique(source):
+            mine = np.flatnonzero(source == s)
+            target[mine] = (routing.home[s] if not route else
+                            routing.targets(s, chunks.length[items[mine]], bucket[items[mine]], interleave))
+        left, left_source = [], []
+        for p in range(n_targets):
+            part = items[target == p]  # canonical order
+            packed = pack_partition(chunks.length[part], group[part], seq_len, threshold)
+            done = part[packed.final]
+            seq[done] = next_id + packed.rank[packed.final]
+            slot[done], local[done] = packed.slot[packed.final], packed.local[packed.final]
+            next_id += packed.n_final
+            left.append(part[~packed.final])
+            left_source.append(np.full(left[-1].shape[0], p))
+        rest = np.concatenate(left)
+        if rounds == 0:
+            residual_items, stage0_sequences = rest.shape[0], next_id
+        stalled = rounds > 0 and rest.shape[0] > items.shape[0] // 2
+        order = np.argsort(rest, kind="stable")
+        items, source, n_sources = rest[order], np.concatenate(left_source)[order], n_targets
+        n_targets, threshold = merge_round(items.shape[0], merge_items, fill_threshold, stalled)
+        home, route = None, True
+        rounds += bool(items.shape[0])
+    return Plan(chunks.doc, chunks.start, chunks.length, seq, slot, local, next_id,
+                residual_items=residual_items, residual_sequences=next_id - stage0_sequences,
+                merge_rounds=rounds)
 
 
 def plan_concat(doc_lengths: npt.ArrayLike, doc_group: npt.ArrayLike, seq_len: int) -> Plan:
     """The concatenation baseline: documents in canonical order, the stream cut every ``seq_len``."""
     layout = concat_layout(doc_lengths, seq_len)
     seq = np.repeat(np.arange(layout.n_sequences, dtype=np.int64), np.diff(layout.seg_offsets))
-    return _finish(layout.doc, layout.start, layout.length, seq, layout.n_sequences,
-                   np.asarray(doc_group, dtype=np.int64))
+    slot = np.arange(seq.shape[0]) - layout.seg_offsets[seq]
+    group = np.asarray(doc_group, dtype=np.int64)[layout.doc]
+    lo = np.full(layout.n_sequences, np.iinfo(np.int64).max)
+    hi = np.full(layout.n_sequences, -1)
+    np.minimum.at(lo, seq, group)
+    np.maximum.at(hi, seq, group)
+    return Plan(layout.doc, layout.start, layout.length, seq, slot, (lo == hi)[seq], layout.n_sequences)

@@ -1,71 +1,69 @@
-"""Stage 2: a group's chunks and its slice of the plan in, sequences and fragments out.
+"""Stage 4, assemble: each group's tokens and its orders in; table files and fragments out.
 
-A sequence whose segments all come from one group's documents is built right
-there, where the group was read (:func:`local_sequences`). Every other segment
-leaves as a fragment (:func:`fragments`), is shuffled by ``seq_id``, and is joined
-to its sequence's other fragments in the final reduce (:func:`assemble_fragments`).
+One task per group opens the group's documents in the workspace and gets its orders
+(where each chunk goes, which documents are duplicates). It writes, as Parquet files of
+this run attempt, the sequences made only of its own documents (nothing moves), its
+documents and its duplicate rejects. Every other segment leaves as a *fragment*; the
+fragments are shuffled by ``seq_id`` and joined into sequences in a final reduce
+(:func:`join_fragments`). Only descriptions of written files (and small figures) reach
+the driver.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
+from pyspark import TaskContext
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 
 from bfpack_spark import faults
+from bfpack_spark.audit import document_figures, sequence_figures
+from bfpack_spark.io.staging import StagedFile, Staging
+from bfpack_spark.io.workspace import Workspace
+from bfpack_spark.metrics import PackingStats
 from bfpack_spark.packing.arrow import flatten_token_lists, gather_segments, list_array, sequences_table
-from bfpack_spark.packing.plan import Plan
-from bfpack_spark.schemas import FRAGMENTS, SEQUENCES
+from bfpack_spark.packing.chunking import chunk_documents
+from bfpack_spark.packing.layout import concat_pieces
+from bfpack_spark.schemas import (
+    ASSEMBLED,
+    DOCUMENTS,
+    DROP,
+    FILE,
+    FRAGMENT,
+    MARK,
+    ORDERS,
+    PLAN,
+    SEQUENCES,
+    spark_ddl,
+    spark_types,
+)
+from bfpack_spark.spark.partitioning import exact_partitions
+from bfpack_spark.stages.read import rejects_table
+from bfpack_spark.tokenize import load_tokenizer
 
+#: ``kind`` of the rows that carry a group's packing figures (JSON in ``info``).
+FIGURES = 4
 OUTPUT_ROWS = 2048
+EXCERPT_TOKENS = 64
 
 
 @dataclass(frozen=True)
-class GroupPlan:
-    """The plan's segments of one group's documents, in canonical order."""
+class Assembly:
+    """What every assembly task needs to know (small; pickled into the tasks)."""
 
-    doc_index: np.ndarray  # document position within the group
-    start: np.ndarray
-    length: np.ndarray
-    seq: np.ndarray
-    slot: np.ndarray
-    local: np.ndarray
-
-    @classmethod
-    def split(cls, plan: Plan, doc_group: np.ndarray, doc_index: np.ndarray,
-              n_groups: int) -> list[GroupPlan]:
-        """One slice per group; ``doc_group``/``doc_index`` locate each planned document."""
-        group = doc_group[plan.doc]
-        bounds = np.searchsorted(group, np.arange(n_groups + 1))
-        slices = []
-        for g in range(n_groups):
-            s = slice(bounds[g], bounds[g + 1])
-            slices.append(cls(doc_index[plan.doc[s]], plan.start[s], plan.length[s].astype(np.int32),
-                              plan.seq[s], plan.slot[s].astype(np.int32), plan.local[s]))
-        return slices
-
-
-@dataclass
-class _GroupTokens:
-    doc_index: np.ndarray    # sorted document positions present in the rows
-    doc_ids: pa.Array
-    values: np.ndarray
-    doc_offsets: np.ndarray
-
-    @classmethod
-    def from_rows(cls, rows: pa.Table) -> _GroupTokens:
-        rows = rows.sort_by([("doc_index", "ascending"), ("chunk", "ascending")])
-        doc_index = rows.column("doc_index").to_numpy()
-        firsts = np.flatnonzero(np.diff(doc_index, prepend=-1) != 0)
-        values, chunk_offsets = flatten_token_lists(rows.column("tokens"))  # 64-bit offsets
-        doc_offsets = chunk_offsets[np.append(firsts, len(doc_index))]
-        return cls(doc_index[firsts], rows.column("doc_id").take(pa.array(firsts)).combine_chunks(),
-                   values, doc_offsets)
-
-    def positions(self, doc_index: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.doc_index, doc_index)
+    seq_len: int
+    strategy: str
+    staging: Staging
+    workspace: Workspace
+    tokenizer: str
+    eos_token: str | None
+    concat_offsets: np.ndarray  # first token of each group in the concatenated stream (packable documents)
+    concat_total: int
 
 
 def _batches(table: pa.Table, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
@@ -75,59 +73,217 @@ def _batches(table: pa.Table, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
         yield batch.cast(schema)
 
 
-def local_sequences(rows: pa.Table, plan: GroupPlan, run_id: str) -> Iterator[pa.RecordBatch]:
-    """The sequences made only of this group's documents, built without moving a token."""
+def _info(kind: int, info: str) -> pa.RecordBatch:
+    row = {name: pa.nulls(1, f.type) for name, f in zip(ASSEMBLED.names, ASSEMBLED)}
+    row.update(kind=pa.array([kind], pa.int8()), info=pa.array([info], pa.string()))
+    return pa.RecordBatch.from_pydict(row, schema=ASSEMBLED)
+
+
+def _with_run(table: pa.Table, seq_ids: np.ndarray, run_id: str) -> pa.Table:
+    table = table.append_column("seq_id", pa.array(seq_ids, pa.int64()))
+    return table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string())).select(SEQUENCES.names)
+
+
+@dataclass
+class _Segments:
+    """A group's chunks in canonical order, and where the plan puts each."""
+
+    doc: np.ndarray      # position of the chunk's document in the group's stored documents
+    start: np.ndarray
+    length: np.ndarray
+    seq: np.ndarray
+    slot: np.ndarray
+    local: np.ndarray
+
+
+def _concat_segments(lengths: np.ndarray, kept: np.ndarray, first_token: int, total: int,
+                     seq_len: int) -> _Segments:
+    """The concatenation baseline for one group: the stream of every group's packable documents,
+    cut every ``seq_len``; a sequence is local when it lies within this group's stretch. A
+    segment's slot is its token offset in its sequence, so slots order the pieces of a sequence
+    that spans groups too."""
+    kept_lengths = lengths[kept]
+    doc, start, length, seq = concat_pieces(kept_lengths, seq_len, first_token)
+    position = first_token + (np.cumsum(kept_lengths) - kept_lengths)[doc] + start
+    end = first_token + int(kept_lengths.sum())
+    local = (seq * seq_len >= first_token) & (np.minimum((seq + 1) * seq_len, total) <= end)
+    return _Segments(kept[doc], start, length, seq, position - seq * seq_len, local)
+
+
+def _plan_segments(lengths: np.ndarray, kept: np.ndarray, plan: pa.Table, seq_len: int) -> _Segments:
+    chunks = chunk_documents(lengths[kept], seq_len)
+    plan = plan.sort_by([("doc_index", "ascending"), ("chunk", "ascending")])
+    if plan.num_rows != len(chunks):
+        raise RuntimeError(f"the plan has {plan.num_rows} segments for {len(chunks)} chunks of this group")
+    return _Segments(kept[chunks.doc], chunks.start, chunks.length, plan.column("seq_id").to_numpy(),
+                     plan.column("slot").to_numpy(), plan.column("local").to_numpy(zero_copy_only=False))
+
+
+def _excerpts(tokens: pa.Array, docs: np.ndarray, ctx: Assembly) -> list[str]:
+    """The start of each document's text (decoded from its first tokens), for a reject row."""
+    tokenizer = load_tokenizer(ctx.tokenizer, ctx.eos_token)
+    return [tokenizer.decode(tokens[int(d)].values.to_numpy()[:EXCERPT_TOKENS]) for d in docs]
+
+
+def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.RecordBatch]:
+    """Everything about one group that can be written where its tokens are."""
     faults.check("assemble")
-    keep = np.flatnonzero(plan.local)
-    if faults.active("drop_token") and keep.size:
-        keep = keep[1:]  # a broken invariant, for the audit to catch
-    if keep.size == 0:
+    stored = ctx.workspace.read_group(group)
+    kind = orders.column("kind").to_numpy()
+    drops = orders.filter(pa.array(kind == DROP)).sort_by("doc_index")
+    dropped = drops.column("doc_index").to_numpy()
+    values, doc_offsets = flatten_token_lists(stored.column("tokens"))
+    lengths = np.diff(doc_offsets)
+    kept = np.setdiff1d(np.arange(stored.num_rows), dropped)
+    L = ctx.seq_len
+    if ctx.strategy == "concat":
+        segs = _concat_segments(lengths, kept, int(ctx.concat_offsets[group]), ctx.concat_total, L)
+    else:
+        segs = _plan_segments(lengths, kept, orders.filter(pa.array(kind == PLAN)), L)
+    doc_ids = stored.column("doc_id").combine_chunks()
+    name = f"group-{group:07d}"
+    run_id = ctx.staging.run_id
+
+    local = np.flatnonzero(segs.local)
+    if faults.active("drop_token") and local.size:
+        local = local[1:]  # a broken invariant, for the audit to catch
+    if local.size:
+        order = local[np.lexsort((segs.slot[local], segs.seq[local]))]
+        seq = segs.seq[order]
+        firsts = np.flatnonzero(np.diff(seq, prepend=-1) != 0)
+        doc, start, length = segs.doc[order], segs.start[order], segs.length[order]
+        tokens = gather_segments(values, doc_offsets, doc, start, length)
+        table = _with_run(sequences_table(np.append(firsts, len(order)), tokens, doc_ids.take(pa.array(doc)),
+                                          start, length, docs_column="doc_ids"), seq[firsts], run_id)
+        yield _info(FILE, ctx.staging.write("sequences", name, table, sequence_figures(table)).to_json())
+
+    moving = np.flatnonzero(~segs.local)
+    if moving.size:
+        lengths_m = segs.length[moving]
+        tokens = gather_segments(values, doc_offsets, segs.doc[moving], segs.start[moving], lengths_m)
+        frags = pa.table({
+            "kind": pa.array(np.full(moving.shape[0], FRAGMENT, np.int8)),
+            "seq_id": pa.array(segs.seq[moving]),
+            "slot": pa.array(segs.slot[moving].astype(np.int32)),
+            "doc_id": doc_ids.take(pa.array(segs.doc[moving])),
+            "seg_start": pa.array(segs.start[moving].astype(np.int32)),
+            "tokens": list_array(np.concatenate(([0], np.cumsum(lengths_m))), pa.array(tokens)),
+            "info": pa.nulls(moving.shape[0], pa.string()),
+        })
+        yield from _batches(frags, ASSEMBLED)
+
+    if kept.size:
+        n_tokens = lengths[kept]
+        n_chunks = -(-n_tokens // L)
+        documents = pa.table({
+            "doc_id": doc_ids.take(pa.array(kept)), "n_tokens": pa.array(n_tokens, pa.int64()),
+            "n_chunks": pa.array(n_chunks.astype(np.int32)),
+            "source": stored.column("source").combine_chunks().take(pa.array(kept)),
+            "row": stored.column("row").combine_chunks().take(pa.array(kept)),
+            "run_id": pa.array([run_id] * kept.size, pa.string())}, schema=DOCUMENTS)
+        figures = document_figures(documents.column("doc_id").combine_chunks(), n_tokens, n_chunks, L)
+        yield _info(FILE, ctx.staging.write("documents", name, documents, figures).to_json())
+    if dropped.size:
+        yield _info(FILE, ctx.staging.write("rejects", f"duplicates-{group:07d}",
+                                            _duplicate_rejects(stored, drops, dropped, ctx)).to_json())
+    yield _info(FIGURES, json.dumps(_figures(lengths[kept], segs, int(ctx.concat_offsets[group]), L)))
+
+
+def _duplicate_rejects(stored: pa.Table, drops: pa.Table, dropped: np.ndarray, ctx: Assembly) -> pa.Table:
+    from bfpack_spark.io.readers import Reject
+
+    tokens = stored.column("tokens").combine_chunks()
+    sources = stored.column("source").combine_chunks().take(pa.array(dropped)).to_pylist()
+    rows = stored.column("row").combine_chunks().take(pa.array(dropped)).to_pylist()
+    ids = stored.column("doc_id").combine_chunks().take(pa.array(dropped)).to_pylist()
+    rejects = [Reject(src, row, f"duplicate id; first seen in {first_src} at row {first_row}", excerpt, doc_id)
+               for src, row, doc_id, first_src, first_row, excerpt in zip(
+                   sources, rows, ids, drops.column("first_source").to_pylist(),
+                   drops.column("first_row").to_pylist(), _excerpts(tokens, dropped, ctx))]
+    return rejects_table(rejects, ctx.staging.run_id)
+
+
+def _figures(kept_lengths: np.ndarray, segs: _Segments, first_token: int, seq_len: int) -> dict:
+    """Additive figures of the group: best-fit and concatenation truncations (the concat baseline's
+    from this group's place in the stream, whatever the strategy), and what moves."""
+    bfd = PackingStats.from_pieces(kept_lengths, -(-kept_lengths // seq_len), 0, seq_len)
+    concat_doc = concat_pieces(kept_lengths, seq_len, first_token)[0]
+    concat = PackingStats.from_pieces(kept_lengths, np.bincount(concat_doc, minlength=kept_lengths.shape[0]),
+                                      0, seq_len)
+    moved = ~segs.local
+    return {"bfd": asdict(bfd), "concat": asdict(concat), "moved_segments": int(moved.sum()),
+            "moved_tokens": int(segs.length[moved].sum())}
+
+
+def join_fragments(batches, staging: Staging) -> Iterator[pa.RecordBatch]:
+    """The final reduce: sequences from their fragments (those of a sequence arrive together);
+    file descriptions and figures pass through."""
+    batches = list(batches)
+    if not batches:
         return
-    group = _GroupTokens.from_rows(rows)
-    order = keep[np.lexsort((plan.slot[keep], plan.seq[keep]))]
-    seq = plan.seq[order]
-    boundaries = np.flatnonzero(np.diff(seq, prepend=-1) != 0)
-    seg_offsets = np.append(boundaries, len(order))
-    pos = group.positions(plan.doc_index[order])
-    tokens = gather_segments(group.values, group.doc_offsets, pos, plan.start[order], plan.length[order])
-    table = sequences_table(seg_offsets, tokens, group.doc_ids.take(pa.array(pos)), plan.start[order],
-                            plan.length[order], docs_column="doc_ids")
-    table = table.append_column("seq_id", pa.array(seq[boundaries]))
-    table = table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string()))
-    yield from _batches(table, SEQUENCES)
-
-
-def fragments(rows: pa.Table, plan: GroupPlan) -> Iterator[pa.RecordBatch]:
-    """Every segment of this group that belongs to a sequence built elsewhere."""
-    move = np.flatnonzero(~plan.local)
-    if move.size == 0:
-        return
-    group = _GroupTokens.from_rows(rows)
-    pos = group.positions(plan.doc_index[move])
-    lengths = plan.length[move]
-    tokens = gather_segments(group.values, group.doc_offsets, pos, plan.start[move], lengths)
-    table = pa.table({
-        "seq_id": pa.array(plan.seq[move]),
-        "slot": pa.array(plan.slot[move]),
-        "doc_id": group.doc_ids.take(pa.array(pos)),
-        "seg_start": pa.array(plan.start[move].astype(np.int32)),
-        "tokens": list_array(np.concatenate(([0], np.cumsum(lengths))), pa.array(tokens)),
-    })
-    yield from _batches(table, FRAGMENTS)
-
-
-def assemble_fragments(frags: pa.Table, run_id: str) -> Iterator[pa.RecordBatch]:
-    """Sequences from their fragments (the final reduce; fragments of a sequence arrive together)."""
+    table = pa.Table.from_batches(batches)
+    kind = table.column("kind").to_numpy()
+    yield from table.filter(pa.array(kind != FRAGMENT)).to_batches()
+    frags = table.filter(pa.array(kind == FRAGMENT))
     if frags.num_rows == 0:
         return
     frags = frags.sort_by([("seq_id", "ascending"), ("slot", "ascending")])
     seq = frags.column("seq_id").to_numpy()
-    boundaries = np.flatnonzero(np.diff(seq, prepend=-1) != 0)
-    seg_offsets = np.append(boundaries, len(seq))
+    firsts = np.flatnonzero(np.diff(seq, prepend=-1) != 0)
     values, offsets = flatten_token_lists(frags.column("tokens"))
-    lengths = np.diff(offsets)
-    table = sequences_table(seg_offsets, values[offsets[0]:offsets[-1]], frags.column("doc_id").combine_chunks(),
-                            frags.column("seg_start").to_numpy(), lengths, docs_column="doc_ids")
-    table = table.append_column("seq_id", pa.array(seq[boundaries]))
-    table = table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string()))
-    yield from _batches(table, SEQUENCES)
+    sequences = _with_run(sequences_table(np.append(firsts, len(seq)), values[offsets[0]:offsets[-1]],
+                                          frags.column("doc_id").combine_chunks(),
+                                          frags.column("seg_start").to_numpy(), np.diff(offsets),
+                                          docs_column="doc_ids"),
+                          seq[firsts], staging.run_id)
+    name = f"merged-{TaskContext.get().partitionId():05d}"
+    yield _info(FILE, staging.write("sequences", name, sequences, sequence_figures(sequences)).to_json())
+
+
+@dataclass
+class Assembled:
+    """Descriptions of every file the assembly wrote, and each group's figures."""
+
+    files: list[StagedFile]
+    figures: list[dict]
+
+
+def as_orders(df: DataFrame, kind: int, **columns) -> DataFrame:
+    """``df`` as ORDERS rows of ``kind``: the given columns, nulls elsewhere."""
+    types = spark_types(ORDERS)
+    columns["kind"] = F.lit(kind)
+    return df.select(*[columns.get(n, F.lit(None)).cast(types[n]).alias(n) for n in ORDERS.names])
+
+
+def _orders(spark, plan_orders: DataFrame | None, drops: DataFrame | None, n_groups: int) -> DataFrame:
+    """Every group's orders: one MARK per group (so that every group is assembled), its
+    duplicates' DROP orders, and the plan's PLAN orders (best-fit only)."""
+    orders = as_orders(spark.range(0, n_groups), MARK, group=F.col("id"))
+    if drops is not None:
+        orders = orders.unionByName(as_orders(drops, DROP, **{c: F.col(c) for c in (
+            "group", "doc_index", "first_source", "first_row")}))
+    if plan_orders is not None:
+        orders = orders.unionByName(plan_orders)
+    return orders
+
+
+def assemble(spark, plan_orders: DataFrame | None, drops: DataFrame | None, n_groups: int, ctx: Assembly,
+             n_reduce: int) -> Assembled:
+    """Run the assembly (one task per group) and the final reduce of ``n_reduce`` tasks."""
+    def by_group(batches):
+        batches = list(batches)
+        if not batches:
+            return
+        table = pa.Table.from_batches(batches)
+        groups = table.column("group").to_numpy()
+        for g in np.unique(groups):
+            yield from assemble_group(int(g), table.filter(pa.array(groups == g)), ctx)
+
+    staging = ctx.staging
+    orders = exact_partitions(_orders(spark, plan_orders, drops, n_groups), n_groups, "group")
+    rows = (orders.mapInArrow(by_group, spark_ddl(ASSEMBLED))
+            .repartition(n_reduce, "seq_id")
+            .mapInArrow(lambda batches: join_fragments(batches, staging), spark_ddl(ASSEMBLED))
+            .select("kind", "info").collect())
+    return Assembled([StagedFile.from_json(r["info"]) for r in rows if r["kind"] == FILE],
+                     [json.loads(r["info"]) for r in rows if r["kind"] == FIGURES])

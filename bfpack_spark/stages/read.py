@@ -1,25 +1,31 @@
-"""Stage 1: one group of input splits in, chunk rows and reject rows out.
+"""Stage 1, read: one group of input splits in; documents, rejects and counts out.
 
-Reads every split of the group, tokenizes texts (or checks given token ids), adds
-the end-of-document token, and cuts each document into chunks of at most
-``seq_len`` tokens, each chunk one row. Documents never exceed ``seq_len`` in a row
-that Spark has to handle, however large they are.
+Reads every split of the group, tokenizes texts (or checks given token ids) and adds
+the end-of-document token. A document's tokens go to the run's workspace, never
+through Spark; Spark gets one row per document (group, position, id, length, where it
+was read), which is all the dedup and the plan need.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from bfpack_spark import faults
 from bfpack_spark.io.inputs import Split
 from bfpack_spark.io.readers import RawBatch, Reject, read_split
-from bfpack_spark.packing import chunk_documents, flatten_token_lists
-from bfpack_spark.schemas import CHUNK, COUNT, READ, REJECT
+from bfpack_spark.io.staging import StagedFile, Staging
+from bfpack_spark.io.workspace import Workspace
+from bfpack_spark.packing import flatten_token_lists
+from bfpack_spark.schemas import DOC, FILE, GROUP, READ, REJECTS, STORED, spark_ddl
 from bfpack_spark.tokenize import Tokenizer, encode_texts, load_tokenizer
 
 
@@ -33,7 +39,6 @@ class ReadSettings:
     tokenizer: str
     eos_token: str | None
     append_eos: bool
-    seq_len: int
     keep_empty: bool
     max_document_bytes: int
 
@@ -83,80 +88,78 @@ def _check_token_ids(raw: RawBatch, tokenizer: Tokenizer) -> None:
                                           pa.array(values.astype(np.int32, copy=False)))
 
 
-def _count_row(group: int, n_records: int) -> pa.RecordBatch:
-    table = {name: pa.nulls(1, f.type) for name, f in zip(READ.names, READ)}
-    table.update(kind=pa.array([COUNT], pa.int8()), group=pa.array([group], pa.int32()),
-                 row=pa.array([n_records], pa.int64()))
-    return pa.RecordBatch.from_pydict(table, schema=READ)
-
-
-def _reject_rows(group: int, rejects: list[Reject]) -> pa.RecordBatch:
-    n = len(rejects)
+def _doc_rows(group: int, first_doc: int, source: str, raw: RawBatch, lengths: np.ndarray) -> pa.RecordBatch:
+    n = len(raw.rows)
     return pa.RecordBatch.from_pydict({
-        "kind": pa.array([REJECT] * n, pa.int8()),
-        "group": pa.array([group] * n, pa.int32()),
-        "doc_index": pa.nulls(n, pa.int64()),
-        "chunk": pa.nulls(n, pa.int32()),
-        "doc_id": pa.array([r.doc_id for r in rejects], pa.string()),
-        "doc_tokens": pa.nulls(n, pa.int64()),
-        "tokens": pa.nulls(n, pa.list_(pa.int32())),
+        "kind": pa.array(np.full(n, DOC, np.int8)),
+        "group": pa.array(np.full(n, group, np.int32)),
+        "doc_index": pa.array(np.arange(first_doc, first_doc + n, dtype=np.int64)),
+        "doc_id": pa.array(raw.ids, pa.string()),
+        "n_tokens": pa.array(lengths.astype(np.int64)),
+        "source": pa.array([source] * n, pa.string()),
+        "row": pa.array(raw.rows, pa.int64()),
+        "info": pa.nulls(n, pa.string()),
+    }, schema=READ)
+
+
+def _info_row(kind: int, group: int, info: str) -> pa.RecordBatch:
+    row = {name: pa.nulls(1, f.type) for name, f in zip(READ.names, READ)}
+    row.update(kind=pa.array([kind], pa.int8()), group=pa.array([group], pa.int32()),
+               info=pa.array([info], pa.string()))
+    return pa.RecordBatch.from_pydict(row, schema=READ)
+
+
+def rejects_table(rejects: list[Reject], run_id: str) -> pa.Table:
+    return pa.table({
+        "run_id": pa.array([run_id] * len(rejects), pa.string()),
         "source": pa.array([r.source for r in rejects], pa.string()),
         "row": pa.array([r.row for r in rejects], pa.int64()),
+        "doc_id": pa.array([r.doc_id for r in rejects], pa.string()),
         "reason": pa.array([r.reason for r in rejects], pa.string()),
         "excerpt": pa.array([r.excerpt for r in rejects], pa.string()),
-    }, schema=READ)
+    }, schema=REJECTS)
 
 
-def _chunk_rows(group: int, first_doc: int, source: str, raw: RawBatch, tokens: pa.ListArray,
-                seq_len: int) -> pa.RecordBatch:
-    values, offsets = _flat(tokens)
-    lengths = np.diff(offsets)
-    chunks = chunk_documents(lengths, seq_len)
-    n = len(chunks)
-    chunk_offsets = np.concatenate(([0], np.cumsum(chunks.length))).astype(np.int32)
-    take = pa.array(chunks.doc)
-    return pa.RecordBatch.from_pydict({
-        "kind": pa.array(np.full(n, CHUNK, np.int8)),
-        "group": pa.array(np.full(n, group, np.int32)),
-        "doc_index": pa.array(first_doc + chunks.doc),
-        "chunk": pa.array(chunks.index.astype(np.int32)),
-        "doc_id": pa.array(raw.ids, pa.string()).take(take),
-        "doc_tokens": pa.array(lengths[chunks.doc]),
-        "tokens": pa.ListArray.from_arrays(pa.array(chunk_offsets), pa.array(values.astype(np.int32, copy=False))),
-        "source": pa.array([source] * n, pa.string()),
-        "row": pa.array(np.asarray(raw.rows, np.int64)[chunks.doc]),
-        "reason": pa.nulls(n, pa.string()),
-        "excerpt": pa.nulls(n, pa.string()),
-    }, schema=READ)
-
-
-def read_group(group: int, splits: list[Split], settings: ReadSettings) -> Iterator[pa.RecordBatch]:
-    """Chunk rows of every document of the group (in canonical order), its reject rows, and
-    one count row: how many records the readers consumed, for the audit."""
+def read_group(group: int, splits: list[Split], settings: ReadSettings, staging: Staging,
+               workspace: Workspace) -> Iterator[pa.RecordBatch]:
+    """Read one group: its documents go to the workspace (tokens) and to Spark (one small row each,
+    kind DOC, in canonical order); its rejects to a file of the rejects table (a FILE row); and a
+    GROUP row counts the records the readers consumed, for the audit."""
     faults.check("read")
     tokenizer = load_tokenizer(settings.tokenizer, settings.eos_token)
-    doc_index = n_records = 0
-    for split in splits:
-        for raw in read_split(split, settings.id_column, settings.column, settings.tokenized,
-                              settings.max_document_bytes):
-            n_records += raw.n_records
-            if not settings.keep_empty:
-                _reject_where(raw, _lengths(raw) == 0, "empty document (quality.empty_documents: skip)")
-            if settings.tokenized:
-                _check_token_ids(raw, tokenizer)
-                if settings.append_eos and raw.rows:
-                    raw.tokens = _append_token(raw.tokens, tokenizer.eos_id)
-            elif raw.rows:
-                raw.tokens, raw.texts = encode_texts(tokenizer, raw.texts, settings.append_eos), []
-            _reject_where(raw, _lengths(raw) == 0, "no tokens: the tokenizer made nothing of this text")
-            if raw.rejects:
+    doc_index = n_records = n_tokens = 0
+    rejects: list[Reject] = []
+    with workspace.group_writer(group, STORED) as store:
+        for split in splits:
+            for raw in read_split(split, settings.id_column, settings.column, settings.tokenized,
+                                  settings.max_document_bytes):
+                n_records += raw.n_records
+                if not settings.keep_empty:
+                    _reject_where(raw, _lengths(raw) == 0, "empty document (quality.empty_documents: skip)")
+                if settings.tokenized:
+                    _check_token_ids(raw, tokenizer)
+                    if settings.append_eos and raw.rows:
+                        raw.tokens = _append_token(raw.tokens, tokenizer.eos_id)
+                elif raw.rows:
+                    raw.tokens, raw.texts = encode_texts(tokenizer, raw.texts, settings.append_eos), []
+                _reject_where(raw, _lengths(raw) == 0, "no tokens: the tokenizer made nothing of this text")
                 for r in raw.rejects:
                     r.source = split.source
-                yield _reject_rows(group, raw.rejects)
-            if raw.rows:
-                yield _chunk_rows(group, doc_index, split.source, raw, raw.tokens, settings.seq_len)
-                doc_index += len(raw.rows)
-    yield _count_row(group, n_records)
+                rejects.extend(raw.rejects)
+                if raw.rows:
+                    lengths = _lengths(raw)
+                    store.write_batch(pa.RecordBatch.from_pydict({
+                        "doc_id": pa.array(raw.ids, pa.string()),
+                        "source": pa.array([split.source] * len(raw.rows), pa.string()),
+                        "row": pa.array(raw.rows, pa.int64()), "tokens": raw.tokens}, schema=STORED))
+                    yield _doc_rows(group, doc_index, split.source, raw, lengths)
+                    doc_index += len(raw.rows)
+                    n_tokens += int(lengths.sum())
+    if rejects:
+        written = staging.write("rejects", f"read-{group:07d}", rejects_table(rejects, staging.run_id))
+        yield _info_row(FILE, group, written.to_json())
+    yield _info_row(GROUP, group, json.dumps({"records": n_records, "documents": doc_index,
+                                              "tokens": n_tokens, "rejects": len(rejects)}))
 
 
 def _lengths(raw: RawBatch) -> np.ndarray:
@@ -180,3 +183,40 @@ def _reject_where(raw: RawBatch, mask: np.ndarray, reason: str | list[str]) -> N
         raw.tokens = raw.tokens.filter(pa.array(keep))
     if raw.texts:
         raw.texts = [t for t, k in zip(raw.texts, keep) if k]
+
+
+@dataclass
+class ReadResult:
+    """What the read stage leaves: the documents (cached, one group per partition), the
+    rejects files it wrote, and each group's counts."""
+
+    docs: DataFrame                 # DOC rows: group, doc_index, doc_id, n_tokens, source, row
+    files: list[StagedFile]
+    groups: list[dict]              # per group: records, documents, tokens, rejects
+
+    def total(self, key: str) -> int:
+        return sum(g[key] for g in self.groups)
+
+
+def read_corpus(spark: SparkSession, groups: list[list[Split]], settings: ReadSettings, staging: Staging,
+                workspace: Workspace) -> ReadResult:
+    """Run the read stage: one task per group (partition ``g`` reads group ``g``)."""
+    splits = spark.sparkContext.broadcast(groups)
+
+    def read(batches):
+        for batch in batches:
+            for g in batch.column(0).to_pylist():
+                yield from read_group(g, splits.value[g], settings, staging, workspace)
+
+    n = len(groups)
+    rows = spark.range(0, n, 1, n).mapInArrow(read, spark_ddl(READ)).persist(StorageLevel.MEMORY_AND_DISK)
+    info = rows.filter(F.col("kind") != DOC).select("kind", "group", "info").collect()
+    counts = [{"records": 0, "documents": 0, "tokens": 0, "rejects": 0} for _ in range(n)]
+    files = []
+    for r in info:
+        if r["kind"] == GROUP:
+            counts[r["group"]] = json.loads(r["info"])
+        else:
+            files.append(StagedFile.from_json(r["info"]))
+    docs = rows.filter(F.col("kind") == DOC).drop("kind", "info")
+    return ReadResult(docs, files, counts)

@@ -1,0 +1,117 @@
+"""Table files written by the tasks that produce their rows, and the descriptions the commit needs.
+
+A task writes its rows as one Parquet file through ``pyarrow.fs`` under the run
+attempt's directory of the table (``<table>/<attempt>/``) and returns a
+:class:`StagedFile`: path, size, rows, Delta's per-file statistics, and the figures the
+audit adds up. The driver commits exactly the files whose descriptions reached it, which
+only successful task attempts return: a failed or speculative attempt's file is never
+in the log, and is removed as an orphan.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bfpack_spark.io.files import filesystem, join
+
+#: Columns whose values repeat (dictionary encoding pays); token ids and ids do not.
+_DICTIONARY_COLUMNS = {"run_id", "source", "reason"}
+#: Row groups of about this many bytes (in memory): large enough to scan fast, small enough
+#: for a reader to hold one.
+ROW_GROUP_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """One written data file of one table, as the commit and the audit see it."""
+
+    table: str
+    path: str                      # relative to the table root
+    size: int
+    rows: int
+    stats: str                     # Delta ``stats`` JSON: numRecords, minValues, maxValues, nullCount
+    figures: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> StagedFile:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Staging:
+    """Where this run attempt's tasks write table files: ``<root>/<table>/<attempt>/``."""
+
+    root: str
+    attempt: str
+    run_id: str
+
+    def table_uri(self, table: str) -> str:
+        return join(self.root, table)
+
+    def write(self, table: str, name: str, data: pa.Table, figures: dict | None = None) -> StagedFile:
+        return write_file(self.table_uri(table), self.attempt, name, data, figures)
+
+
+def _json_value(v):
+    if isinstance(v, (datetime, date)):
+        return v.isoformat()
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return v
+
+
+def delta_stats(meta: pq.FileMetaData) -> str:
+    """Delta ``stats`` JSON (record count, per-column min/max/null count) from a Parquet footer."""
+    mins: dict = {}
+    maxs: dict = {}
+    nulls: dict = {}
+    for rg in range(meta.num_row_groups):
+        group = meta.row_group(rg)
+        for c in range(group.num_columns):
+            col = group.column(c)
+            name = col.path_in_schema
+            if "." in name:  # nested (list, map) columns: no statistics in Delta
+                continue
+            st = col.statistics
+            if st is None or not st.has_min_max:
+                nulls[name] = nulls.get(name, 0) + (st.null_count if st is not None else 0)
+                continue
+            lo, hi = _json_value(st.min), _json_value(st.max)
+            mins[name] = lo if name not in mins else min(mins[name], lo)
+            maxs[name] = hi if name not in maxs else max(maxs[name], hi)
+            nulls[name] = nulls.get(name, 0) + st.null_count
+    return json.dumps({"numRecords": meta.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls})
+
+
+def write_file(table_uri: str, attempt: str, name: str, table: pa.Table, figures: dict | None = None) -> StagedFile:
+    """Write ``table`` as ``<table_uri>/<attempt>/<name>-<random>.parquet`` and describe it.
+
+    The random suffix keeps two attempts of one task from writing the same file.
+    """
+    rel = f"{attempt}/{name}-{uuid.uuid4().hex[:8]}.parquet"
+    fs, path = filesystem(join(table_uri, rel))
+    fs.create_dir(posixpath.dirname(path.replace("\\", "/")), recursive=True)
+    scalar = [f.name for f in table.schema if not pa.types.is_nested(f.type)]  # Delta keeps no nested stats
+    rows_per_group = max(1024, ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes))
+    collected: list[pq.FileMetaData] = []
+    with fs.open_output_stream(path) as out:
+        pq.write_table(table, out, row_group_size=rows_per_group, compression="zstd",
+                       use_dictionary=[c for c in table.column_names if c in _DICTIONARY_COLUMNS],
+                       write_statistics=scalar, metadata_collector=collected)
+    size = fs.get_file_info(path).size
+    return StagedFile(table=_table_name(table_uri), path=rel, size=size, rows=table.num_rows,
+                      stats=delta_stats(collected[0]), figures=figures or {})
+
+
+def _table_name(table_uri: str) -> str:
+    return posixpath.basename(table_uri.rstrip("/").replace("\\", "/"))

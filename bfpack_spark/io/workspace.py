@@ -1,0 +1,113 @@
+"""A run attempt's scratch space: each group's documents and tokens, from the read to the assembly.
+
+Reading (tokenizing) is the one expensive stage, so its tokens are kept until the plan
+says where each goes. Spark's cache would carry every token through the JVM and back;
+here the read task writes its group's documents as one Arrow IPC file and the task
+that assembles that group opens it again (memory-mapped on a local disk). Spark only
+ever carries lengths and ids, and, once, the tokens of segments that change group.
+
+The workspace must be visible to every executor: by default it lives under the output
+root (``<output>/_bfpack_work/<attempt>``). A file appears whole or not at all (written
+under a temporary name and renamed, or one object PUT on an object store), so a task
+retried or run twice by speculation leaves the same file. The run removes its
+workspace when it ends; the next run on the root removes any a killed run left.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from bfpack_spark.io.files import filesystem, join
+
+WORK_DIR = "_bfpack_work"
+
+
+def atomic_output(fs: pafs.FileSystem, path: str):
+    """A stream whose file appears at ``path`` only once it is closed (see :class:`_Atomic`)."""
+    return _Atomic(fs, path)
+
+
+class _Atomic:
+    """Write to a temporary name and rename on a local file system; an object store makes an
+    object visible only when its upload completes, so there the final name is written."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str):
+        self.fs, self.path = fs, path
+        self.local = isinstance(fs, pafs.LocalFileSystem)
+        if self.local:
+            fs.create_dir(posixpath.dirname(path), recursive=True)
+        self.tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if self.local else path
+
+    def __enter__(self):
+        self.stream = self.fs.open_output_stream(self.tmp)
+        return self.stream
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.stream.close()
+        if exc_type is not None:
+            if self.local:
+                self.fs.delete_file(self.tmp)
+            return
+        if self.local:
+            self.fs.move(self.tmp, self.path)
+
+
+class Workspace:
+    """The scratch directory of one run attempt (a URI or a local path)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def _group_path(self, group: int) -> tuple[pafs.FileSystem, str]:
+        fs, base = filesystem(self.uri)
+        return fs, posixpath.join(base.replace("\\", "/"), "groups", f"{group:07d}.arrow")
+
+    @contextmanager
+    def group_writer(self, group: int, schema: pa.Schema) -> Iterator[pa.ipc.RecordBatchFileWriter]:
+        """A writer of one group's documents (Arrow IPC, one record batch per read batch)."""
+        fs, path = self._group_path(group)
+        with atomic_output(fs, path) as out, pa.ipc.new_file(out, schema) as writer:
+            yield writer
+
+    def read_group(self, group: int) -> pa.Table:
+        """One group's documents as written; memory-mapped (not copied) on a local disk."""
+        fs, path = self._group_path(group)
+        if isinstance(fs, pafs.LocalFileSystem):
+            return pa.ipc.open_file(pa.memory_map(path)).read_all()
+        with fs.open_input_file(path) as fh:
+            return pa.ipc.open_file(fh).read_all()
+
+    def remove(self) -> None:
+        fs, base = filesystem(self.uri)
+        if fs.get_file_info(base).type == pafs.FileType.Directory:
+            fs.delete_dir(base)
+
+
+def clean_workspaces(root: str, keep: str, run_id: str, any_run: bool, older_than: float) -> list[str]:
+    """Remove the workspaces killed attempts left under ``root``: this run's at once; any run's
+    (``any_run``: while holding the output root's lock, so no run is reading its workspace)
+    once modified before ``older_than`` (a timestamp)."""
+    fs, base = filesystem(root)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return []
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(base)):
+        name = posixpath.basename(info.path)
+        if info.type != pafs.FileType.Directory or name == keep:
+            continue
+        old = info.mtime is not None and info.mtime.timestamp() < older_than
+        if name.startswith(run_id + "-") or (any_run and old):
+            fs.delete_dir(info.path)
+            removed.append(name)
+    return removed
+
+
+def workspace_root(output: str, work_dir: str | None) -> str:
+    """Where attempts keep their workspaces: ``work_dir``, or ``_bfpack_work`` under the output root."""
+    return work_dir or join(output, WORK_DIR)

@@ -1,0 +1,66 @@
+"""The ``stats`` row of a run, from the stages' aggregates (nothing per document reaches the driver)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+import pyarrow as pa
+
+from bfpack_spark.metrics import PackingStats, bucket_labels
+from bfpack_spark.schemas import STATS
+
+
+def _sum(figures: list[dict], key: str, seq_len: int) -> PackingStats:
+    """The sum of the groups' additive figures of one strategy (sequences are counted elsewhere)."""
+    total = PackingStats(seq_len=seq_len)
+    for f in figures:
+        total += PackingStats(**{k: tuple(v) if isinstance(v, list) else v for k, v in f[key].items()})
+    return total
+
+
+def packing_stats(figures: list[dict], strategy: str, n_sequences: int,
+                  seq_len: int) -> tuple[PackingStats, PackingStats]:
+    """(the packing that was made, the concatenation baseline) from the assembly's figures."""
+    concat = _sum(figures, "concat", seq_len)
+    concat = replace(concat, n_sequences=concat.lower_bound)
+    made = concat if strategy == "concat" else replace(_sum(figures, "bfd", seq_len), n_sequences=n_sequences)
+    return made, concat
+
+
+def stats_row(*, run_id: str, started: str, config: Any, inputs: Any, documents_read: int, rejected: int,
+              packing: PackingStats, concat: PackingStats, plan: Any, moved: tuple[int, int],
+              audit: Any, stage_seconds: dict[str, float]) -> dict:
+    """One row of the ``stats`` table (columns of :data:`~bfpack_spark.schemas.STATS`)."""
+    by_length = [
+        {"length": label, "documents": d, "truncations_per_document": (t / d) if d else 0.0,
+         "concat_truncations_per_document": (c / d) if d else 0.0}
+        for label, d, t, c in zip(bucket_labels(), packing.bucket_documents, packing.bucket_truncations,
+                                  concat.bucket_truncations) if d
+    ]
+    return {
+        "run_id": run_id, "started_at": started, "mode": config.output.mode,
+        "strategy": config.packing.strategy,
+        "seq_len": config.packing.seq_len, "config": json.dumps(config.to_dict(), sort_keys=True),
+        "input_files": len(inputs.files), "input_groups": len(inputs.groups),
+        "packing_partitions": plan.n_partitions, "documents_read": documents_read,
+        "documents_packed": packing.n_documents, "documents_rejected": rejected, "tokens": packing.n_tokens,
+        "chunks": packing.n_segments, "sequences": packing.n_sequences, "lower_bound": packing.lower_bound,
+        "overhead": packing.overhead, "overhead_fraction": packing.overhead_fraction,
+        "padding_tokens": packing.padding_tokens, "mean_fill": packing.mean_fill,
+        "truncations_per_document": packing.truncations_per_document,
+        "documents_truncated": packing.n_documents_truncated, "concat_sequences": concat.n_sequences,
+        "concat_truncations_per_document": concat.truncations_per_document,
+        "concat_documents_truncated": concat.n_documents_truncated,
+        "truncations_by_length": json.dumps(by_length), "residual_items": plan.residual_items,
+        "residual_sequences": plan.residual_sequences, "merge_rounds": plan.merge_rounds,
+        "moved_segments": moved[0], "moved_tokens": moved[1], "audit_passed": audit.passed,
+        "audit": json.dumps({"passed": audit.passed, "checks": audit.checks, "found": audit.found,
+                             "expected": audit.expected}, default=int),
+        "stage_seconds": dict(stage_seconds),
+    }
+
+
+def stats_table(row: dict) -> pa.Table:
+    return pa.Table.from_pylist([{**row, "stage_seconds": list(row["stage_seconds"].items())}], schema=STATS)
