@@ -7,7 +7,9 @@ For each size N it writes N short pre-tokenized documents (log-normal lengths ar
 24 tokens, 8 Parquet files), runs ``bfpack pack-tokenized`` on local[2] in a
 subprocess, and samples every 0.2 s the resident memory of the driver's Python
 process and of its JVM (Spark's Python workers are not the driver and are not
-counted). It prints per size the wall time, the job's own per-stage seconds, both
+counted; in local mode the JVM is driver and executor at once, under ``--master
+'local-cluster[2,1,4096]'`` executors get JVMs of their own and the JVM measured is the
+driver's alone). It prints per size the wall time, the job's own per-stage seconds, both
 peaks, and the sequences against the lower bound ceil(tokens / L); then the
 driver's bytes per document: the slope of the Python peak between sizes.
 """
@@ -29,8 +31,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-#: The same measurement before the plan moved into Spark tasks (issue 9; local[2], same corpus shape).
-BEFORE = {1_000_000: (494e6, 46.0), 4_000_000: (1_137e6, 103.0), 8_000_000: (1_780e6, 177.0)}
+#: This benchmark on the code before the plan moved into Spark tasks (commit 2afaeaa, same machine,
+#: 2026-11-26): driver Python peak RSS and wall time. The scale issue's own figures were 494 MB /
+#: 46 s, 1,137 MB / 103 s and 1,780 MB / 177 s.
+BEFORE = {1_000_000: (515e6, 48.0), 4_000_000: (1_190e6, 87.0), 8_000_000: (1_975e6, 149.0)}
 
 
 def parse_size(text: str) -> int:
@@ -83,10 +87,10 @@ def _is_jvm(pid: int) -> bool:
         return False
 
 
-def run_pack(corpus: Path, out: Path, seq_len: int, extra: list[str]) -> dict:
+def run_pack(corpus: Path, out: Path, seq_len: int, master: str, extra: list[str]) -> dict:
     """Run the job; sample the driver Python process and the JVM it starts."""
     cmd = [sys.executable, "-m", "bfpack_spark.cli", "pack-tokenized", "-q", "--input", str(corpus),
-           "--output", str(out), "--seq-len", str(seq_len), "--master", "local[2]", *extra]
+           "--output", str(out), "--seq-len", str(seq_len), "--master", master, *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     py_peak = jvm_peak = 0
@@ -116,6 +120,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1M,4M,16M", help="comma-separated document counts (K, M suffixes)")
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--master", default="local[2]",
+                        help="local[2]: the JVM is driver and executor at once; 'local-cluster[2,1,4096]': "
+                             "executors in their own JVMs, so the JVM measured is the driver's alone")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory, removed at the end")
     parser.add_argument("--keep", action="store_true", help="keep the corpora and outputs")
     args, extra = parser.parse_known_args()
@@ -128,7 +135,7 @@ def main() -> None:
             t0 = time.perf_counter()
             tokens = write_corpus(corpus, n)
             print(f"\n== {n:,} documents, {tokens:,} tokens (written in {time.perf_counter() - t0:.0f}s)", flush=True)
-            r = run_pack(corpus, out, args.seq_len, extra)
+            r = run_pack(corpus, out, args.seq_len, args.master, extra)
             s = r["stats"]
             over = s["sequences"] - s["lower_bound"]
             print(f"wall {r['wall']:.1f}s; driver Python peak {r['python_peak'] / 1e6:,.0f} MB, JVM peak "

@@ -179,10 +179,11 @@ class PackConfig:
             raise ConfigError("quality.empty_documents: 'keep' packs an empty document as its "
                               "end-of-document token, so it needs tokenizer.append_eos: true")
         master = self.spark.master
-        if master is not None and not re.fullmatch(r"local(\[(\*|\d+)(,\d+)?\])?|yarn|(spark|k8s|mesos)://\S+",
-                                                    master):
-            raise ConfigError(f"spark.master: {master!r} is not a master URL (local[N], yarn, "
-                              f"spark://host:port, k8s://...)")
+        if master is not None and not re.fullmatch(
+                r"local(\[(\*|\d+)(,\d+)?\])?|local-cluster\[\d+, *\d+, *\d+\]|yarn|(spark|k8s|mesos)://\S+",
+                master):
+            raise ConfigError(f"spark.master: {master!r} is not a master URL (local[N], local-cluster[N,C,M], "
+                              f"yarn, spark://host:port, k8s://...)")
         if self.output.run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}",
                                                                self.output.run_id):
             raise ConfigError(f"output.run_id: {self.output.run_id!r} must be 1-100 letters, digits, "

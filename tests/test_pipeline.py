@@ -146,7 +146,7 @@ def test_table_schema_is_what_spark_reads_from_the_data_files(spark, packed):
 def test_spark_plan_equals_the_one_process_plan(spark, n_parts, merge_items):
     """Spark runs the routing, the per-partition BFD and the merge rounds in tasks; the result
     (sequence ids, slots, locality) is the one-process plan's, item for item."""
-    from bfpack_spark.packing.plan import plan_bfd
+    from bfpack_spark.packing.plan import item_histogram, plan_bfd
     from bfpack_spark.spark.partitioning import exact_partitions
     from bfpack_spark.stages import plan as stage
 
@@ -157,7 +157,8 @@ def test_spark_plan_equals_the_one_process_plan(spark, n_parts, merge_items):
     docs = spark.createDataFrame(
         [(int(g), int(i), f"d{k}", int(n), "src", k) for k, (g, i, n) in enumerate(zip(groups, index, lengths))],
         "group int, doc_index bigint, doc_id string, n_tokens bigint, source string, row bigint")
-    got = stage.plan_bfd(exact_partitions(docs, 5, "group"), 5, 512, n_parts, 0.99, merge_items, 256)
+    counts = np.stack([item_histogram(lengths[groups == g], 512, 256) for g in range(5)])
+    got = stage.plan_bfd(exact_partitions(docs, 5, "group"), counts, 512, n_parts, 0.99, merge_items, 256)
     try:
         rows = got.orders.select("group", "doc_index", "chunk", "seq_id", "slot", "local").toPandas()
     finally:

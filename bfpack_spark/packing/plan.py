@@ -52,6 +52,16 @@ def length_buckets(lengths: npt.ArrayLike, seq_len: int, n_buckets: int) -> npt.
     return (np.asarray(lengths, dtype=np.int64) - 1) * n_buckets // seq_len
 
 
+def item_histogram(doc_lengths: npt.ArrayLike, seq_len: int, n_buckets: int) -> npt.NDArray[np.int64]:
+    """How many items (chunks) documents of these lengths make, per length bucket."""
+    lengths = np.asarray(doc_lengths, dtype=np.int64)
+    width = min(n_buckets, seq_len)
+    counts = np.bincount(length_buckets(lengths[lengths % seq_len > 0] % seq_len, seq_len, n_buckets),
+                         minlength=width)
+    counts[length_buckets(seq_len, seq_len, n_buckets)] += int((lengths // seq_len).sum())
+    return counts
+
+
 def _interleave(buckets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Item order for dealing: by bucket, and within a bucket by a golden-ratio sequence over the
     items sorted by exact length, so that any run of consecutive items spans the bucket's lengths."""

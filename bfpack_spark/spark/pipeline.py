@@ -94,7 +94,8 @@ def _read_settings(config: PackConfig) -> ReadSettings:
         id_column=config.input.id_column or None,
         column=config.input.token_column or config.input.text_column,
         tokenized=config.tokenized, tokenizer=config.tokenizer.tokenizer, eos_token=config.tokenizer.eos_token,
-        append_eos=config.append_eos, keep_empty=config.quality.empty_documents == "keep",
+        append_eos=config.append_eos, seq_len=config.packing.seq_len, length_buckets=config.packing.length_buckets,
+        keep_empty=config.quality.empty_documents == "keep",
         max_document_bytes=config.quality.max_document_bytes)
 
 
@@ -141,7 +142,7 @@ def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, tim
             read = read_corpus(spark, inputs.groups, _read_settings(config), staging, workspace)
             release.callback(read.docs.unpersist)
         with timer("duplicates"):
-            dups = find_duplicates(read.docs, config.quality.duplicate_ids)
+            dups = find_duplicates(read.docs, config.quality.duplicate_ids, L, p.length_buckets)
             release.callback(dups.unpersist)
         documents_read, rejected = read.total("records"), read.total("rejects") + dups.count
         tokens_by_group = np.array([g["tokens"] - dups.tokens_by_group.get(i, 0) for i, g in enumerate(read.groups)],
@@ -158,7 +159,10 @@ def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, tim
             if p.strategy == "bfd":
                 kept = without_duplicates(read.docs, dups, n_groups)
                 release.callback(kept.unpersist)
-                plan = plan_bfd(kept, n_groups, L, p.partitions or n_groups, p.residual_fill,
+                items = np.array([g["items"] for g in read.groups], np.int64).reshape(n_groups, -1)
+                for g, dropped in dups.items_by_group.items():
+                    items[g] -= dropped
+                plan = plan_bfd(kept, items, L, p.partitions or n_groups, p.residual_fill,
                                 p.merge_items_per_partition, p.length_buckets)
                 release.callback(plan.unpersist)
             else:

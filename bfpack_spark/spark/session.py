@@ -47,8 +47,8 @@ def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[st
     if master or not submitted:
         builder = builder.master(master or "local[*]")
         settings.update(LOCAL_DEFAULTS)
-        # Spark starts Python workers with PYSPARK_PYTHON, else `python3` from PATH; locally they
-        # must run this interpreter, the one with bfpack, numba and pyarrow installed.
+        # Spark starts Python workers with PYSPARK_PYTHON, else `python3` from PATH; on this machine
+        # (local, local-cluster) they must run this interpreter, the one with bfpack installed.
         if (master or "local").startswith("local") and "spark.pyspark.python" not in (conf or {}):
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     if "NUMBA_CACHE_DIR" in os.environ:

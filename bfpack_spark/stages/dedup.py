@@ -2,52 +2,87 @@
 has is rejected, and the first copy is packed.
 
 "Earlier" is canonical order (group, then position in the group: files by name, rows in
-file order), so the same copy wins whatever the partitioning. This is a window over the
-ids, a shuffle of (id, position) pairs with no token in them; the driver gets only
-per-group counts.
+file order), so the same copy wins whatever the partitioning. Not a window over all the
+ids: one aggregation over 64-bit hashes of the ids finds the hashes seen more than once,
+and only the documents with those hashes are compared by id (a broadcast join when they
+are few). No token moves; the driver gets per-group counts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from bfpack_spark.packing.plan import item_histogram
+from bfpack_spark.schemas import spark_ddl
 from bfpack_spark.spark.partitioning import exact_partitions
+
+_SUMMARY = pa.schema([("group", pa.int32()), ("n", pa.int64()), ("tokens", pa.int64()),
+                      ("items", pa.list_(pa.int64()))])
+#: Below this many repeated id hashes, their documents are found with a broadcast join.
+_BROADCAST = 1_000_000
 
 
 @dataclass
 class Duplicates:
-    """The documents to drop, as a DataFrame (cached), and how many per group."""
+    """The documents to drop, as a DataFrame (cached), and per group how many and what they held."""
 
     drops: DataFrame | None          # doc_id, group, doc_index, n_tokens, first_source, first_row
-    count: int
-    tokens_by_group: dict[int, int]  # tokens of dropped documents, per group (for concat offsets)
+    count: int = 0
+    tokens_by_group: dict[int, int] = field(default_factory=dict)
+    items_by_group: dict[int, np.ndarray] = field(default_factory=dict)  # chunks per length bucket
 
     def unpersist(self) -> None:
         if self.drops is not None:
             self.drops.unpersist()
 
 
-def find_duplicates(docs: DataFrame, policy: str) -> Duplicates:
+def find_duplicates(docs: DataFrame, policy: str, seq_len: int, length_buckets: int) -> Duplicates:
     """``docs``: one row per packable document (doc_id, group, doc_index, n_tokens, source, row)."""
     if policy == "keep":
-        return Duplicates(None, 0, {})
-    first = Window.partitionBy("doc_id").orderBy("group", "doc_index")
-    copies = docs.select(
-        "doc_id", "group", "doc_index", "n_tokens",
-        F.row_number().over(first).alias("copy"),
-        F.first("source").over(first).alias("first_source"),
-        F.first("row").over(first).alias("first_row"),
-    )
-    drops = copies.filter("copy > 1").drop("copy").persist(StorageLevel.MEMORY_AND_DISK)
-    per_group = drops.groupBy("group").agg(F.count("*").alias("n"), F.sum("n_tokens").alias("tokens")).collect()
-    if not per_group:
+        return Duplicates(None)
+    hashed = docs.withColumn("h", F.xxhash64("doc_id"))
+    repeated = hashed.groupBy("h").count().filter("count > 1").select("h").persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        n_repeated = repeated.count()
+        if n_repeated == 0:  # the usual case: one aggregation over 64-bit hashes, nothing else
+            return Duplicates(None)
+        copies = (hashed.join(F.broadcast(repeated) if n_repeated <= _BROADCAST else repeated, "h")
+                  .withColumn("position", F.col("group").cast("bigint") * (1 << 40) + F.col("doc_index")))
+        copies = copies.join(copies.groupBy("doc_id").agg(F.min("position").alias("first")), "doc_id")
+        firsts = copies.filter(F.col("position") == F.col("first")).select(
+            "doc_id", F.col("source").alias("first_source"), F.col("row").alias("first_row"))
+        drops = (copies.filter(F.col("position") != F.col("first")).join(firsts, "doc_id")
+                 .select("doc_id", "group", "doc_index", "n_tokens", "first_source", "first_row")
+                 .persist(StorageLevel.MEMORY_AND_DISK))
+    finally:
+        repeated.unpersist()
+
+    def summarize(batches):
+        for batch in batches:
+            table = pa.Table.from_batches([batch])
+            for g in np.unique(table.column("group").to_numpy()):
+                mine = table.filter(pc.equal(table.column("group"), g)).column("n_tokens").to_numpy()
+                yield pa.RecordBatch.from_pydict(
+                    {"group": [int(g)], "n": [len(mine)], "tokens": [int(mine.sum())],
+                     "items": [item_histogram(mine, seq_len, length_buckets).tolist()]}, schema=_SUMMARY)
+
+    dups = Duplicates(drops)
+    for r in drops.select("group", "n_tokens").mapInArrow(summarize, spark_ddl(_SUMMARY)).collect():
+        g = r["group"]
+        dups.count += r["n"]
+        dups.tokens_by_group[g] = dups.tokens_by_group.get(g, 0) + r["tokens"]
+        dups.items_by_group[g] = dups.items_by_group.get(g, 0) + np.array(r["items"], np.int64)
+    if dups.count == 0:  # repeated hashes, but different ids
         drops.unpersist()
-        return Duplicates(None, 0, {})
-    return Duplicates(drops, sum(r["n"] for r in per_group), {r["group"]: r["tokens"] for r in per_group})
+        return Duplicates(None)
+    return dups
 
 
 def without_duplicates(docs: DataFrame, dups: Duplicates, n_groups: int) -> DataFrame:

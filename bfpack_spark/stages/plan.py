@@ -13,6 +13,7 @@ sequence is made of one group's documents.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -92,22 +93,6 @@ class _Round:
     def __init__(self, seq_len: int, n_buckets: int):
         self.seq_len, self.n_buckets = seq_len, n_buckets
 
-    def count_documents(self, batches) -> Iterator[pa.RecordBatch]:
-        """Stage 0 counts: items per (group, bucket) of packable documents."""
-        table = _table(batches)
-        if table is None:
-            return
-        for g, docs in _by_source(table, "group"):
-            _, _, length = _chunks(docs, self.seq_len)
-            yield self._counts(g, length)
-
-    def _counts(self, source: int, length: np.ndarray) -> pa.RecordBatch:
-        counts = np.bincount(length_buckets(length, self.seq_len, self.n_buckets),
-                             minlength=min(self.n_buckets, self.seq_len))
-        buckets = np.flatnonzero(counts)
-        return pa.RecordBatch.from_pydict({"source": np.full(buckets.shape[0], source, np.int32),
-                                           "bucket": buckets.astype(np.int32), "n": counts[buckets]})
-
     def route_documents(self, routing: Routing):
         def route(batches) -> Iterator[pa.RecordBatch]:
             table = _table(batches)
@@ -172,25 +157,26 @@ def _round_figures(packed: DataFrame, seq_len: int, n_buckets: int) -> tuple[dic
 def _counts_matrix(counts: dict, n_sources: int, n_buckets: int) -> np.ndarray:
     matrix = np.zeros((n_sources, n_buckets), np.int64)
     for (s, b), n in counts.items():
-        matrix[s, b] = n
+        matrix[s, b] += n
     return matrix
 
 
-def plan_bfd(kept: DataFrame, n_groups: int, seq_len: int, n_partitions: int, fill_threshold: float,
+def plan_bfd(kept: DataFrame, counts: np.ndarray, seq_len: int, n_partitions: int, fill_threshold: float,
              merge_items: int, n_buckets: int) -> PlanResult:
-    """Best-fit plan of the packable documents ``kept`` (DOC rows, each group's in one partition)."""
+    """Best-fit plan of the packable documents ``kept`` (DOC rows, each group's in one partition);
+    ``counts[g, b]``: the chunks of group ``g``'s documents in length bucket ``b``."""
     spark = kept.sparkSession
     rnd = _Round(seq_len, n_buckets)
     width = min(n_buckets, seq_len)
-    counts = {(r["source"], r["bucket"]): r["n"] for r in
-              kept.mapInArrow(rnd.count_documents, "source int, bucket int, n bigint").collect()}
-    routing = Routing.from_counts(_counts_matrix(counts, n_groups, width), n_partitions,
-                                  home_targets(n_groups, n_partitions))
-    items = kept.mapInArrow(rnd.route_documents(routing), spark_ddl(ITEM))
-    result = PlanResult(None, 0, n_partitions, n_items=sum(counts.values()))
+    n_groups = counts.shape[0]
+    routing = Routing.from_counts(counts, n_partitions, home_targets(n_groups, n_partitions))
+    items = kept.select("group", "doc_index", "n_tokens").mapInArrow(rnd.route_documents(routing), spark_ddl(ITEM))
+    n_items = int(counts.sum())
+    result = PlanResult(None, 0, n_partitions, n_items=n_items)
     finals_by_round, packed_rounds = [], []
-    n_targets, threshold, stalled, n_items = n_partitions, fill_threshold, False, sum(counts.values())
+    n_targets, threshold, stalled = n_partitions, fill_threshold, False
     while True:
+        t0 = time.perf_counter()
         packed = (exact_partitions(items, n_targets, "target").mapInArrow(rnd.pack(threshold), spark_ddl(PACKED))
                   .persist(StorageLevel.MEMORY_AND_DISK))
         result.cached.append(packed)
@@ -200,8 +186,8 @@ def plan_bfd(kept: DataFrame, n_groups: int, seq_len: int, n_partitions: int, fi
         result.moved_segments += moved
         result.moved_tokens += moved_tokens
         left = sum(residue.values())
-        log.info("plan round %d: %d partitions, %d sequences final, %d items left",
-                 len(packed_rounds) - 1, n_targets, sum(finals.values()), left)
+        log.info("plan round %d: %d partitions, %d sequences final, %d items left (%.1fs)",
+                 len(packed_rounds) - 1, n_targets, sum(finals.values()), left, time.perf_counter() - t0)
         if len(packed_rounds) == 1:
             result.residual_items = left
         if left == 0:
@@ -210,7 +196,8 @@ def plan_bfd(kept: DataFrame, n_groups: int, seq_len: int, n_partitions: int, fi
         n_sources, n_items = n_targets, left
         n_targets, threshold = merge_round(left, merge_items, fill_threshold, stalled)
         routing = Routing.from_counts(_counts_matrix(residue, n_sources, width), n_targets)
-        items = packed.filter(~F.col("final")).mapInArrow(rnd.route_residue(routing), spark_ddl(ITEM))
+        items = (packed.filter(~F.col("final")).select("group", "doc_index", "chunk", "length", "part")
+                 .mapInArrow(rnd.route_residue(routing), spark_ddl(ITEM)))
     offsets = sequence_offsets([n for counts in finals_by_round for n in counts])
     result.n_sequences = int(sum(sum(c) for c in finals_by_round))
     result.residual_sequences = result.n_sequences - sum(finals_by_round[0])

@@ -25,6 +25,7 @@ from bfpack_spark.io.readers import RawBatch, Reject, read_split
 from bfpack_spark.io.staging import StagedFile, Staging
 from bfpack_spark.io.workspace import Workspace
 from bfpack_spark.packing import flatten_token_lists
+from bfpack_spark.packing.plan import item_histogram
 from bfpack_spark.schemas import DOC, FILE, GROUP, READ, REJECTS, STORED, spark_ddl
 from bfpack_spark.tokenize import Tokenizer, encode_texts, load_tokenizer
 
@@ -39,6 +40,8 @@ class ReadSettings:
     tokenizer: str
     eos_token: str | None
     append_eos: bool
+    seq_len: int
+    length_buckets: int
     keep_empty: bool
     max_document_bytes: int
 
@@ -129,6 +132,7 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
     tokenizer = load_tokenizer(settings.tokenizer, settings.eos_token)
     doc_index = n_records = n_tokens = 0
     rejects: list[Reject] = []
+    histogram = np.zeros(min(settings.length_buckets, settings.seq_len), np.int64)
     with workspace.group_writer(group, STORED) as store:
         for split in splits:
             for raw in read_split(split, settings.id_column, settings.column, settings.tokenized,
@@ -155,11 +159,12 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
                     yield _doc_rows(group, doc_index, split.source, raw, lengths)
                     doc_index += len(raw.rows)
                     n_tokens += int(lengths.sum())
+                    histogram += item_histogram(lengths, settings.seq_len, settings.length_buckets)
     if rejects:
         written = staging.write("rejects", f"read-{group:07d}", rejects_table(rejects, staging.run_id))
         yield _info_row(FILE, group, written.to_json())
-    yield _info_row(GROUP, group, json.dumps({"records": n_records, "documents": doc_index,
-                                              "tokens": n_tokens, "rejects": len(rejects)}))
+    yield _info_row(GROUP, group, json.dumps({"records": n_records, "documents": doc_index, "tokens": n_tokens,
+                                              "rejects": len(rejects), "items": histogram.tolist()}))
 
 
 def _lengths(raw: RawBatch) -> np.ndarray:
@@ -192,7 +197,7 @@ class ReadResult:
 
     docs: DataFrame                 # DOC rows: group, doc_index, doc_id, n_tokens, source, row
     files: list[StagedFile]
-    groups: list[dict]              # per group: records, documents, tokens, rejects
+    groups: list[dict]              # per group: records, documents, tokens, rejects, items (per length bucket)
 
     def total(self, key: str) -> int:
         return sum(g[key] for g in self.groups)
@@ -211,7 +216,7 @@ def read_corpus(spark: SparkSession, groups: list[list[Split]], settings: ReadSe
     n = len(groups)
     rows = spark.range(0, n, 1, n).mapInArrow(read, spark_ddl(READ)).persist(StorageLevel.MEMORY_AND_DISK)
     info = rows.filter(F.col("kind") != DOC).select("kind", "group", "info").collect()
-    counts = [{"records": 0, "documents": 0, "tokens": 0, "rejects": 0} for _ in range(n)]
+    counts: list[dict] = [{} for _ in range(n)]
     files = []
     for r in info:
         if r["kind"] == GROUP:
