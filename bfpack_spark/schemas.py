@@ -32,37 +32,48 @@ STORED = pa.schema([
     ("tokens", pa.list_(pa.int32())),
 ])
 
-#: Items (chunks, lengths only) through the packing rounds.
-ITEM = pa.schema([
-    ("group", pa.int32()),
-    ("doc_index", pa.int64()),
-    ("chunk", pa.int32()),
-    ("length", pa.int32()),
-    ("target", pa.int32()),      # partition of the round it is packed in
+#: Items (chunks, lengths only) through the packing rounds, in bundles: Spark moves a few rows of
+#: long arrays far more cheaply than one row per item. One bundle per (source, target) when dealt ...
+BUNDLE = pa.schema([
+    ("target", pa.int32()),              # the partition of the round the items are packed in
+    ("group", pa.list_(pa.int32())),
+    ("doc_index", pa.list_(pa.int64())),
+    ("chunk", pa.list_(pa.int32())),
+    ("length", pa.list_(pa.int32())),
 ])
+#: ... and one per (partition, group) once packed. ``rank`` is the item's sequence among the
+#: partition's final ones (-1: not final, it goes to the next round). The partition's figures
+#: (final sequences, moved items, residue per length bucket) ride on one of its bundles.
 PACKED = pa.schema([
-    ("group", pa.int32()),
-    ("doc_index", pa.int64()),
-    ("chunk", pa.int32()),
-    ("length", pa.int32()),
     ("part", pa.int32()),
-    ("final", pa.bool_()),
-    ("rank", pa.int64()),        # the sequence's number among the partition's final sequences
-    ("slot", pa.int32()),
-    ("local", pa.bool_()),
+    ("group", pa.int32()),
+    ("doc_index", pa.list_(pa.int64())),
+    ("chunk", pa.list_(pa.int32())),
+    ("length", pa.list_(pa.int32())),
+    ("rank", pa.list_(pa.int64())),
+    ("slot", pa.list_(pa.int32())),
+    ("local", pa.list_(pa.bool_())),
+    ("n_final", pa.int64()),
+    ("moved", pa.int64()),
+    ("moved_tokens", pa.int64()),
+    ("residue_buckets", pa.list_(pa.int32())),
+    ("residue_counts", pa.list_(pa.int64())),
 ])
 
-#: What the assembly of one group is told: where each of its items goes (PLAN), which of its
-#: documents are duplicates (DROP), and that it exists at all (MARK).
+#: What the assembly of one group is told: where its items go (PLAN: a packed bundle of round
+#: ``stage``), which of its documents are duplicates (DROP: one document each), and that it
+#: exists at all (MARK).
 PLAN, DROP, MARK = 0, 1, 2
 ORDERS = pa.schema([
     ("kind", pa.int8()),
     ("group", pa.int32()),
-    ("doc_index", pa.int64()),
-    ("chunk", pa.int32()),
-    ("seq_id", pa.int64()),
-    ("slot", pa.int32()),
-    ("local", pa.bool_()),
+    ("stage", pa.int32()),
+    ("part", pa.int32()),
+    ("doc_index", pa.list_(pa.int64())),
+    ("chunk", pa.list_(pa.int32())),
+    ("rank", pa.list_(pa.int64())),
+    ("slot", pa.list_(pa.int32())),
+    ("local", pa.list_(pa.bool_())),
     ("first_source", pa.string()),
     ("first_row", pa.int64()),
 ])

@@ -190,7 +190,7 @@ def test_help_explains_every_option():
     done = bfpack("pack", "--help", timeout=60)
     assert done.returncode == 0
     for flag in ("--input", "--output", "--seq-len", "--tokenizer", "--text-column", "--id-column",
-                 "--run-id", "--mode", "--placement", "--max-reject-fraction", "--spark-conf"):
+                 "--run-id", "--mode", "--length-buckets", "--work-dir", "--max-reject-fraction", "--spark-conf"):
         assert flag in done.stdout
     assert "demo" in bfpack("--help", timeout=60).stdout
 

@@ -117,3 +117,23 @@ def test_bad_token_arrays_are_named(tokens, message):
 def test_unknown_strategy():
     with pytest.raises(ValueError, match="unknown packing strategy 'greedy'"):
         pack_token_lists(pa.array([[1]], type=pa.list_(pa.int32())), 8, "greedy")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.lists(st.integers(0, 1000), max_size=30), max_size=6), min_size=1, max_size=5),
+       st.data())
+def test_chunked_tokens_gather_what_the_concatenation_holds(chunks, data):
+    """ChunkedTokens reads segments from several Arrow chunks in place; same tokens as one flat array."""
+    from bfpack_spark.packing.arrow import ChunkedTokens
+
+    docs = [d for chunk in chunks for d in chunk]
+    tokens = ChunkedTokens(pa.chunked_array([pa.array(c, pa.list_(pa.int32())) for c in chunks],
+                                            type=pa.list_(pa.int32())))
+    assert tokens.lengths.tolist() == [len(d) for d in docs]
+    picks = data.draw(st.lists(st.sampled_from(range(len(docs))), max_size=20)) if docs else []
+    starts = [data.draw(st.integers(0, len(docs[d]))) for d in picks]
+    lengths = [data.draw(st.integers(0, len(docs[d]) - s)) for d, s in zip(picks, starts)]
+    got = tokens.gather(np.array(picks, np.int64), np.array(starts, np.int64), np.array(lengths, np.int64))
+    assert got.tolist() == [t for d, s, n in zip(picks, starts, lengths) for t in docs[d][s:s + n]]
+    for d in picks:
+        assert tokens.head(d, 3).tolist() == docs[d][:3]

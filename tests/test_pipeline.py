@@ -146,6 +146,8 @@ def test_table_schema_is_what_spark_reads_from_the_data_files(spark, packed):
 def test_spark_plan_equals_the_one_process_plan(spark, n_parts, merge_items):
     """Spark runs the routing, the per-partition BFD and the merge rounds in tasks; the result
     (sequence ids, slots, locality) is the one-process plan's, item for item."""
+    from pyspark.sql import functions as F
+
     from bfpack_spark.packing.plan import item_histogram, plan_bfd
     from bfpack_spark.spark.partitioning import exact_partitions
     from bfpack_spark.stages import plan as stage
@@ -160,9 +162,13 @@ def test_spark_plan_equals_the_one_process_plan(spark, n_parts, merge_items):
     counts = np.stack([item_histogram(lengths[groups == g], 512, 256) for g in range(5)])
     got = stage.plan_bfd(exact_partitions(docs, 5, "group"), counts, 512, n_parts, 0.99, merge_items, 256)
     try:
-        rows = got.orders.select("group", "doc_index", "chunk", "seq_id", "slot", "local").toPandas()
+        rows = got.orders.select("stage", "part", "group", F.explode(F.arrays_zip(
+            "doc_index", "chunk", "rank", "slot", "local")).alias("i")).select("stage", "part", "group", "i.*")
+        rows = rows.filter("rank >= 0").toPandas()  # an item's sequence is final in exactly one round
     finally:
         got.unpersist()
+    base = np.cumsum([0] + [len(f) for f in got.first_ids])
+    rows["seq_id"] = np.concatenate(got.first_ids)[base[rows["stage"]] + rows["part"]] + rows["rank"]
     rows = rows.sort_values(["group", "doc_index", "chunk"])
     want = plan_bfd(lengths, groups, 5, 512, n_parts, 0.99, merge_items)
     assert got.n_sequences == want.n_sequences and got.residual_items == want.residual_items
@@ -170,3 +176,15 @@ def test_spark_plan_equals_the_one_process_plan(spark, n_parts, merge_items):
     assert rows["seq_id"].tolist() == want.seq.tolist()
     assert rows["slot"].tolist() == want.slot.tolist()
     assert rows["local"].tolist() == want.local.tolist()
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_exact_partitions_put_key_p_in_partition_p(spark, n):
+    from pyspark.sql import functions as F
+
+    from bfpack_spark.spark.partitioning import exact_partitions
+
+    df = spark.range(0, 50 * n).select((F.col("id") % n).cast("int").alias("key"), F.col("id"))
+    got = exact_partitions(df, n, "key").select("key", F.spark_partition_id().alias("p"), "id").toPandas()
+    assert len(got) == 50 * n and (got["key"] == got["p"]).all()
+    assert sorted(got["id"]) == list(range(50 * n))

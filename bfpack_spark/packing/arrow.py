@@ -73,6 +73,50 @@ def list_array(offsets: np.ndarray, values: pa.Array) -> pa.Array:
     return pa.LargeListArray.from_arrays(pa.array(offsets), values)
 
 
+@jit
+def _gather_at(values, doc_offsets, seg_doc, seg_start, seg_len, seg_out, out):
+    for j in range(seg_doc.shape[0]):
+        copy_range(out, seg_out[j], values, doc_offsets[seg_doc[j]] + seg_start[j], seg_len[j])
+
+
+class ChunkedTokens:
+    """Token lists spread over several Arrow chunks (as read back from a file), used where they are.
+
+    Concatenating the chunks would copy every token once more; here a segment is copied
+    straight from its chunk to its place in the output.
+    """
+
+    def __init__(self, tokens: pa.Array | pa.ChunkedArray):
+        chunks = tokens.chunks if isinstance(tokens, pa.ChunkedArray) else [tokens]
+        self._parts = [flatten_token_lists(c) for c in chunks if len(c)]  # no copy of the values
+        counts = [offsets.shape[0] - 1 for _, offsets in self._parts]
+        self._first = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        self.lengths = (np.concatenate([np.diff(o) for _, o in self._parts]) if self._parts
+                        else np.zeros(0, np.int64))
+
+    def gather(self, doc: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
+        """The tokens of the given segments (document, start, length), one after the other."""
+        length = np.asarray(length, np.int64)
+        out = np.empty(int(length.sum()), np.int32)
+        at = np.cumsum(length) - length
+        part = np.searchsorted(self._first, doc, side="right") - 1
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(len(self._parts) + 1))
+        for p, (values, offsets) in enumerate(self._parts):
+            sel = order[bounds[p]:bounds[p + 1]]
+            if sel.size:
+                _gather_at(values, offsets, doc[sel] - self._first[p], np.asarray(start)[sel], length[sel],
+                           at[sel], out)
+        return out
+
+    def head(self, doc: int, n: int) -> np.ndarray:
+        """The first ``n`` tokens of one document."""
+        p = int(np.searchsorted(self._first, doc, side="right") - 1)
+        values, offsets = self._parts[p]
+        at = offsets[doc - self._first[p]]
+        return values[at:min(at + n, offsets[doc - self._first[p] + 1])]
+
+
 def gather_segments(values: np.ndarray, doc_offsets: np.ndarray, doc: np.ndarray, start: np.ndarray,
                     length: np.ndarray) -> np.ndarray:
     """The tokens of the given segments, one after the other (one copy of each token)."""

@@ -36,7 +36,7 @@ from bfpack_spark.io.workspace import Workspace, clean_workspaces, workspace_roo
 from bfpack_spark.metrics import PackingStats
 from bfpack_spark.schemas import TABLES
 from bfpack_spark.spark.session import get_spark
-from bfpack_spark.stages.assemble import Assembly, assemble
+from bfpack_spark.stages.assemble import Assembly, assemble, reduce_partitions
 from bfpack_spark.stages.dedup import find_duplicates, without_duplicates
 from bfpack_spark.stages.plan import PlanResult, plan_bfd
 from bfpack_spark.stages.read import ReadSettings, read_corpus
@@ -172,9 +172,9 @@ def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, tim
 
         with timer("assemble and write"):
             ctx = Assembly(L, p.strategy, staging, workspace, config.tokenizer.tokenizer, config.tokenizer.eos_token,
-                           np.cumsum(tokens_by_group) - tokens_by_group, tokens)
-            n_reduce = max(1, -(-plan.moved_segments // p.merge_items_per_partition))
-            assembled = assemble(spark, plan.orders, dups.drops, n_groups, ctx, n_reduce)
+                           np.cumsum(tokens_by_group) - tokens_by_group, tokens, tuple(plan.first_ids))
+            assembled = assemble(spark, plan.orders, dups.drops, n_groups, ctx,
+                                 reduce_partitions(plan.moved_segments, plan.moved_tokens, p.merge_items_per_partition))
         faults.check("staged")
         files = {name: [f for f in read.files + assembled.files if f.table == name] for name in TABLES}
         packing, concat = packing_stats(assembled.figures, p.strategy, plan.n_sequences, L)

@@ -17,16 +17,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark import TaskContext
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from bfpack_spark import faults
 from bfpack_spark.audit import document_figures, sequence_figures
+from bfpack_spark.io.readers import Reject
 from bfpack_spark.io.staging import StagedFile, Staging
 from bfpack_spark.io.workspace import Workspace
 from bfpack_spark.metrics import PackingStats
-from bfpack_spark.packing.arrow import flatten_token_lists, gather_segments, list_array, sequences_table
+from bfpack_spark.packing.arrow import ChunkedTokens, flatten_token_lists, list_array, sequences_table
 from bfpack_spark.packing.chunking import chunk_documents
 from bfpack_spark.packing.layout import concat_pieces
 from bfpack_spark.schemas import (
@@ -50,6 +52,14 @@ from bfpack_spark.tokenize import load_tokenizer
 FIGURES = 4
 OUTPUT_ROWS = 2048
 EXCERPT_TOKENS = 64
+#: A task of the final reduce joins at most about this many moved tokens (32 MB).
+REDUCE_TOKENS = 8 * 2**20
+
+
+def reduce_partitions(moved_segments: int, moved_tokens: int, merge_items: int) -> int:
+    """Tasks of the final reduce: at most ``merge_items`` segments and about REDUCE_TOKENS tokens each
+    (length-sorted input moves few segments but many tokens)."""
+    return max(1, -(-moved_segments // merge_items), -(-moved_tokens // REDUCE_TOKENS))
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,12 @@ class Assembly:
     eos_token: str | None
     concat_offsets: np.ndarray  # first token of each group in the concatenated stream (packable documents)
     concat_total: int
+    first_ids: tuple[np.ndarray, ...] = ()  # best-fit: first sequence id of each partition, per round
+
+    def sequence_ids(self, stage: np.ndarray, part: np.ndarray, rank: np.ndarray) -> np.ndarray:
+        """Sequence id of an item whose sequence became final in round ``stage``, partition ``part``."""
+        base = np.cumsum([0] + [len(f) for f in self.first_ids])
+        return np.concatenate(self.first_ids)[base[stage] + part] + rank
 
 
 def _batches(table: pa.Table, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
@@ -110,19 +126,29 @@ def _concat_segments(lengths: np.ndarray, kept: np.ndarray, first_token: int, to
     return _Segments(kept[doc], start, length, seq, position - seq * seq_len, local)
 
 
-def _plan_segments(lengths: np.ndarray, kept: np.ndarray, plan: pa.Table, seq_len: int) -> _Segments:
-    chunks = chunk_documents(lengths[kept], seq_len)
-    plan = plan.sort_by([("doc_index", "ascending"), ("chunk", "ascending")])
-    if plan.num_rows != len(chunks):
-        raise RuntimeError(f"the plan has {plan.num_rows} segments for {len(chunks)} chunks of this group")
-    return _Segments(kept[chunks.doc], chunks.start, chunks.length, plan.column("seq_id").to_numpy(),
-                     plan.column("slot").to_numpy(), plan.column("local").to_numpy(zero_copy_only=False))
+def _plan_segments(lengths: np.ndarray, kept: np.ndarray, bundles: pa.Table, ctx: Assembly) -> _Segments:
+    """The group's chunks and where the plan's bundles (one per round and partition) put them."""
+    chunks = chunk_documents(lengths[kept], ctx.seq_len)
+    per_row = pc.list_value_length(bundles.column("rank")).to_numpy()
+    items = {c: pc.list_flatten(bundles.column(c)).to_numpy(zero_copy_only=False)
+             for c in ("doc_index", "chunk", "rank", "slot", "local")}
+    final = items["rank"] >= 0  # each item is final in exactly one round
+    stage = np.repeat(bundles.column("stage").to_numpy(), per_row)[final]
+    part = np.repeat(bundles.column("part").to_numpy(), per_row)[final]
+    items = {c: v[final] for c, v in items.items()}
+    order = np.lexsort((items["chunk"], items["doc_index"]))
+    if not (order.shape[0] == len(chunks) and np.array_equal(items["doc_index"][order], kept[chunks.doc])
+            and np.array_equal(items["chunk"][order], chunks.index)):
+        raise RuntimeError(f"the plan ({order.shape[0]} segments) does not match this group's {len(chunks)} chunks")
+    seq = ctx.sequence_ids(stage[order], part[order], items["rank"][order])
+    return _Segments(kept[chunks.doc], chunks.start, chunks.length, seq, items["slot"][order],
+                     items["local"][order])
 
 
-def _excerpts(tokens: pa.Array, docs: np.ndarray, ctx: Assembly) -> list[str]:
+def _excerpts(tokens: ChunkedTokens, docs: np.ndarray, ctx: Assembly) -> list[str]:
     """The start of each document's text (decoded from its first tokens), for a reject row."""
     tokenizer = load_tokenizer(ctx.tokenizer, ctx.eos_token)
-    return [tokenizer.decode(tokens[int(d)].values.to_numpy()[:EXCERPT_TOKENS]) for d in docs]
+    return [tokenizer.decode(tokens.head(int(d), EXCERPT_TOKENS)) for d in docs]
 
 
 def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.RecordBatch]:
@@ -130,16 +156,18 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
     faults.check("assemble")
     stored = ctx.workspace.read_group(group)
     kind = orders.column("kind").to_numpy()
-    drops = orders.filter(pa.array(kind == DROP)).sort_by("doc_index")
-    dropped = drops.column("doc_index").to_numpy()
-    values, doc_offsets = flatten_token_lists(stored.column("tokens"))
-    lengths = np.diff(doc_offsets)
+    drops = orders.filter(pa.array(kind == DROP))
+    order = np.argsort(pc.list_flatten(drops.column("doc_index")).to_numpy())  # one document per DROP order
+    drops = drops.take(pa.array(order))
+    dropped = pc.list_flatten(drops.column("doc_index")).to_numpy()
+    tokens = ChunkedTokens(stored.column("tokens"))
+    lengths = tokens.lengths
     kept = np.setdiff1d(np.arange(stored.num_rows), dropped)
     L = ctx.seq_len
     if ctx.strategy == "concat":
         segs = _concat_segments(lengths, kept, int(ctx.concat_offsets[group]), ctx.concat_total, L)
     else:
-        segs = _plan_segments(lengths, kept, orders.filter(pa.array(kind == PLAN)), L)
+        segs = _plan_segments(lengths, kept, orders.filter(pa.array(kind == PLAN)), ctx)
     doc_ids = stored.column("doc_id").combine_chunks()
     name = f"group-{group:07d}"
     run_id = ctx.staging.run_id
@@ -152,22 +180,22 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
         seq = segs.seq[order]
         firsts = np.flatnonzero(np.diff(seq, prepend=-1) != 0)
         doc, start, length = segs.doc[order], segs.start[order], segs.length[order]
-        tokens = gather_segments(values, doc_offsets, doc, start, length)
-        table = _with_run(sequences_table(np.append(firsts, len(order)), tokens, doc_ids.take(pa.array(doc)),
+        table = _with_run(sequences_table(np.append(firsts, len(order)), tokens.gather(doc, start, length),
+                                          doc_ids.take(pa.array(doc)),
                                           start, length, docs_column="doc_ids"), seq[firsts], run_id)
         yield _info(FILE, ctx.staging.write("sequences", name, table, sequence_figures(table)).to_json())
 
     moving = np.flatnonzero(~segs.local)
     if moving.size:
         lengths_m = segs.length[moving]
-        tokens = gather_segments(values, doc_offsets, segs.doc[moving], segs.start[moving], lengths_m)
+        moved = tokens.gather(segs.doc[moving], segs.start[moving], lengths_m)
         frags = pa.table({
             "kind": pa.array(np.full(moving.shape[0], FRAGMENT, np.int8)),
             "seq_id": pa.array(segs.seq[moving]),
             "slot": pa.array(segs.slot[moving].astype(np.int32)),
             "doc_id": doc_ids.take(pa.array(segs.doc[moving])),
             "seg_start": pa.array(segs.start[moving].astype(np.int32)),
-            "tokens": list_array(np.concatenate(([0], np.cumsum(lengths_m))), pa.array(tokens)),
+            "tokens": list_array(np.concatenate(([0], np.cumsum(lengths_m))), pa.array(moved)),
             "info": pa.nulls(moving.shape[0], pa.string()),
         })
         yield from _batches(frags, ASSEMBLED)
@@ -184,22 +212,21 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
         figures = document_figures(documents.column("doc_id").combine_chunks(), n_tokens, n_chunks, L)
         yield _info(FILE, ctx.staging.write("documents", name, documents, figures).to_json())
     if dropped.size:
+        excerpts = _excerpts(tokens, dropped, ctx)
         yield _info(FILE, ctx.staging.write("rejects", f"duplicates-{group:07d}",
-                                            _duplicate_rejects(stored, drops, dropped, ctx)).to_json())
+                                            _duplicate_rejects(stored, drops, dropped, excerpts, ctx)).to_json())
     yield _info(FIGURES, json.dumps(_figures(lengths[kept], segs, int(ctx.concat_offsets[group]), L)))
 
 
-def _duplicate_rejects(stored: pa.Table, drops: pa.Table, dropped: np.ndarray, ctx: Assembly) -> pa.Table:
-    from bfpack_spark.io.readers import Reject
-
-    tokens = stored.column("tokens").combine_chunks()
+def _duplicate_rejects(stored: pa.Table, drops: pa.Table, dropped: np.ndarray, excerpts: list[str],
+                       ctx: Assembly) -> pa.Table:
     sources = stored.column("source").combine_chunks().take(pa.array(dropped)).to_pylist()
     rows = stored.column("row").combine_chunks().take(pa.array(dropped)).to_pylist()
     ids = stored.column("doc_id").combine_chunks().take(pa.array(dropped)).to_pylist()
     rejects = [Reject(src, row, f"duplicate id; first seen in {first_src} at row {first_row}", excerpt, doc_id)
                for src, row, doc_id, first_src, first_row, excerpt in zip(
                    sources, rows, ids, drops.column("first_source").to_pylist(),
-                   drops.column("first_row").to_pylist(), _excerpts(tokens, dropped, ctx))]
+                   drops.column("first_row").to_pylist(), excerpts)]
     return rejects_table(rejects, ctx.staging.run_id)
 
 
@@ -260,8 +287,8 @@ def _orders(spark, plan_orders: DataFrame | None, drops: DataFrame | None, n_gro
     duplicates' DROP orders, and the plan's PLAN orders (best-fit only)."""
     orders = as_orders(spark.range(0, n_groups), MARK, group=F.col("id"))
     if drops is not None:
-        orders = orders.unionByName(as_orders(drops, DROP, **{c: F.col(c) for c in (
-            "group", "doc_index", "first_source", "first_row")}))
+        orders = orders.unionByName(as_orders(drops, DROP, doc_index=F.array("doc_index"), **{
+            c: F.col(c) for c in ("group", "first_source", "first_row")}))
     if plan_orders is not None:
         orders = orders.unionByName(plan_orders)
     return orders

@@ -1,13 +1,13 @@
 """Stage 3, plan: where every chunk goes, from lengths alone, computed in Spark tasks.
 
 The steps are those of :mod:`bfpack_spark.packing.plan` (read its docstring first):
-each round counts its items per (source, length bucket), the driver turns the counts
-into a :class:`~bfpack_spark.packing.plan.Routing`, tasks deal their items to the
-round's partitions, and one task per partition packs them by BFD. Sequences filled
-to the threshold are final; the rest go to the next round. The driver holds counts
-per (source, bucket) and per partition, never a row per document or chunk, and the
-result is a DataFrame: for each item, its sequence id, its slot and whether its
-sequence is made of one group's documents.
+the driver turns each round's counts per (source, length bucket) into a
+:class:`~bfpack_spark.packing.plan.Routing`, tasks deal their items to the round's
+partitions, and one task per partition packs them by BFD. Sequences filled to the
+threshold are final; the rest go to the next round. The driver holds counts per
+(source, bucket) and per partition, never a row per document or chunk. Items travel
+in *bundles* (one row of arrays per source and target, or per partition and group):
+Spark moves a few long arrays far more cheaply than one row per item.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import reduce
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -32,7 +34,7 @@ from bfpack_spark.packing.plan import (
     pack_partition,
     sequence_offsets,
 )
-from bfpack_spark.schemas import ITEM, PACKED, PLAN, spark_ddl
+from bfpack_spark.schemas import BUNDLE, PACKED, PLAN, spark_ddl
 from bfpack_spark.spark.partitioning import exact_partitions
 from bfpack_spark.stages.assemble import as_orders
 
@@ -41,116 +43,143 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PlanResult:
-    """The plan: one PLAN order per item (``orders``), and its figures."""
+    """The plan: every round's packed bundles (``orders``, as PLAN orders) and its figures.
+
+    An item's sequence id is ``first_ids[stage][part] + rank`` for the round ``stage`` in
+    which its sequence became final (O(partitions) numbers, computed on the driver).
+    """
 
     orders: DataFrame | None
     n_sequences: int
     n_partitions: int
+    first_ids: list[np.ndarray] = field(default_factory=list)
     n_items: int = 0
     residual_items: int = 0
     residual_sequences: int = 0
     merge_rounds: int = 0
     moved_segments: int = 0
     moved_tokens: int = 0
-    cached: list[DataFrame] = field(default_factory=list)
+    rounds: list[DataFrame] = field(default_factory=list)  # each round's packed bundles (cached)
 
     def unpersist(self) -> None:
-        for df in self.cached:
+        for df in self.rounds:
             df.unpersist()
 
 
 def _table(batches) -> pa.Table | None:
+    """A task's input batches as one table, or None when it has no row."""
     batches = list(batches)
-    return pa.Table.from_batches(batches) if batches else None
+    table = pa.Table.from_batches(batches) if batches else None
+    return table if table is not None and table.num_rows else None
 
 
-def _by_source(table: pa.Table, column: str) -> Iterator[tuple[int, pa.Table]]:
-    """Rows of each source in the partition, in canonical order (a partition usually holds one)."""
-    table = table.sort_by([(column, "ascending"), ("group", "ascending"), ("doc_index", "ascending")]
-                          + ([("chunk", "ascending")] if "chunk" in table.column_names else []))
-    keys = table.column(column).to_numpy()
-    bounds = np.flatnonzero(np.diff(keys, prepend=keys[0] - 1) != 0).tolist() + [len(keys)]
-    for s, e in zip(bounds, bounds[1:]):
-        yield int(keys[s]), table.slice(s, e - s)
+def _flat(table: pa.Table, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The list columns of a table of bundles, each flattened to one array."""
+    return {c: pc.list_flatten(table.column(c)).to_numpy(zero_copy_only=False) for c in columns}
 
 
-def _chunks(docs: pa.Table, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(doc_index, chunk, length) of every chunk of these documents (in canonical order)."""
-    chunks = chunk_documents(docs.column("n_tokens").to_numpy(), seq_len)
-    return docs.column("doc_index").to_numpy()[chunks.doc], chunks.index, chunks.length
+def _canonical(items: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    order = np.lexsort((items["chunk"], items["doc_index"], items["group"]))
+    return {c: v[order] for c, v in items.items()}
 
 
-def _item_batch(group, doc_index, chunk, length, target) -> pa.RecordBatch:
-    return pa.RecordBatch.from_arrays([
-        pa.array(np.asarray(group, np.int32)), pa.array(np.asarray(doc_index, np.int64)),
-        pa.array(np.asarray(chunk, np.int32)), pa.array(np.asarray(length, np.int32)),
-        pa.array(np.asarray(target, np.int32))], schema=ITEM)
+def _bundles(items: dict[str, np.ndarray], key: np.ndarray, key_name: str, schema: pa.Schema) -> dict[str, pa.Array]:
+    """Columns of one row per distinct ``key`` (non-empty): the key, and the items' columns as
+    lists (items in their order within a key)."""
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    starts = np.flatnonzero(np.diff(key, prepend=key[0] - 1) != 0)
+    offsets = pa.array(np.append(starts, key.shape[0]).astype(np.int32))
+    columns = {key_name: pa.array(key[starts], pa.int32())}
+    for name, values in items.items():
+        columns[name] = pa.ListArray.from_arrays(offsets, pa.array(values[order], schema.field(name).type.value_type))
+    return columns
 
 
 class _Round:
-    """The tasks of one packing round: count, route, pack (pickled into Spark tasks)."""
+    """The tasks of a packing round: route, pack (pickled into Spark tasks)."""
 
     def __init__(self, seq_len: int, n_buckets: int):
         self.seq_len, self.n_buckets = seq_len, n_buckets
 
     def route_documents(self, routing: Routing):
+        """Stage 0: cut each group's documents into items and deal them to the partitions."""
+        seq_len = self.seq_len
+
         def route(batches) -> Iterator[pa.RecordBatch]:
             table = _table(batches)
             if table is None:
                 return
-            for g, docs in _by_source(table, "group"):
-                doc_index, chunk, length = _chunks(docs, self.seq_len)
-                target = routing.targets(g, length, length_buckets(length, self.seq_len, self.n_buckets))
-                yield _item_batch(np.full(length.shape[0], g), doc_index, chunk, length, target)
+            for g in np.unique(table.column("group").to_numpy()):
+                docs = table.filter(pc.equal(table.column("group"), g)).sort_by("doc_index")
+                chunks = chunk_documents(docs.column("n_tokens").to_numpy(), seq_len)
+                items = {"group": np.full(len(chunks), g, np.int32),
+                         "doc_index": docs.column("doc_index").to_numpy()[chunks.doc],
+                         "chunk": chunks.index, "length": chunks.length}
+                yield self._dealt(int(g), items, routing)
         return route
 
     def route_residue(self, routing: Routing):
+        """A merge round: deal each partition's residue (items not yet final) to the next round."""
         def route(batches) -> Iterator[pa.RecordBatch]:
             table = _table(batches)
             if table is None:
                 return
-            for p, items in _by_source(table, "part"):
-                length = items.column("length").to_numpy()
-                target = routing.targets(p, length, length_buckets(length, self.seq_len, self.n_buckets))
-                yield _item_batch(items.column("group"), items.column("doc_index"), items.column("chunk"),
-                                  length, target)
+            for p in np.unique(table.column("part").to_numpy()):
+                bundles = table.filter(pc.equal(table.column("part"), p))
+                items = _flat(bundles, ("doc_index", "chunk", "length", "rank"))
+                items["group"] = np.repeat(bundles.column("group").to_numpy(),
+                                           pc.list_value_length(bundles.column("rank")).to_numpy())
+                left = items.pop("rank") < 0
+                if left.any():
+                    yield self._dealt(int(p), _canonical({c: v[left] for c, v in items.items()}), routing)
         return route
 
+    def _dealt(self, source: int, items: dict[str, np.ndarray], routing: Routing) -> pa.RecordBatch:
+        length = items["length"]
+        target = routing.targets(source, length, length_buckets(length, self.seq_len, self.n_buckets))
+        return pa.RecordBatch.from_pydict(_bundles(items, target, "target", BUNDLE), schema=BUNDLE)
+
     def pack(self, threshold: float):
-        seq_len = self.seq_len
+        seq_len, n_buckets = self.seq_len, self.n_buckets
 
         def pack(batches) -> Iterator[pa.RecordBatch]:
             table = _table(batches)
             if table is None:
                 return
-            for p, items in _by_source(table, "target"):
-                packed = pack_partition(items.column("length").to_numpy(), items.column("group").to_numpy(),
-                                        seq_len, threshold)
-                yield pa.RecordBatch.from_arrays([
-                    items.column("group").combine_chunks(), items.column("doc_index").combine_chunks(),
-                    items.column("chunk").combine_chunks(), items.column("length").combine_chunks(),
-                    pa.array(np.full(items.num_rows, p, np.int32)), pa.array(packed.final),
-                    pa.array(packed.rank), pa.array(packed.slot.astype(np.int32)), pa.array(packed.local)],
-                    schema=PACKED)
+            for p in np.unique(table.column("target").to_numpy()):
+                items = _canonical(_flat(table.filter(pc.equal(table.column("target"), p)),
+                                         ("group", "doc_index", "chunk", "length")))
+                packed = pack_partition(items["length"], items["group"], seq_len, threshold)
+                moved = packed.final & ~packed.local
+                left = np.bincount(length_buckets(items["length"][~packed.final], seq_len, n_buckets),
+                                   minlength=min(n_buckets, seq_len))
+                buckets = np.flatnonzero(left)
+                columns = _bundles({"doc_index": items["doc_index"], "chunk": items["chunk"],
+                                    "length": items["length"], "rank": packed.rank, "slot": packed.slot,
+                                    "local": packed.local}, items["group"], "group", PACKED)
+                n = len(columns["group"])
+                columns["part"] = pa.array(np.full(n, p, np.int32))
+                figures = {"n_final": packed.n_final, "moved": int(moved.sum()),  # on the first bundle only
+                           "moved_tokens": int(items["length"][moved].sum()),
+                           "residue_buckets": buckets.tolist(), "residue_counts": left[buckets].tolist()}
+                for name, value in figures.items():
+                    columns[name] = pa.array([value] + [None] * (n - 1), PACKED.field(name).type)
+                yield pa.RecordBatch.from_pydict(columns, schema=PACKED)
         return pack
 
 
-def _round_figures(packed: DataFrame, seq_len: int, n_buckets: int) -> tuple[dict, dict, tuple[int, int]]:
+def _round_figures(packed: DataFrame) -> tuple[dict, dict, tuple[int, int]]:
     """Per partition: final sequences; per (partition, bucket): residual items; and the moved
-    (non-local) final items and their tokens. One aggregation, O(partitions x buckets) rows."""
-    bucket = F.when(~F.col("final"), F.expr(f"(length - 1) * {min(n_buckets, seq_len)} div {seq_len}"))
-    rows = packed.groupBy("part", "final", bucket.alias("bucket")).agg(
-        F.count("*").alias("n"), F.max("rank").alias("max_rank"),
-        F.sum(F.when(~F.col("local"), 1).otherwise(0)).alias("moved"),
-        F.sum(F.when(~F.col("local"), F.col("length")).otherwise(0)).alias("moved_tokens")).collect()
+    (non-local) final items and their tokens. One row per partition, O(partitions x buckets)."""
     finals, residue, moved, moved_tokens = {}, {}, 0, 0
-    for r in rows:
-        if r["final"]:
-            finals[r["part"]] = r["max_rank"] + 1
-            moved += r["moved"]
-            moved_tokens += r["moved_tokens"]
-        else:
-            residue[(r["part"], r["bucket"])] = r["n"]
+    for r in packed.filter(F.col("n_final").isNotNull()).select(
+            "part", "n_final", "moved", "moved_tokens", "residue_buckets", "residue_counts").collect():
+        finals[r["part"]] = r["n_final"]
+        moved += r["moved"]
+        moved_tokens += r["moved_tokens"]
+        for b, n in zip(r["residue_buckets"], r["residue_counts"]):
+            residue[(r["part"], b)] = n
     return finals, residue, (moved, moved_tokens)
 
 
@@ -165,54 +194,45 @@ def plan_bfd(kept: DataFrame, counts: np.ndarray, seq_len: int, n_partitions: in
              merge_items: int, n_buckets: int) -> PlanResult:
     """Best-fit plan of the packable documents ``kept`` (DOC rows, each group's in one partition);
     ``counts[g, b]``: the chunks of group ``g``'s documents in length bucket ``b``."""
-    spark = kept.sparkSession
     rnd = _Round(seq_len, n_buckets)
     width = min(n_buckets, seq_len)
     n_groups = counts.shape[0]
     routing = Routing.from_counts(counts, n_partitions, home_targets(n_groups, n_partitions))
-    items = kept.select("group", "doc_index", "n_tokens").mapInArrow(rnd.route_documents(routing), spark_ddl(ITEM))
+    items = (kept.select("group", "doc_index", "n_tokens")
+             .mapInArrow(rnd.route_documents(routing), spark_ddl(BUNDLE)))
     n_items = int(counts.sum())
     result = PlanResult(None, 0, n_partitions, n_items=n_items)
-    finals_by_round, packed_rounds = [], []
+    finals_by_round: list[list[int]] = []  # final sequences per partition, per round
     n_targets, threshold, stalled = n_partitions, fill_threshold, False
     while True:
         t0 = time.perf_counter()
         packed = (exact_partitions(items, n_targets, "target").mapInArrow(rnd.pack(threshold), spark_ddl(PACKED))
                   .persist(StorageLevel.MEMORY_AND_DISK))
-        result.cached.append(packed)
-        finals, residue, (moved, moved_tokens) = _round_figures(packed, seq_len, n_buckets)
+        result.rounds.append(packed)
+        finals, residue, (moved, moved_tokens) = _round_figures(packed)
         finals_by_round.append([finals.get(p, 0) for p in range(n_targets)])
-        packed_rounds.append(packed)
         result.moved_segments += moved
         result.moved_tokens += moved_tokens
         left = sum(residue.values())
         log.info("plan round %d: %d partitions, %d sequences final, %d items left (%.1fs)",
-                 len(packed_rounds) - 1, n_targets, sum(finals.values()), left, time.perf_counter() - t0)
-        if len(packed_rounds) == 1:
+                 len(result.rounds) - 1, n_targets, sum(finals.values()), left, time.perf_counter() - t0)
+        if len(result.rounds) == 1:
             result.residual_items = left
         if left == 0:
             break
-        stalled = len(packed_rounds) > 1 and left > n_items // 2
+        stalled = len(result.rounds) > 1 and left > n_items // 2
         n_sources, n_items = n_targets, left
         n_targets, threshold = merge_round(left, merge_items, fill_threshold, stalled)
         routing = Routing.from_counts(_counts_matrix(residue, n_sources, width), n_targets)
-        items = (packed.filter(~F.col("final")).select("group", "doc_index", "chunk", "length", "part")
-                 .mapInArrow(rnd.route_residue(routing), spark_ddl(ITEM)))
-    offsets = sequence_offsets([n for counts in finals_by_round for n in counts])
-    result.n_sequences = int(sum(sum(c) for c in finals_by_round))
+        items = packed.mapInArrow(rnd.route_residue(routing), spark_ddl(BUNDLE))
+    first = sequence_offsets([n for finals in finals_by_round for n in finals])
+    bounds = np.cumsum([0] + [len(f) for f in finals_by_round])
+    result.first_ids = [first[bounds[r]:bounds[r + 1]] for r in range(len(finals_by_round))]
+    result.n_sequences = int(sum(map(sum, finals_by_round)))
     result.residual_sequences = result.n_sequences - sum(finals_by_round[0])
-    result.merge_rounds = len(packed_rounds) - 1
-    keys, i = [], 0
-    for stage, counts in enumerate(finals_by_round):
-        for part in range(len(counts)):
-            keys.append((stage, part, int(offsets[i])))
-            i += 1
-    first_ids = spark.createDataFrame(keys, "stage int, part int, first_id bigint")
-    finals_df = None
-    for stage, packed in enumerate(packed_rounds):
-        rows = packed.filter(F.col("final")).withColumn("stage", F.lit(stage))
-        finals_df = rows if finals_df is None else finals_df.unionByName(rows)
-    result.orders = as_orders(finals_df.join(F.broadcast(first_ids), ["stage", "part"]), PLAN,
-                              seq_id=F.col("first_id") + F.col("rank"),
-                              **{c: F.col(c) for c in ("group", "doc_index", "chunk", "slot", "local")})
+    result.merge_rounds = len(result.rounds) - 1
+    result.orders = reduce(DataFrame.unionByName, [
+        as_orders(packed, PLAN, stage=F.lit(stage), **{c: F.col(c) for c in (
+            "group", "part", "doc_index", "chunk", "rank", "slot", "local")})
+        for stage, packed in enumerate(result.rounds)])
     return result

@@ -1,0 +1,214 @@
+"""Cost per token: bfpack end to end against tokenizing alone, on the same text.
+
+    python benchmarks/bench_throughput.py                  # 500 MB of JSON lines, all cores
+    python benchmarks/bench_throughput.py --cores 1        # one core (JVM start weighs less)
+    python benchmarks/bench_throughput.py --mb 150 --skip tokenized
+
+The corpus is built from text every machine has: the sources, headers and docs of the
+running Python and its installed packages, /usr/include and /usr/share/doc, one JSON
+object per file ({"id", "text"}), repeated (with new ids) until it reaches ``--mb``. In
+the same run it measures:
+
+(a) the tokenize-only floor: the same tokenizer in ``--cores`` processes, JSON parsing
+    included, nothing else;
+(b) ``bfpack pack`` end to end (a fresh process: JVM start included), best-fit;
+(c) the same with ``--strategy concat``;
+(d) ``bfpack pack-tokenized`` on the corpus already tokenized, against a plain Spark read
+    plus write of the same token lists to Parquet (also a fresh process).
+
+It prints tokens per second per core, each ratio, and the job's per-stage seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+SUFFIXES = (".py", ".pyi", ".h", ".hpp", ".c", ".md", ".rst", ".txt", ".java")
+FILE_MB = 64
+
+
+def _sources() -> list[Path]:
+    roots = {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+             "/usr/include", "/usr/share/doc", "/usr/lib/python3"}
+    files = []
+    for root in sorted(roots):
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            files.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(SUFFIXES))
+    return files
+
+
+def write_corpus(root: Path, mb: int) -> int:
+    """JSON-lines files of about FILE_MB each until ``mb`` MB are written; returns the documents."""
+    root.mkdir(parents=True, exist_ok=True)
+    texts = []
+    for path in _sources():
+        try:
+            texts.append((str(path), path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError):
+            continue
+    written = n_docs = part = 0
+    out = None
+    repeat = 0
+    while written < mb * 2**20:
+        for name, text in texts:
+            if out is None or out.tell() > FILE_MB * 2**20:
+                if out is not None:
+                    out.close()
+                out = open(root / f"part-{part:03d}.jsonl", "w", encoding="utf-8")
+                part += 1
+            line = json.dumps({"id": f"{name}#{repeat}", "text": text}) + "\n"
+            out.write(line)
+            written += len(line.encode())
+            n_docs += 1
+            if written >= mb * 2**20:
+                break
+        repeat += 1
+    out.close()
+    return n_docs
+
+
+def _tokenize_file(path: str) -> int:
+    """Tokens (with an EOS per document, as bfpack counts) of one file; one thread per process."""
+    import tiktoken
+
+    from bfpack_spark.tokenize import DEFAULT_TOKENIZER
+
+    encoding = tiktoken.get_encoding(DEFAULT_TOKENIZER)
+    n = 0
+    batch: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            batch.append(json.loads(line)["text"])
+            if len(batch) == 1024:
+                n += sum(len(t) + 1 for t in encoding.encode_ordinary_batch(batch, num_threads=1))
+                batch = []
+    return n + sum(len(t) + 1 for t in encoding.encode_ordinary_batch(batch, num_threads=1))
+
+
+def tokenize_only(corpus: Path, cores: int) -> tuple[float, int]:
+    """(a): seconds and tokens for the tokenizer alone, in ``cores`` processes."""
+    files = sorted(str(p) for p in corpus.glob("*.jsonl"))
+    with multiprocessing.get_context("spawn").Pool(cores) as pool:
+        pool.map(_tokenize_file, files[:cores])  # load the tokenizer in every process first
+        t0 = time.perf_counter()
+        tokens = sum(pool.map(_tokenize_file, files, chunksize=1))
+        return time.perf_counter() - t0, tokens
+
+
+def _bfpack(args: list[str], cores: int) -> tuple[float, dict]:
+    """Run the CLI in a fresh process; its wall time and its stats row."""
+    import pyarrow.dataset as ds
+    from deltalake import DeltaTable
+
+    out = Path(args[args.index("--output") + 1])
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "bfpack_spark.cli", *args, "-q", "--master", f"local[{cores}]"],
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"bfpack failed: {done.stderr[-3000:]}")
+    stats = ds.dataset(DeltaTable(str(out / "stats")).file_uris(), format="parquet").to_table().to_pylist()[0]
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds, stats
+
+
+_PLAIN = """
+import sys, time
+t0 = time.perf_counter()
+from bfpack_spark.spark.session import get_spark
+spark = get_spark(sys.argv[3], "plain", {"spark.ui.showConsoleProgress": "false"})
+spark.read.parquet(sys.argv[1]).write.mode("overwrite").parquet(sys.argv[2])
+print(time.perf_counter() - t0)
+"""
+
+
+def plain_spark(src: Path, dst: Path, cores: int) -> float:
+    """(d)'s baseline: a fresh process that starts Spark, reads the token lists and writes them."""
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _PLAIN, str(src), str(dst), f"local[{cores}]"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"plain Spark failed: {done.stderr[-3000:]}")
+    shutil.rmtree(dst, ignore_errors=True)
+    return time.perf_counter() - t0
+
+
+def write_tokenized(corpus: Path, dst: Path) -> None:
+    """The corpus as Parquet files of (id, tokens), tokenized as bfpack does (EOS appended)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bfpack_spark.tokenize import DEFAULT_TOKENIZER, encode_texts, load_tokenizer
+
+    tokenizer = load_tokenizer(DEFAULT_TOKENIZER)
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in sorted(corpus.glob("*.jsonl")):
+        with open(path, encoding="utf-8") as fh:
+            records = [json.loads(line) for line in fh]
+        tokens = encode_texts(tokenizer, [r["text"] for r in records], True)
+        keep = np.asarray(pa.compute.list_value_length(tokens)) > 1
+        pq.write_table(pa.table({"id": [r["id"] for r in records], "tokens": tokens}).filter(pa.array(keep)),
+                       dst / f"{path.stem}.parquet", row_group_size=4096)
+
+
+def stages(stats: dict) -> str:
+    return ", ".join(f"{k} {v:.1f}s" for k, v in sorted(dict(stats["stage_seconds"]).items(), key=lambda kv: -kv[1])
+                     if v >= 0.05)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=int, default=500, help="size of the JSON-lines corpus")
+    parser.add_argument("--cores", type=int, default=os.cpu_count())
+    parser.add_argument("--workdir", default=None, help="keep the corpus here between runs")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: concat, tokenized")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bfpack-throughput-"))
+    corpus = work / f"corpus-{args.mb}mb"
+    if not corpus.exists():
+        t0 = time.perf_counter()
+        n = write_corpus(corpus, args.mb)
+        print(f"corpus: {n:,} documents, {args.mb} MB of JSON lines in {len(list(corpus.glob('*.jsonl')))} "
+              f"files, written in {time.perf_counter() - t0:.0f}s")
+    c = args.cores
+    floor, tokens = tokenize_only(corpus, c)
+    rate = lambda seconds: tokens / seconds / c / 1e6  # noqa: E731  M tokens/s per core
+    print(f"\n(a) tokenize only, {c} processes: {floor:.1f}s, {tokens:,} tokens, {rate(floor):.2f} M tok/s per core")
+    out = str(work / "out")
+    wall, stats = _bfpack(["pack", "--input", str(corpus), "--output", out], c)
+    print(f"(b) bfpack pack (best-fit): {wall:.1f}s, {rate(wall):.2f} M tok/s per core, "
+          f"{wall / floor:.2f}x the floor\n    stages: {stages(stats)}")
+    if stats["tokens"] != tokens:
+        print(f"    note: bfpack packed {stats['tokens']:,} tokens ({stats['documents_rejected']} rejects)")
+    if "concat" not in skip:
+        wall_c, stats_c = _bfpack(["pack", "--input", str(corpus), "--output", out, "--strategy", "concat"], c)
+        print(f"(c) bfpack pack --strategy concat: {wall_c:.1f}s, {wall_c / floor:.2f}x the floor; "
+              f"best-fit / concat {wall / wall_c:.2f}\n    stages: {stages(stats_c)}")
+    if "tokenized" not in skip:
+        tokenized = work / f"tokenized-{args.mb}mb"
+        if not tokenized.exists():
+            write_tokenized(corpus, tokenized)
+        plain = plain_spark(tokenized, work / "plain", c)
+        wall_t, stats_t = _bfpack(["pack-tokenized", "--input", str(tokenized), "--output", out], c)
+        print(f"(d) bfpack pack-tokenized: {wall_t:.1f}s; plain Spark read + write of the token lists: "
+              f"{plain:.1f}s; ratio {wall_t / plain:.2f}\n    stages: {stages(stats_t)}")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
