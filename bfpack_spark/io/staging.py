@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import posixpath
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bfpack_spark.audit import add_figures
 from bfpack_spark.io.files import filesystem, join
 
 #: Columns whose values repeat (dictionary encoding pays); token ids and ids do not.
@@ -58,8 +60,16 @@ class Staging:
     def table_uri(self, table: str) -> str:
         return join(self.root, table)
 
+    def writer(self, table: str, name: str, schema: pa.Schema,
+               figures: Callable[[pa.Table], dict] | None = None) -> TableWriter:
+        """A file of ``table`` written part by part (see :class:`TableWriter`)."""
+        return TableWriter(self.table_uri(table), self.attempt, name, schema, figures)
+
     def write(self, table: str, name: str, data: pa.Table, figures: dict | None = None) -> StagedFile:
-        return write_file(self.table_uri(table), self.attempt, name, data, figures)
+        """A file of ``table`` holding ``data``, written at once."""
+        with self.writer(table, name, data.schema, (lambda _: figures or {})) as out:
+            out.write(data)
+        return out.staged
 
 
 def _json_value(v):
@@ -93,24 +103,51 @@ def delta_stats(meta: pq.FileMetaData) -> str:
     return json.dumps({"numRecords": meta.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls})
 
 
-def write_file(table_uri: str, attempt: str, name: str, table: pa.Table, figures: dict | None = None) -> StagedFile:
-    """Write ``table`` as ``<table_uri>/<attempt>/<name>-<random>.parquet`` and describe it.
+class TableWriter:
+    """One Parquet file ``<table_uri>/<attempt>/<name>-<random>.parquet``, written part by part as
+    a task builds its rows, so the task never holds a whole file; ``staged`` describes it once
+    closed (None when nothing was written: no empty files). The random suffix keeps two attempts
+    of one task from writing the same file; ``figures`` computes each part's audit figures."""
 
-    The random suffix keeps two attempts of one task from writing the same file.
-    """
-    rel = f"{attempt}/{name}-{uuid.uuid4().hex[:8]}.parquet"
-    fs, path = filesystem(join(table_uri, rel))
-    fs.create_dir(posixpath.dirname(path.replace("\\", "/")), recursive=True)
-    scalar = [f.name for f in table.schema if not pa.types.is_nested(f.type)]  # Delta keeps no nested stats
-    rows_per_group = max(1024, ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes))
-    collected: list[pq.FileMetaData] = []
-    with fs.open_output_stream(path) as out:
-        pq.write_table(table, out, row_group_size=rows_per_group, compression="zstd",
-                       use_dictionary=[c for c in table.column_names if c in _DICTIONARY_COLUMNS],
-                       write_statistics=scalar, metadata_collector=collected)
-    size = fs.get_file_info(path).size
-    return StagedFile(table=_table_name(table_uri), path=rel, size=size, rows=table.num_rows,
-                      stats=delta_stats(collected[0]), figures=figures or {})
+    def __init__(self, table_uri: str, attempt: str, name: str, schema: pa.Schema,
+                 figures: Callable[[pa.Table], dict] | None = None):
+        self.table_uri, self.schema, self.figures = table_uri, schema, figures
+        self.rel = f"{attempt}/{name}-{uuid.uuid4().hex[:8]}.parquet"
+        self.rows, self.totals = 0, []
+        self.staged: StagedFile | None = None
+        self._writer = self._out = None
+        self._collected: list[pq.FileMetaData] = []
+
+    def write(self, part: pa.Table) -> None:
+        if part.num_rows == 0:
+            return
+        if self._writer is None:
+            fs, self._path = filesystem(join(self.table_uri, self.rel))
+            fs.create_dir(posixpath.dirname(self._path.replace("\\", "/")), recursive=True)
+            self._fs, self._out = fs, fs.open_output_stream(self._path)
+            self._writer = pq.ParquetWriter(
+                self._out, self.schema, compression="zstd",
+                use_dictionary=[c for c in self.schema.names if c in _DICTIONARY_COLUMNS],
+                write_statistics=[f.name for f in self.schema if not pa.types.is_nested(f.type)],  # as Delta
+                metadata_collector=self._collected)
+        self._writer.write_table(part, row_group_size=max(1024, ROW_GROUP_BYTES * part.num_rows
+                                                          // max(1, part.nbytes)))
+        self.rows += part.num_rows
+        if self.figures is not None:
+            self.totals.append(self.figures(part))
+
+    def __enter__(self) -> TableWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._out.close()
+        if exc_type is None:
+            self.staged = StagedFile(table=_table_name(self.table_uri), path=self.rel,
+                                     size=self._fs.get_file_info(self._path).size, rows=self.rows,
+                                     stats=delta_stats(self._collected[0]), figures=add_figures(self.totals))
 
 
 def _table_name(table_uri: str) -> str:

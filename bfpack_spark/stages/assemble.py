@@ -54,6 +54,8 @@ OUTPUT_ROWS = 2048
 EXCERPT_TOKENS = 64
 #: A task of the final reduce joins at most about this many moved tokens (32 MB).
 REDUCE_TOKENS = 8 * 2**20
+#: Local sequences are built and written this many tokens at a time (64 MB).
+SLICE_TOKENS = 16 * 2**20
 
 
 def reduce_partitions(moved_segments: int, moved_tokens: int, merge_items: int) -> int:
@@ -93,6 +95,16 @@ def _info(kind: int, info: str) -> pa.RecordBatch:
     row = {name: pa.nulls(1, f.type) for name, f in zip(ASSEMBLED.names, ASSEMBLED)}
     row.update(kind=pa.array([kind], pa.int8()), info=pa.array([info], pa.string()))
     return pa.RecordBatch.from_pydict(row, schema=ASSEMBLED)
+
+
+def _slices(order: np.ndarray, firsts: np.ndarray, lengths: np.ndarray) -> Iterator[np.ndarray]:
+    """``order`` (segments sorted by sequence; ``firsts`` where each sequence starts) cut at sequence
+    boundaries into slices of about SLICE_TOKENS tokens."""
+    tokens_before = (np.cumsum(lengths[order]) - lengths[order])[firsts]
+    block = tokens_before // SLICE_TOKENS
+    cuts = np.append(firsts[np.flatnonzero(np.diff(block, prepend=-1) != 0)], len(order))
+    for s, e in zip(cuts[:-1], cuts[1:]):
+        yield order[s:e]
 
 
 def _with_run(table: pa.Table, seq_ids: np.ndarray, run_id: str) -> pa.Table:
@@ -177,13 +189,16 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
         local = local[1:]  # a broken invariant, for the audit to catch
     if local.size:
         order = local[np.lexsort((segs.slot[local], segs.seq[local]))]
-        seq = segs.seq[order]
-        firsts = np.flatnonzero(np.diff(seq, prepend=-1) != 0)
-        doc, start, length = segs.doc[order], segs.start[order], segs.length[order]
-        table = _with_run(sequences_table(np.append(firsts, len(order)), tokens.gather(doc, start, length),
-                                          doc_ids.take(pa.array(doc)),
-                                          start, length, docs_column="doc_ids"), seq[firsts], run_id)
-        yield _info(FILE, ctx.staging.write("sequences", name, table, sequence_figures(table)).to_json())
+        firsts = np.flatnonzero(np.diff(segs.seq[order], prepend=-1) != 0)
+        with ctx.staging.writer("sequences", name, SEQUENCES, sequence_figures) as out:
+            for part in _slices(order, firsts, segs.length):  # a row group's worth at a time
+                seq = segs.seq[part]
+                starts = np.flatnonzero(np.diff(seq, prepend=-1) != 0)
+                doc, start, length = segs.doc[part], segs.start[part], segs.length[part]
+                out.write(_with_run(sequences_table(np.append(starts, len(part)), tokens.gather(doc, start, length),
+                                                    doc_ids.take(pa.array(doc)), start, length,
+                                                    docs_column="doc_ids"), seq[starts], run_id))
+        yield _info(FILE, out.staged.to_json())
 
     moving = np.flatnonzero(~segs.local)
     if moving.size:
