@@ -3,6 +3,7 @@
     bfpack pack --config conf/local.yaml [--input ...] [--output ...] [--seq-len ...]
     bfpack pack-tokenized --input tokens.parquet --output out/
     bfpack demo
+    bfpack export out/ --format npy --to train-npy/
 
 Every config field has a flag (``bfpack pack --help`` lists them). A user mistake
 (bad value, missing input, wrong column) ends with one line on stderr and exit
@@ -107,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Pack the running Python's standard-library sources with "
                                       "cl100k_base at L=2048 into out/demo; under a minute on 2 cores.")
     _add_config_flags(demo)
+    export = sub.add_parser("export", parents=[common],
+                            help="export the sequences table for trainers (hf datasets or npy memmaps)",
+                            description="Export the sequences table under ROOT (its current Delta snapshot) "
+                                        "to a new directory: --format hf for datasets.load_from_disk, "
+                                        "--format npy for fixed-length memmaps (layout in the README).")
+    export.add_argument("root", metavar="ROOT", help="output root of a bfpack run")
+    export.add_argument("--format", required=True, choices=["hf", "npy"], dest="fmt")
+    export.add_argument("--to", required=True, metavar="DIR", help="directory to create (must not exist)")
+    export.add_argument("--run-id", metavar="R", help="only this run's sequences (default: all runs)")
     return parser
 
 
@@ -140,11 +150,26 @@ def _one_line(exc: BaseException) -> str:
     return str(exc).replace("\n", " ")
 
 
+def _export(args: argparse.Namespace) -> int:
+    from bfpack_spark.export import ExportError, export
+
+    try:
+        summary = export(args.root, args.fmt, args.to, run_id=args.run_id)
+    except (DeltaError, ExportError) as exc:
+        print(f"bfpack: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    print(f"exported {summary['sequences']:,} sequences ({summary['tokens']:,} tokens, L={summary['seq_len']}) "
+          f"of {args.root} to {args.to} as {args.fmt}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command == "export":
+        return _export(args)
     try:
         config = config_from_args(args)
     except USER_ERRORS as exc:

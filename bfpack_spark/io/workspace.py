@@ -108,6 +108,14 @@ def clean_workspaces(root: str, keep: str, run_id: str, any_run: bool, older_tha
     return removed
 
 
+def remove_if_empty(root: str) -> None:
+    """Remove the directory ``root`` when nothing is left in it (no empty ``_bfpack_work`` stays behind)."""
+    fs, base = filesystem(root)
+    if (fs.get_file_info(base).type == pafs.FileType.Directory
+            and not fs.get_file_info(pafs.FileSelector(base))):
+        fs.delete_dir(base)
+
+
 def workspace_root(output: str, work_dir: str | None) -> str:
     """Where attempts keep their workspaces: ``work_dir``, or ``_bfpack_work`` under the output root."""
     return work_dir or join(output, WORK_DIR)

@@ -32,7 +32,7 @@ from bfpack_spark.io.files import join
 from bfpack_spark.io.inputs import InputPlan, check_output, plan_inputs
 from bfpack_spark.io.lock import OutputLock
 from bfpack_spark.io.staging import Staging
-from bfpack_spark.io.workspace import Workspace, clean_workspaces, workspace_root
+from bfpack_spark.io.workspace import Workspace, clean_workspaces, remove_if_empty, workspace_root
 from bfpack_spark.metrics import PackingStats
 from bfpack_spark.schemas import TABLES
 from bfpack_spark.spark.session import get_spark
@@ -125,8 +125,10 @@ def run(config: PackConfig, spark=None) -> RunResult:
             output.clean_orphans(name, any_run=lock.held)
         # under the output root, the lock says no run is reading a workspace; elsewhere, wait a week
         shared = config.output.work_dir is not None
-        clean_workspaces(workspace_root(root, config.output.work_dir), output.attempt, run_id, lock.held,
-                         time.time() - (RETENTION_SECONDS if shared else 0))
+        work = workspace_root(root, config.output.work_dir)
+        clean_workspaces(work, output.attempt, run_id, lock.held, time.time() - (RETENTION_SECONDS if shared else 0))
+        if not shared:
+            remove_if_empty(work)
         return result
 
 

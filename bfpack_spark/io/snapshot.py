@@ -1,0 +1,110 @@
+"""The ``sequences`` table as its readers see it: the files of one Delta snapshot, their row
+counts (from the Delta log, no file opened), and what every reader must know to use the
+tokens: the sequence length, the tokenizer and its EOS id, and the pad id.
+
+Only files in the snapshot are read, never an orphan a killed run left; and the version is
+pinned, so every rank of a training job reads the same sequences even while a new run appends.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from bfpack_spark.io.delta import DeltaError
+from bfpack_spark.io.files import join
+
+
+@dataclass(frozen=True)
+class TableFile:
+    uri: str
+    rows: int
+    run_id: str
+    first_seq_id: int
+
+
+@dataclass(frozen=True)
+class SequencesSnapshot:
+    """One version of an output root's ``sequences`` table, optionally one run of it."""
+
+    root: str
+    version: int
+    files: tuple[TableFile, ...]
+    seq_len: int
+    tokenizer: str
+    eos_id: int | None
+    pad_id: int
+    run_ids: tuple[str, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+
+def _table(uri: str, version: int | None = None):
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(uri):
+        raise DeltaError(f"{uri} is not a Delta table: give the output root of a bfpack run")
+    return DeltaTable(uri) if version is None else DeltaTable(uri, version=version)
+
+
+def _runs(root: str) -> dict[str, dict]:
+    """Each committed run's settings, from the ``stats`` table (one small row per run)."""
+    table = _table(join(root, "stats"))
+    rows = (ds.dataset(table.file_uris(), format="parquet")
+            .to_table(columns=["run_id", "seq_len", "config"]).to_pylist())
+    return {r["run_id"]: {"seq_len": r["seq_len"], **json.loads(r["config"])} for r in rows}
+
+
+def _eos_id(config: dict) -> int | None:
+    from bfpack_spark.tokenize import load_tokenizer
+
+    tok = config["tokenizer"]
+    return load_tokenizer(tok["tokenizer"], tok.get("eos_token")).eos_id
+
+
+def open_sequences(root: str, run_id: str | None = None, version: int | None = None,
+                   pad_id: int | None = None) -> SequencesSnapshot:
+    """The snapshot of ``<root>/sequences`` at ``version`` (default: the latest), for ``run_id`` (default: all).
+
+    ``pad_id`` defaults to the EOS id of the tokenizer the runs used when they tokenized
+    text or appended EOS, else 0. Runs with different sequence lengths or tokenizers cannot
+    be read as one: pick one with ``run_id``.
+    """
+    table = _table(join(root, "sequences"), version)
+    actions = pa.table(table.get_add_actions(flatten=True)).to_pylist()
+    base = table.table_uri.rstrip("/")
+    files = []
+    for a in actions:
+        if a.get("min.run_id") != a.get("max.run_id") or a.get("min.run_id") is None:
+            raise DeltaError(f"{a['path']} holds rows of several runs (or no statistics); "
+                             "it was not written by bfpack")
+        if run_id is None or a["min.run_id"] == run_id:
+            files.append(TableFile(f"{base}/{a['path']}", int(a["num_records"]), a["min.run_id"],
+                                   int(a["min.seq_id"])))
+    if not files:
+        raise DeltaError(f"{root}/sequences has no sequence" + (f" of run {run_id}" if run_id else ""))
+    # a canonical order, whatever the log's: by run, then by the ids each file starts at
+    files.sort(key=lambda f: (f.run_id, f.first_seq_id, f.uri))
+    runs = _runs(root)
+    run_ids = tuple(sorted({f.run_id for f in files}))
+    missing = [r for r in run_ids if r not in runs]
+    if missing:
+        raise DeltaError(f"run {missing[0]} is in {root}/sequences but not in its stats table")
+    settings = {(runs[r]["seq_len"], runs[r]["tokenizer"]["tokenizer"], runs[r]["tokenizer"].get("eos_token"))
+                for r in run_ids}
+    if len(settings) > 1:
+        raise DeltaError(f"{root}/sequences holds runs with different sequence lengths or tokenizers "
+                         f"({sorted(settings, key=str)}); read one run at a time (run_id=...)")
+    config = runs[run_ids[0]]
+    eos = _eos_id(config)
+    uses_tokenizer = config["input"].get("token_column") is None or config["tokenizer"].get("append_eos")
+    if pad_id is None:
+        pad_id = eos if uses_tokenizer and eos is not None else 0
+    return SequencesSnapshot(root=root, version=table.version(), files=tuple(files), seq_len=config["seq_len"],
+                             tokenizer=config["tokenizer"]["tokenizer"], eos_id=eos, pad_id=pad_id,
+                             run_ids=run_ids)
