@@ -3,6 +3,7 @@ table packed by the real pipeline."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -288,3 +289,25 @@ def test_the_readme_training_examples_run(packed, tmp_path):
         proc = subprocess.run(line.split(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, (line, proc.stderr[-2000:])
     assert {p.name for p in tmp_path.iterdir()} == {"demo-npy", "demo-hf"}
+
+
+def test_the_loader_reads_one_snapshot_one_run_and_no_orphan(spark, packed, tmp_path):
+    out, rows, _ = packed
+    root = tmp_path / "root"
+    shutil.copytree(out, root)
+    first_run = PackedSequences(str(root)).snapshot.run_ids[0]
+    orphan = next((root / "sequences").glob("run-*/*.parquet"))
+    (root / "sequences" / "run-orphan-0000abcd").mkdir()
+    shutil.copy(orphan, root / "sequences" / "run-orphan-0000abcd" / "left-by-a-killed-run.parquet")
+    more = tmp_path / "more"
+    write_tokenized(more, n_files=1, docs_per_file=50, median=120, seed=8)
+    run(load_config(None, {"input.paths": [str(more)], "input.token_column": "tokens", "output.output": str(root),
+                           "packing.seq_len": L, "output.mode": "append"}), spark)
+    both = PackedSequences(str(root), shuffle=False)
+    assert len(both.snapshot.run_ids) == 2 and len(both) > len(rows)
+    only_first = [e["seq_id"] for e in PackedSequences(str(root), run_id=first_run)]
+    assert sorted(only_first) == sorted(rows)
+    old = PackedSequences(str(root), version=0)
+    assert len(old) == len(rows) and old.snapshot.version == 0
+    seen = [(e["run_id"], e["seq_id"]) for e in both]
+    assert len(seen) == len(set(seen)) == len(both)
