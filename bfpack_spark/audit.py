@@ -105,8 +105,13 @@ def _list_lengths(column) -> np.ndarray:
     return pc.fill_null(pc.list_value_length(column), -1).to_numpy()
 
 
-def sequence_figures(table: pa.Table) -> dict:
-    """Figures of a sequences table as written (columns of :data:`~bfpack_spark.schemas.SEQUENCES`)."""
+#: ``segments_histogram[k]``: sequences of k segments; the last entry counts this many or more.
+MAX_SEGMENTS_BIN = 64
+
+
+def sequence_figures(table: pa.Table, seq_len: int) -> dict:
+    """Figures of a sequences table as written (columns of :data:`~bfpack_spark.schemas.SEQUENCES`);
+    with the fill (percent of ``seq_len``, 0..100) and segment-count histograms the report draws."""
     n_tokens = table.column("n_tokens").to_numpy()
     lists = table.column("seg_lengths").combine_chunks()
     seg_lengths = pc.list_flatten(lists).to_numpy()
@@ -123,6 +128,9 @@ def sequence_figures(table: pa.Table) -> dict:
         "max_tokens": int(n_tokens.max(initial=0)), "inconsistent_rows": int(inconsistent.sum()),
         "id_sum": int(total), "id_square_sum": int(squares),
         "doc_lengths": int(_weighted_sum(hashes, seg_lengths)), "doc_starts": int(_start_sum(hashes, starts)),
+        "fill_histogram": np.bincount(n_tokens * 100 // seq_len, minlength=101).tolist(),
+        "segments_histogram": np.bincount(np.minimum(np.diff(offsets), MAX_SEGMENTS_BIN),
+                                          minlength=MAX_SEGMENTS_BIN + 1).tolist(),
     }
 
 
@@ -135,11 +143,16 @@ def document_figures(doc_ids: pa.Array, n_tokens: np.ndarray, n_chunks: np.ndarr
 
 
 def add_figures(figures: Iterable[dict]) -> dict:
-    """Figures of several files as one: counts add, checksums add modulo 2^64, maxima take the max."""
+    """Figures of several files as one: counts and histograms add, checksums add modulo 2^64,
+    maxima take the max."""
     total: dict = {}
     for f in figures:
         for key, value in f.items():
-            if key.startswith("max_"):
+            if isinstance(value, list):
+                before = total.get(key, [])
+                longer, shorter = (value, before) if len(value) >= len(before) else (before, value)
+                total[key] = [a + (shorter[i] if i < len(shorter) else 0) for i, a in enumerate(longer)]
+            elif key.startswith("max_"):
                 total[key] = max(total.get(key, 0), value)
             elif key in _CHECKSUMS:
                 total[key] = (total.get(key, 0) + value) % MOD

@@ -4,6 +4,7 @@
     bfpack pack-tokenized --input tokens.parquet --output out/
     bfpack demo
     bfpack export out/ --format npy --to train-npy/
+    bfpack report out/ [--html report.html]
 
 Every config field has a flag (``bfpack pack --help`` lists them). A user mistake
 (bad value, missing input, wrong column) ends with one line on stderr and exit
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, Literal, get_args, get_origin
 
-from bfpack_spark.config import ConfigError, PackConfig, coerce_value, field_specs, load_config
+from bfpack_spark.config import DEBUG_ENV, ConfigError, PackConfig, coerce_value, field_specs, load_config
 from bfpack_spark.io.delta import DeltaError
 from bfpack_spark.io.inputs import PYTHON_STDLIB, InputError
 from bfpack_spark.io.lock import RunLockedError
@@ -117,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=["hf", "npy"], dest="fmt")
     export.add_argument("--to", required=True, metavar="DIR", help="directory to create (must not exist)")
     export.add_argument("--run-id", metavar="R", help="only this run's sequences (default: all runs)")
+    rep = sub.add_parser("report", parents=[common], help="the runs under an output root, with plots (--html)",
+                         description="Print the run history of the output root ROOT; with --html, also write "
+                                     "one self-contained page with the packing plots of a run (default: the latest).")
+    rep.add_argument("root", metavar="ROOT", help="output root of bfpack runs")
+    rep.add_argument("--html", metavar="FILE", help="write the HTML report here")
+    rep.add_argument("--run-id", metavar="R", help="the run to plot (default: the latest)")
     return parser
 
 
@@ -133,6 +141,9 @@ def config_from_args(args: argparse.Namespace) -> PackConfig:
 def print_summary(result, out=sys.stdout) -> None:
     s = result.stats
     print(file=out)
+    if result.nothing_new:
+        print(f"no new input file since the last run into {result.output}; nothing to do.", file=out)
+        return
     if result.already_committed:
         print(f"run {result.run_id} was already committed to {result.output}; nothing written.", file=out)
         return
@@ -163,13 +174,30 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from bfpack_spark.report import report
+
+    try:
+        print(report(args.root, args.html, args.run_id))
+    except (DeltaError, OSError) as exc:
+        print(f"bfpack: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("matplotlib", "py4j"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"  # JVM warnings too
     if args.command == "export":
         return _export(args)
+    if args.command == "report":
+        return _report(args)
     try:
         config = config_from_args(args)
     except USER_ERRORS as exc:

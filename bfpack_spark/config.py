@@ -21,6 +21,9 @@ import yaml
 
 from bfpack_spark.tokenize import DEFAULT_TOKENIZER
 
+#: Set (to anything but "" or "0") by ``bfpack --debug``: JVM warnings reach the console too.
+DEBUG_ENV = "BFPACK_DEBUG"
+
 
 class ConfigError(ValueError):
     """A configuration value is missing or wrong; the message names the field."""
@@ -80,8 +83,9 @@ class PackingConfig:
 @dataclass
 class OutputConfig:
     output: str = _f("", "output root; holds the Delta tables sequences, documents, rejects, stats")
-    mode: Literal["overwrite", "append"] = _f("overwrite", "overwrite: rebuild the tables; append: "
-                                                           "add this run (a new shard) to them")
+    mode: Literal["overwrite", "append", "incremental"] = _f(
+        "overwrite", "overwrite: rebuild the tables; append: add this run (a new shard) to them; "
+                     "incremental: pack only the input files no earlier run packed, as a new run")
     run_id: str | None = _f(None, "run id stored in every row (default: derived from input and "
                                   "config, so rerunning the same command is idempotent)")
     work_dir: str | None = _f(None, "scratch space for tokens between the read and the assembly, visible "

@@ -119,6 +119,15 @@ REJECTS = pa.schema([
     ("excerpt", pa.string()),
 ])
 
+#: One length bucket of ``stats.truncations_by_length``: documents of that length, and the
+#: truncations per document of best-fit packing and of concatenation.
+TRUNCATIONS_BY_LENGTH = pa.struct([
+    ("length", pa.string()),
+    ("documents", pa.int64()),
+    ("truncations_per_document", pa.float64()),
+    ("concat_truncations_per_document", pa.float64()),
+])
+
 STATS = pa.schema([
     ("run_id", pa.string()),
     ("started_at", pa.string()),
@@ -145,19 +154,32 @@ STATS = pa.schema([
     ("concat_sequences", pa.int64()),
     ("concat_truncations_per_document", pa.float64()),
     ("concat_documents_truncated", pa.int64()),
-    ("truncations_by_length", pa.string()),
+    ("truncations_by_length", pa.list_(TRUNCATIONS_BY_LENGTH)),
     ("residual_items", pa.int64()),
     ("residual_sequences", pa.int64()),
     ("merge_rounds", pa.int32()),
     ("moved_segments", pa.int64()),
     ("moved_tokens", pa.int64()),
+    ("fill_histogram", pa.list_(pa.int64())),
+    ("segments_histogram", pa.list_(pa.int64())),
     ("audit_passed", pa.bool_()),
-    ("audit", pa.string()),
+    ("audit_checks", pa.map_(pa.string(), pa.bool_())),
+    ("audit_found", pa.map_(pa.string(), pa.int64())),
+    ("audit_expected", pa.map_(pa.string(), pa.int64())),
     ("stage_seconds", pa.map_(pa.string(), pa.float64())),
 ])
 
+#: The input files of each run (what ``--mode incremental`` compares a new listing with).
+INPUTS = pa.schema([
+    ("run_id", pa.string()),
+    ("uri", pa.string()),
+    ("source", pa.string()),
+    ("size", pa.int64()),
+    ("digest", pa.string()),
+])
+
 TABLES: dict[str, pa.Schema] = {"sequences": SEQUENCES, "documents": DOCUMENTS, "rejects": REJECTS,
-                                 "stats": STATS}
+                                 "inputs": INPUTS, "stats": STATS}
 
 _DDL = {
     pa.int8(): "tinyint", pa.int32(): "int", pa.int64(): "bigint", pa.string(): "string",
@@ -174,6 +196,8 @@ def _ddl_type(t: pa.DataType) -> str:
         return f"array<{_ddl_type(t.value_type)}>"
     if pa.types.is_map(t):
         return f"map<{_ddl_type(t.key_type)},{_ddl_type(t.item_type)}>"
+    if pa.types.is_struct(t):
+        return "struct<" + ",".join(f"{f.name}:{_ddl_type(f.type)}" for f in t) + ">"
     return _DDL[t]
 
 
@@ -193,11 +217,16 @@ def _delta_type(t: pa.DataType):
     if pa.types.is_map(t):
         return {"type": "map", "keyType": _delta_type(t.key_type), "valueType": _delta_type(t.item_type),
                 "valueContainsNull": True}
+    if pa.types.is_struct(t):
+        return {"type": "struct", "fields": [_delta_field(f) for f in t]}
     return _DELTA[t]
+
+
+def _delta_field(f: pa.Field) -> dict:
+    return {"name": f.name, "type": _delta_type(f.type), "nullable": True, "metadata": {}}
 
 
 def delta_schema_json(schema: pa.Schema) -> str:
     """The Delta (Spark) schema of a table, every field nullable: what Spark reads back from the
     Parquet files, so that both commit paths record the same schema."""
-    fields = [{"name": f.name, "type": _delta_type(f.type), "nullable": True, "metadata": {}} for f in schema]
-    return json.dumps({"type": "struct", "fields": fields}, separators=(",", ":"))
+    return json.dumps({"type": "struct", "fields": [_delta_field(f) for f in schema]}, separators=(",", ":"))

@@ -8,6 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from bfpack_spark.audit import MAX_SEGMENTS_BIN
 from bfpack_spark.metrics import PackingStats, bucket_labels
 from bfpack_spark.schemas import STATS
 
@@ -31,8 +32,11 @@ def packing_stats(figures: list[dict], strategy: str, n_sequences: int,
 
 def stats_row(*, run_id: str, started: str, config: Any, inputs: Any, documents_read: int, rejected: int,
               packing: PackingStats, concat: PackingStats, plan: Any, moved: tuple[int, int],
-              audit: Any, stage_seconds: dict[str, float]) -> dict:
-    """One row of the ``stats`` table (columns of :data:`~bfpack_spark.schemas.STATS`)."""
+              audit: Any, stage_seconds: dict[str, float], written: dict) -> dict:
+    """One row of the ``stats`` table (columns of :data:`~bfpack_spark.schemas.STATS`).
+
+    ``written``: the figures the sequences' writers counted (their fill and segment histograms).
+    """
     by_length = [
         {"length": label, "documents": d, "truncations_per_document": (t / d) if d else 0.0,
          "concat_truncations_per_document": (c / d) if d else 0.0}
@@ -53,14 +57,21 @@ def stats_row(*, run_id: str, started: str, config: Any, inputs: Any, documents_
         "documents_truncated": packing.n_documents_truncated, "concat_sequences": concat.n_sequences,
         "concat_truncations_per_document": concat.truncations_per_document,
         "concat_documents_truncated": concat.n_documents_truncated,
-        "truncations_by_length": json.dumps(by_length), "residual_items": plan.residual_items,
+        "truncations_by_length": by_length, "residual_items": plan.residual_items,
         "residual_sequences": plan.residual_sequences, "merge_rounds": plan.merge_rounds,
-        "moved_segments": moved[0], "moved_tokens": moved[1], "audit_passed": audit.passed,
-        "audit": json.dumps({"passed": audit.passed, "checks": audit.checks, "found": audit.found,
-                             "expected": audit.expected}, default=int),
+        "moved_segments": moved[0], "moved_tokens": moved[1],
+        "fill_histogram": written.get("fill_histogram", [0] * 101),
+        "segments_histogram": written.get("segments_histogram", [0] * (MAX_SEGMENTS_BIN + 1)),
+        "audit_passed": audit.passed, "audit_checks": dict(audit.checks),
+        "audit_found": {k: int(v) for k, v in audit.found.items()},
+        "audit_expected": {k: int(v) for k, v in audit.expected.items()},
         "stage_seconds": dict(stage_seconds),
     }
 
 
+MAPS = [f.name for f in STATS if pa.types.is_map(f.type)]
+
+
 def stats_table(row: dict) -> pa.Table:
-    return pa.Table.from_pylist([{**row, "stage_seconds": list(row["stage_seconds"].items())}], schema=STATS)
+    """The row as a one-row table (Arrow takes maps as lists of pairs)."""
+    return pa.Table.from_pylist([{**row, **{k: list(row[k].items()) for k in MAPS}}], schema=STATS)

@@ -113,6 +113,33 @@ class DeltaOutput:
                 return False
         return table.to_pyarrow_dataset().count_rows(filter=pc.field("run_id") == self.run_id) > 0
 
+    def check_schemas(self) -> None:
+        """Before anything is read: every existing table must have this version's schema.
+
+        A ``stats`` table of an older version (JSON strings for ``truncations_by_length`` and
+        ``audit``) is migrated in one overwrite commit of its few rows; any other difference
+        stops the run, saying what to do.
+        """
+        from deltalake import DeltaTable
+
+        for name, schema in TABLES.items():
+            uri = self.table_uri(name)
+            if not DeltaTable.is_deltatable(uri):
+                continue
+            have = json.loads(DeltaTable(uri).schema().to_json())
+            if _shape(have) == _shape(json.loads(delta_schema_json(schema))):
+                continue
+            if self.mode == "overwrite":
+                continue  # the overwrite commit replaces the schema
+            if name == "stats" and _is_stats_v1(have):
+                migrate_stats_v1(uri)
+                log.info("%s: migrated to the current stats schema (typed truncations_by_length, audit maps)", uri)
+                continue
+            theirs = {f["name"] for f in have["fields"]} ^ {f.name for f in schema}
+            raise DeltaError(f"{uri} was written with another table schema (columns differing: "
+                             f"{', '.join(sorted(theirs)) or 'types'}); write to a new output root, "
+                             f"or rebuild it with --mode overwrite")
+
     def _txn_version(self, uri: str) -> int:
         """A transaction version never used before for this run on this table: the table's next
         version. (Delta skips a write whose version it has seen; reruns are decided above.)"""
@@ -216,6 +243,45 @@ class DeltaOutput:
         return removed
 
 
+def _shape(schema):
+    """A Delta schema's names and types, without nullability and metadata (writers differ there)."""
+    if isinstance(schema, dict):
+        return {k: _shape(v) for k, v in schema.items()
+                if k not in ("nullable", "containsNull", "valueContainsNull", "metadata")}
+    if isinstance(schema, list):
+        return [_shape(v) for v in schema]
+    return schema
+
+
+def _is_stats_v1(schema: dict) -> bool:
+    types = {f["name"]: f["type"] for f in schema["fields"]}
+    return types.get("truncations_by_length") == "string" and types.get("audit") == "string"
+
+
+def migrate_stats_v1(uri: str) -> None:
+    """Rewrite an old ``stats`` table in the current schema, in one atomic overwrite commit:
+    JSON strings become typed columns; columns the old version did not have are null."""
+    import pyarrow.dataset as ds
+    from deltalake import DeltaTable, write_deltalake
+
+    from bfpack_spark.schemas import STATS
+    from bfpack_spark.stats import stats_table
+
+    old = ds.dataset(DeltaTable(uri).file_uris(), format="parquet").to_table().to_pylist()
+    rows = []
+    for row in old:
+        audit = json.loads(row.pop("audit") or "{}")
+        new = {f.name: row.get(f.name) for f in STATS}
+        new["truncations_by_length"] = json.loads(row["truncations_by_length"] or "[]")
+        new["audit_checks"] = audit.get("checks", {})
+        new["audit_found"] = {k: int(v) for k, v in audit.get("found", {}).items()}
+        new["audit_expected"] = {k: int(v) for k, v in audit.get("expected", {}).items()}
+        new["stage_seconds"] = dict(row.get("stage_seconds") or [])
+        rows.append(new)
+    table = pa.concat_tables([stats_table(r) for r in rows]) if rows else STATS.empty_table()
+    write_deltalake(uri, table, mode="overwrite", schema_mode="overwrite")
+
+
 def read_table(spark, uri: str):
     """The current snapshot of a Delta table as a Spark DataFrame, with or without the connector."""
     if connector_available(spark):
@@ -238,10 +304,13 @@ def read_stats_row(uri: str, run_id: str) -> dict:
     import pyarrow.dataset as ds
     from deltalake import DeltaTable
 
+    from bfpack_spark.stats import MAPS
+
     rows = (ds.dataset(DeltaTable(uri).file_uris(), format="parquet")
             .to_table(filter=ds.field("run_id") == run_id).to_pylist())
     if not rows:
         raise DeltaError(f"{uri} holds no stats row of run {run_id}")
     row = rows[0]
-    row["stage_seconds"] = dict(row["stage_seconds"] or [])
+    for name in MAPS:
+        row[name] = dict(row[name] or [])
     return row

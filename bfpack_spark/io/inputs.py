@@ -17,7 +17,7 @@ import os
 import posixpath
 import re
 import sysconfig
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -41,10 +41,13 @@ COMPRESSION_RATIO = {"gzip": 3, "zstd": 4}
 class InputPlan:
     files: list[InputFile]
     groups: list[list[Split]] = field(default_factory=list)
+    _listing: list[tuple[str, int, str]] | None = field(default=None, repr=False, compare=False)
 
     def listing(self) -> list[tuple[str, int, str]]:
-        """(name, size, digest of the first and last 64 KiB) of every input file."""
-        return [(f.source, f.size, content_digest(f)) for f in self.files]
+        """(name, size, digest of the first and last 64 KiB) of every input file (computed once)."""
+        if self._listing is None:
+            self._listing = [(f.source, f.size, content_digest(f)) for f in self.files]
+        return self._listing
 
 
 def content_digest(f: InputFile, edge: int = 2**16) -> str:
@@ -320,13 +323,19 @@ def _jsonl_splits(f: InputFile, seq_len: int, target: int, payload: str, tokeniz
 
 
 def plan_inputs(paths: list[str], fmt: str, payload: str, tokenized: bool, seq_len: int,
-                target_items: int, min_groups: int = 1, id_column: str | None = None) -> InputPlan:
+                target_items: int, min_groups: int = 1, id_column: str | None = None,
+                select: Callable[[list[InputFile]], list[InputFile]] | None = None) -> InputPlan:
     """List, split and group the input; ``payload`` is the text or token column Parquet must have.
 
     Groups hold about ``target_items`` items each, and there are at least
-    ``min_groups`` of them where the files can be cut that finely.
+    ``min_groups`` of them where the files can be cut that finely. ``select`` keeps some of
+    the listed files (an incremental run: the new ones).
     """
     files = list_inputs(paths, fmt)
+    if select is not None:
+        files = select(files)
+        if not files:
+            return InputPlan(files=[])
     splits = _splits(files, payload, tokenized, seq_len, target_items, id_column)
     total = sum(s.est_items for s in splits)
     if total < target_items * min_groups:

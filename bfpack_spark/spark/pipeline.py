@@ -21,20 +21,24 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from bfpack_spark import faults
-from bfpack_spark.audit import AuditError, check, read_footers
+from bfpack_spark.audit import AuditError, add_figures, check, read_footers
 from bfpack_spark.config import PackConfig, default_run_id
+from bfpack_spark.incremental import new_files, packed_files
 from bfpack_spark.io.delta import RETENTION_SECONDS, DeltaOutput, read_stats_row
 from bfpack_spark.io.files import join
-from bfpack_spark.io.inputs import InputPlan, check_output, plan_inputs
+from bfpack_spark.io.inputs import InputPlan, check_output, content_digest, plan_inputs
 from bfpack_spark.io.lock import OutputLock
 from bfpack_spark.io.staging import Staging
 from bfpack_spark.io.workspace import Workspace, clean_workspaces, remove_if_empty, workspace_root
 from bfpack_spark.metrics import PackingStats
-from bfpack_spark.schemas import TABLES
+from bfpack_spark.schemas import INPUTS, TABLES
+from bfpack_spark.spark.progress import stage_progress
 from bfpack_spark.spark.session import get_spark
 from bfpack_spark.stages.assemble import Assembly, assemble, reduce_partitions
 from bfpack_spark.stages.dedup import find_duplicates, without_duplicates
@@ -50,14 +54,18 @@ log = logging.getLogger("bfpack")
 
 @dataclass
 class StageTimer:
+    """Seconds per stage; while a stage runs, a progress bar over its Spark tasks (on a terminal)."""
+
     seconds: dict[str, float] = field(default_factory=dict)
+    spark: Any = None
 
     @contextmanager
     def __call__(self, stage: str, announce: bool = True):
         if announce:
             log.info("stage %s ...", stage)
         t0 = time.perf_counter()
-        yield
+        with stage_progress(self.spark, stage):
+            yield
         self.seconds[stage] = round(time.perf_counter() - t0, 3)
         log.info("stage %s done in %.1fs", stage, self.seconds[stage])
 
@@ -70,6 +78,7 @@ class RunResult:
     packing: PackingStats | None = None
     concat: PackingStats | None = None
     already_committed: bool = False
+    nothing_new: bool = False
 
     def table(self, name: str) -> str:
         return join(self.output, name)
@@ -81,12 +90,15 @@ def _plan_inputs(config: PackConfig) -> InputPlan:
     if config.append_eos and tokenizer.eos_id is None:
         raise TokenizerError(f"{tokenizer.name} has no end-of-document token; name one with --eos-token "
                              f"or turn it off with --no-append-eos")
-    inputs = plan_inputs(config.input.paths, config.input.format,
-                         config.input.token_column or config.input.text_column, config.tokenized,
-                         config.packing.seq_len, config.input.target_items_per_partition,
-                         config.input.min_partitions, config.input.id_column or None)
     check_output(config.output.output)
-    return inputs
+    select = None
+    if config.output.mode == "incremental":
+        packed = packed_files(config.output.output)
+        select = lambda files: new_files([(f, content_digest(f)) for f in files], packed)  # noqa: E731
+    return plan_inputs(config.input.paths, config.input.format,
+                       config.input.token_column or config.input.text_column, config.tokenized,
+                       config.packing.seq_len, config.input.target_items_per_partition,
+                       config.input.min_partitions, config.input.id_column or None, select)
 
 
 def _read_settings(config: PackConfig) -> ReadSettings:
@@ -106,13 +118,19 @@ def run(config: PackConfig, spark=None) -> RunResult:
     started = datetime.now(UTC).isoformat()
     with timer("plan inputs", announce=False):  # a mistake found here is the only line printed
         inputs = _plan_inputs(config)
+    if not inputs.files:
+        log.info("no input file is new since the last run into %s; nothing to do", config.output.output)
+        return RunResult("", config.output.output, {}, nothing_new=True)
     run_id = config.output.run_id or default_run_id(config, inputs.listing())
     log.info("run %s: %d input files in %d groups", run_id, len(inputs.files), len(inputs.groups))
     spark = spark or get_spark(config.spark.master, config.spark.app_name, config.spark.conf)
+    timer.spark = spark
     root = config.output.output
     with OutputLock(root, run_id) as lock:
-        output = DeltaOutput(spark, root, run_id, config.output.mode, config.output.delta_writer)
-        if config.output.mode == "append" and output.committed("stats"):  # stats is committed last
+        appending = config.output.mode in ("append", "incremental")
+        output = DeltaOutput(spark, root, run_id, "append" if appending else "overwrite", config.output.delta_writer)
+        output.check_schemas()
+        if appending and output.committed("stats"):  # stats is committed last
             log.info("run %s is already in every table of %s; nothing to do", run_id, root)
             return RunResult(run_id, root, read_stats_row(output.table_uri("stats"), run_id),
                              already_committed=True)
@@ -130,6 +148,13 @@ def run(config: PackConfig, spark=None) -> RunResult:
         if not shared:
             remove_if_empty(work)
         return result
+
+
+def inputs_table(run_id: str, inputs: InputPlan) -> pa.Table:
+    """The ``inputs`` rows of a run: its files, as an incremental run will compare them."""
+    rows = [{"run_id": run_id, "uri": f.uri, "source": name, "size": size, "digest": digest}
+            for f, (name, size, digest) in zip(inputs.files, inputs.listing())]
+    return pa.Table.from_pylist(rows, schema=INPUTS)
 
 
 def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, timer: StageTimer,
@@ -193,10 +218,12 @@ def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, tim
         moved = (sum(f["moved_segments"] for f in assembled.figures), sum(f["moved_tokens"] for f in assembled.figures))
         stats = stats_row(run_id=output.run_id, started=started, config=config, inputs=inputs,
                           documents_read=documents_read, rejected=rejected, packing=packing, concat=concat,
-                          plan=plan, moved=moved, audit=audit, stage_seconds=timer.seconds)
+                          plan=plan, moved=moved, audit=audit, stage_seconds=timer.seconds,
+                          written=add_figures(f.figures for f in files["sequences"]))
         files["stats"] = [staging.write("stats", "stats", stats_table(stats))]
+        files["inputs"] = [staging.write("inputs", "inputs", inputs_table(output.run_id, inputs))]
         with timer("commit"):
-            for name in ("rejects", "documents", "sequences", "stats"):
+            for name in ("rejects", "documents", "sequences", "inputs", "stats"):
                 faults.check(f"commit:{name}")
                 output.commit(name, files[name])
     stats["stage_seconds"] = dict(timer.seconds)

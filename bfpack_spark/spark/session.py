@@ -8,6 +8,8 @@ import sys
 from pyspark import SparkConf
 from pyspark.sql import DataFrame, SparkSession
 
+from bfpack_spark.config import DEBUG_ENV
+
 #: Settings bfpack relies on; a user's --spark-conf wins over them.
 DEFAULTS = {
     "spark.sql.execution.arrow.pyspark.enabled": "true",
@@ -15,13 +17,20 @@ DEFAULTS = {
     "spark.sql.adaptive.enabled": "true",
     "spark.sql.shuffle.partitions": "8",
     "spark.task.maxFailures": "4",
-    "spark.ui.showConsoleProgress": "true",
+    "spark.ui.showConsoleProgress": "false",  # bfpack draws its own (spark/progress.py)
     "spark.sql.parquet.compression.codec": "zstd",
 }
 LOCAL_DEFAULTS = {
     "spark.driver.memory": "8g",
     "spark.ui.enabled": "false",
 }
+
+
+QUIET_LOG4J = os.path.join(os.path.dirname(__file__), "log4j2-quiet.properties")
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 class SparkStartError(RuntimeError):
@@ -51,6 +60,8 @@ def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[st
         # (local, local-cluster) they must run this interpreter, the one with bfpack installed.
         if (master or "local").startswith("local") and "spark.pyspark.python" not in (conf or {}):
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        if not debugging():  # the driver JVM starts here: only its errors reach the console
+            settings["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile=file:{QUIET_LOG4J}"
     if "NUMBA_CACHE_DIR" in os.environ:
         settings["spark.executorEnv.NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
     settings.update(conf or {})
@@ -61,7 +72,7 @@ def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[st
     except Exception as exc:  # Java and Python errors of all kinds; the first line says which
         raise SparkStartError(f"cannot start Spark (master {master or 'from spark-submit'}): "
                               f"{first_line(exc)}") from None
-    spark.sparkContext.setLogLevel("WARN")
+    spark.sparkContext.setLogLevel("WARN" if debugging() else "ERROR")
     return spark
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -190,7 +191,7 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
     if local.size:
         order = local[np.lexsort((segs.slot[local], segs.seq[local]))]
         firsts = np.flatnonzero(np.diff(segs.seq[order], prepend=-1) != 0)
-        with ctx.staging.writer("sequences", name, SEQUENCES, sequence_figures) as out:
+        with ctx.staging.writer("sequences", name, SEQUENCES, partial(sequence_figures, seq_len=L)) as out:
             for part in _slices(order, firsts, segs.length):  # a row group's worth at a time
                 seq = segs.seq[part]
                 starts = np.flatnonzero(np.diff(seq, prepend=-1) != 0)
@@ -257,7 +258,7 @@ def _figures(kept_lengths: np.ndarray, segs: _Segments, first_token: int, seq_le
             "moved_tokens": int(segs.length[moved].sum())}
 
 
-def join_fragments(batches, staging: Staging) -> Iterator[pa.RecordBatch]:
+def join_fragments(batches, staging: Staging, seq_len: int) -> Iterator[pa.RecordBatch]:
     """The final reduce: sequences from their fragments (those of a sequence arrive together);
     file descriptions and figures pass through."""
     batches = list(batches)
@@ -279,7 +280,7 @@ def join_fragments(batches, staging: Staging) -> Iterator[pa.RecordBatch]:
                                           docs_column="doc_ids"),
                           seq[firsts], staging.run_id)
     name = f"merged-{TaskContext.get().partitionId():05d}"
-    yield _info(FILE, staging.write("sequences", name, sequences, sequence_figures(sequences)).to_json())
+    yield _info(FILE, staging.write("sequences", name, sequences, sequence_figures(sequences, seq_len)).to_json())
 
 
 @dataclass
@@ -321,11 +322,11 @@ def assemble(spark, plan_orders: DataFrame | None, drops: DataFrame | None, n_gr
         for g in np.unique(groups):
             yield from assemble_group(int(g), table.filter(pa.array(groups == g)), ctx)
 
-    staging = ctx.staging
+    staging, seq_len = ctx.staging, ctx.seq_len
     orders = exact_partitions(_orders(spark, plan_orders, drops, n_groups), n_groups, "group")
     rows = (orders.mapInArrow(by_group, spark_ddl(ASSEMBLED))
             .repartition(n_reduce, "seq_id")
-            .mapInArrow(lambda batches: join_fragments(batches, staging), spark_ddl(ASSEMBLED))
+            .mapInArrow(lambda batches: join_fragments(batches, staging, seq_len), spark_ddl(ASSEMBLED))
             .select("kind", "info").collect())
     return Assembled([StagedFile.from_json(r["info"]) for r in rows if r["kind"] == FILE],
                      [json.loads(r["info"]) for r in rows if r["kind"] == FIGURES])

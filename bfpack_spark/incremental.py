@@ -1,0 +1,61 @@
+"""Scheduled rebuilds of a growing corpus: which input files an output root already holds.
+
+Every run records its input files in the ``inputs`` table (uri, size, and a digest of the
+file's first and last 64 KiB). ``--mode incremental`` packs only the files no committed run
+recorded, as a new run appended to every table. A file is packed when the run that recorded
+it committed its ``stats`` row (the last commit of a run): a run that crashed before that
+recorded nothing, so its rerun picks the same new files, gets the same run id, and adds its
+rows once, as ``append`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from bfpack_spark.io.files import InputError, InputFile, join
+
+
+@dataclass(frozen=True)
+class PackedFile:
+    size: int
+    digest: str
+    run_id: str
+
+
+def _snapshot(uri: str) -> ds.Dataset | None:
+    from deltalake import DeltaTable
+
+    return ds.dataset(DeltaTable(uri).file_uris(), format="parquet") if DeltaTable.is_deltatable(uri) else None
+
+
+def packed_files(root: str) -> dict[str, PackedFile]:
+    """The input files of every committed run under ``root``, by uri."""
+    stats, inputs = _snapshot(join(root, "stats")), _snapshot(join(root, "inputs"))
+    if stats is None:
+        return {}
+    committed = set(stats.to_table(columns=["run_id"]).column(0).to_pylist())
+    if inputs is None:
+        if committed:
+            raise InputError(f"{root} was written by a bfpack version that did not record its input files; "
+                             "rebuild it once with --mode overwrite, then run --mode incremental")
+        return {}
+    rows = inputs.to_table(filter=ds.field("run_id").isin(pa.array(sorted(committed), pa.string())) if committed
+                           else None).to_pylist()
+    return {r["uri"]: PackedFile(r["size"], r["digest"], r["run_id"]) for r in rows}
+
+
+def new_files(listed: list[tuple[InputFile, str]], packed: dict[str, PackedFile]) -> list[InputFile]:
+    """The listed files (with their digests) that no committed run packed.
+
+    A file packed before that has changed since is an error: its rows are in the tables, and
+    packing it again would add its documents twice.
+    """
+    for f, digest in listed:
+        old = packed.get(f.uri)
+        if old is not None and (old.size, old.digest) != (f.size, digest):
+            raise InputError(f"{f.uri} changed after run {old.run_id} packed it (size {old.size:,} -> {f.size:,}); "
+                             "an incremental run only adds new files: rebuild with --mode overwrite")
+    return [f for f, _ in listed if f.uri not in packed]

@@ -1,0 +1,210 @@
+"""``bfpack report``: what the runs under an output root did, in the terminal or as one HTML page.
+
+Everything comes from the ``stats`` table (a row per run, with the histograms the writing
+tasks counted) and the ``rejects`` table's reasons, read with pyarrow's dataset API from the
+files of each table's Delta snapshot (that path exits cleanly every time; see the README).
+The plot functions take plain lists, so the notebook draws the same figures from Spark SQL.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow.dataset as ds
+
+from bfpack_spark.io.delta import DeltaError
+from bfpack_spark.io.files import join
+
+_COLUMNS = ["run_id", "started_at", "mode", "strategy", "seq_len", "documents_read", "documents_packed",
+            "documents_rejected", "tokens", "sequences", "lower_bound", "mean_fill", "truncations_per_document",
+            "concat_truncations_per_document", "truncations_by_length", "fill_histogram", "segments_histogram",
+            "audit_passed"]
+
+
+def _dataset(root: str, table: str) -> ds.Dataset:
+    from deltalake import DeltaTable
+
+    uri = join(root, table)
+    if not DeltaTable.is_deltatable(uri):
+        raise DeltaError(f"{uri} is not a Delta table: give the output root of a bfpack run")
+    return ds.dataset(DeltaTable(uri).file_uris(), format="parquet")
+
+
+def load_runs(root: str) -> list[dict[str, Any]]:
+    """Every run's stats row, oldest first."""
+    runs = _dataset(root, "stats").to_table(columns=_COLUMNS).to_pylist()
+    return sorted(runs, key=lambda r: r["started_at"] or "")
+
+
+def reject_reason(reason: str) -> str:
+    """A reject's reason without its particulars (offsets, rows, messages): what the plot groups by."""
+    return re.split(r"[:;(]| at | in row", reason, maxsplit=1)[0].strip() or reason
+
+
+def rejects_by_reason(root: str, run_id: str | None = None) -> dict[str, int]:
+    """Rejects counted by :func:`reject_reason`, streamed batch by batch."""
+    counts: Counter[str] = Counter()
+    filter_ = ds.field("run_id") == run_id if run_id else None
+    for batch in _dataset(root, "rejects").to_batches(columns=["reason"], filter=filter_):
+        counts.update(reject_reason(r) for r in batch.column(0).to_pylist())
+    return dict(counts.most_common())
+
+
+def history(runs: Sequence[dict]) -> str:
+    """The run history, one line per run."""
+    head = (f"{'started (UTC)':<19} {'mode':<9} {'read':>11} {'packed':>11} {'rejected':>9} {'sequences':>11} "
+            f"{'bound':>11} {'trunc/doc':>9} {'concat':>7}  audit   run")
+    lines = [head]
+    for r in runs:
+        when = (r["started_at"] or "")[:19].replace("T", " ")
+        lines.append(
+            f"{when:<19} {r['mode'] or '':<9} {r['documents_read'] or 0:>11,} "
+            f"{r['documents_packed'] or 0:>11,} {r['documents_rejected'] or 0:>9,} {r['sequences'] or 0:>11,} "
+            f"{r['lower_bound'] or 0:>11,} {r['truncations_per_document'] or 0:>9.4f} "
+            f"{r['concat_truncations_per_document'] or 0:>7.4f}  {'passed' if r['audit_passed'] else 'FAILED':<6}  "
+            f"{r['run_id']}")
+    return "\n".join(lines)
+
+
+# --- plots: plain data in, a matplotlib Figure out ---------------------------------------------
+
+def _axes(title: str, xlabel: str, ylabel: str, width: float = 7.0):
+    import matplotlib.pyplot as plt  # with no display, matplotlib picks its file-only backend itself
+
+    fig, ax = plt.subplots(figsize=(width, 3.6), dpi=100)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    return fig, ax
+
+
+def plot_truncations(by_length: Sequence[dict]):
+    """Truncations per document by document length, best-fit against concatenation (the paper's figure)."""
+    fig, ax = _axes("Truncations per document, by document length", "document length (tokens)",
+                    "truncations per document")
+    labels = [b["length"] for b in by_length]
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], [b["concat_truncations_per_document"] for b in by_length], 0.4,
+           label="concatenate and cut", color="#c44e52")
+    ax.bar([i + 0.2 for i in x], [b["truncations_per_document"] for b in by_length], 0.4,
+           label="best-fit packing", color="#4c72b0")
+    ax.set_xticks(list(x), labels, rotation=45, ha="right")
+    ax.set_yscale("symlog", linthresh=0.01)  # short documents: 0 against a fraction of one
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_documents_by_length(by_length: Sequence[dict]):
+    fig, ax = _axes("Documents by length", "document length (tokens)", "documents")
+    ax.bar(range(len(by_length)), [b["documents"] for b in by_length], color="#55a868")
+    ax.set_xticks(range(len(by_length)), [b["length"] for b in by_length], rotation=45, ha="right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_fill(fill_histogram: Sequence[int]):
+    fig, ax = _axes("Sequence fill", "tokens / L (percent)", "sequences")
+    ax.bar(range(len(fill_histogram)), fill_histogram, 1.0, color="#4c72b0")
+    ax.set_yscale("symlog")
+    fig.tight_layout()
+    return fig
+
+
+def plot_segments(segments_histogram: Sequence[int]):
+    last = max((i for i, n in enumerate(segments_histogram) if n), default=1)
+    fig, ax = _axes("Segments per sequence", "documents or chunks in the sequence", "sequences")
+    ax.bar(range(last + 1), segments_histogram[:last + 1], color="#8172b2")
+    ax.set_yscale("symlog")
+    fig.tight_layout()
+    return fig
+
+
+def plot_rejects(by_reason: dict[str, int]):
+    fig, ax = _axes("Rejects by reason", "records", "")
+    names = list(by_reason)[::-1]
+    ax.barh(names or ["(none)"], [by_reason[n] for n in names] or [0], color="#dd8452")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_runs(runs: Sequence[dict]):
+    fig, ax = _axes("Runs over time", "run started (UTC)", "per run")
+    x = range(len(runs))
+    ax.plot(x, [r["documents_packed"] or 0 for r in runs], "o-", label="documents packed")
+    ax.plot(x, [r["sequences"] or 0 for r in runs], "s--", label="sequences")
+    ax.set_xticks(list(x), [(r["started_at"] or "")[:16].replace("T", " ") for r in runs], rotation=30, ha="right")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def figures(runs: Sequence[dict], run: dict, by_reason: dict[str, int]) -> list[tuple[str, Any]]:
+    """The report's figures, titled; those without data (an old run without histograms) left out."""
+    out = []
+    if run["truncations_by_length"]:
+        out += [("truncations", plot_truncations(run["truncations_by_length"])),
+                ("documents by length", plot_documents_by_length(run["truncations_by_length"]))]
+    if run["fill_histogram"]:
+        out.append(("fill", plot_fill(run["fill_histogram"])))
+    if run["segments_histogram"]:
+        out.append(("segments", plot_segments(run["segments_histogram"])))
+    out += [("rejects", plot_rejects(by_reason)), ("runs", plot_runs(runs))]
+    return out
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def render_html(root: str, runs: Sequence[dict], run: dict, by_reason: dict[str, int]) -> str:
+    """One self-contained page: the history table and every figure as an embedded PNG."""
+    title = f"bfpack report: {root}"
+    images = "\n".join(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{_png(fig)}"></figure>'
+                       for name, fig in figures(runs, run, by_reason))
+    summary = (f"run {run['run_id']}: {run['documents_packed'] or 0:,} documents in {run['sequences'] or 0:,} "
+               f"sequences of L={run['seq_len']} (lower bound {run['lower_bound'] or 0:,}); truncations per "
+               f"document {run['truncations_per_document'] or 0:.4f} with best-fit packing against "
+               f"{run['concat_truncations_per_document'] or 0:.4f} with concatenation")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1500px}}pre{{background:#f6f6f6;padding:1em;overflow-x:auto}}
+.grid{{display:grid;grid-template-columns:repeat(auto-fill,minmax(700px,1fr));gap:1em}}
+figure{{margin:0}}img{{max-width:100%}}</style></head>
+<body><h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>
+<h2>Runs</h2><pre>{html.escape(history(runs))}</pre>
+<h2>Run {html.escape(run['run_id'])}</h2><div class="grid">{images}</div></body></html>
+"""
+
+
+def report(root: str, html_path: str | None = None, run_id: str | None = None) -> str:
+    """The terminal report (and, with ``html_path``, the page written there)."""
+    runs = load_runs(root)
+    if not runs:
+        raise DeltaError(f"{root}/stats holds no run yet")
+    chosen = [r for r in runs if run_id is None or r["run_id"] == run_id]
+    if not chosen:
+        raise DeltaError(f"{root}/stats has no run {run_id}; runs: {', '.join(r['run_id'] for r in runs)}")
+    run = chosen[-1]
+    by_reason = rejects_by_reason(root, run["run_id"])
+    text = history(runs)
+    if by_reason:
+        text += f"\n\nrejects of {run['run_id']} by reason: " + ", ".join(f"{k} {v:,}" for k, v in by_reason.items())
+    if html_path:
+        with open(html_path, "w", encoding="utf-8") as fh:
+            fh.write(render_html(root, runs, run, by_reason))
+        text += f"\n\nwrote {html_path}"
+    return text
