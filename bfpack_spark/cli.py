@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     pack = sub.add_parser("pack", parents=[common],
                           help="read, tokenize and pack a corpus (JSONL, Parquet, Delta, text)",
                           description="Read a corpus, tokenize it, pack it and write the Delta tables "
-                                      "sequences, documents, rejects and stats under --output.")
+                                      "sequences, documents, rejects, inputs and stats under --output.")
     _add_config_flags(pack)
     tok = sub.add_parser("pack-tokenized", parents=[common],
                          help="pack an already tokenized corpus (id + token list columns)",

@@ -82,7 +82,7 @@ class PackingConfig:
 
 @dataclass
 class OutputConfig:
-    output: str = _f("", "output root; holds the Delta tables sequences, documents, rejects, stats")
+    output: str = _f("", "output root; holds the Delta tables sequences, documents, rejects, inputs, stats")
     mode: Literal["overwrite", "append", "incremental"] = _f(
         "overwrite", "overwrite: rebuild the tables; append: add this run (a new shard) to them; "
                      "incremental: pack only the input files no earlier run packed, as a new run")

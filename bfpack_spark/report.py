@@ -97,6 +97,9 @@ def plot_truncations(by_length: Sequence[dict]):
            label="best-fit packing", color="#4c72b0")
     ax.set_xticks(list(x), labels, rotation=45, ha="right")
     ax.set_yscale("symlog", linthresh=0.01)  # short documents: 0 against a fraction of one
+    top = max([b["concat_truncations_per_document"] for b in by_length] + [b["truncations_per_document"]
+                                                                          for b in by_length] + [1])
+    ax.set_ylim(0, top * 3)
     ax.legend()
     fig.tight_layout()
     return fig

@@ -77,3 +77,12 @@ def test_the_notebook_executes(root):
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert len(images) >= 6
+
+
+def test_the_readme_reader_examples_run(spark, root):
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## What it writes", 1)[1].split("\n## ", 1)[0]
+    example = section.split("```python", 1)[1].split("```", 1)[0].replace("out/demo", str(root))
+    namespace: dict = {}
+    exec(compile(example, "README", "exec"), namespace)
+    assert len(namespace["stats"]) >= 1 and namespace["seqs"].num_rows > 0
