@@ -350,7 +350,7 @@ def test_append_to_a_stats_table_of_the_old_schema_migrates_it(spark, tokenized,
                                               "input.token_column": "tokens"})
 
 
-def test_incremental_runs_pack_only_new_files(spark, tmp_path):
+def test_incremental_runs_pack_only_new_files(spark, tmp_path, inject):
     corpus, out = tmp_path / "corpus", tmp_path / "out"
     corpus.mkdir()
     for name, n in (("a", 30), ("b", 20)):
@@ -360,6 +360,10 @@ def test_incremental_runs_pack_only_new_files(spark, tmp_path):
     first = pack(spark, [corpus], out, **settings)
     assert first.stats["documents_read"] == 50
     write_jsonl(corpus / "c.jsonl", [{"id": f"c-{i}", "text": f"the third file, document {i}"} for i in range(7)])
+    inject({"commit:stats": "always"})  # killed after every other table took the new run's rows
+    with pytest.raises(Exception, match="injected failure"):
+        pack(spark, [corpus], out, **settings)
+    inject({})
     second = pack(spark, [corpus], out, **settings)
     assert second.stats["documents_read"] == 7 and second.stats["mode"] == "incremental"
     documents = pads.dataset(DeltaTable(str(out / "documents")).file_uris(), format="parquet").to_table()
