@@ -162,7 +162,12 @@ build_args=(--pull=never --network="$PODMAN_NETWORK" "${ulimits[@]}" -f "$ctx/do
 if [[ -n "$PIP_CERT_FILE" ]]; then build_args+=(--secret "id=pip_cert,src=$PIP_CERT_FILE"); fi
 if [[ "${NO_CACHE:-0}" == 1 ]]; then build_args+=(--no-cache); fi
 log "build: podman build ${build_args[*]} $ctx ($(du -sh "$ctx" | cut -f1) context)"
+old_id="$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)"
 podman build "${build_args[@]}" "$ctx" || die "podman build"
+# The image this tag named before, now untagged: remove it (not other dangling images).
+if [[ -n "$old_id" && "$old_id" != "$(podman image inspect --format '{{.Id}}' "$IMAGE")" ]]; then
+    podman rmi "$old_id" >/dev/null 2>&1 || true
+fi
 t_build=$(now)
 size="$(podman image inspect --format '{{.Size}}' "$IMAGE" | awk '{ printf "%.0f MB", $1 / 1e6 }')"
 log "build: $IMAGE, $size ($(secs "$t_base" "$t_build")s)"
