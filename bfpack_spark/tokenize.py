@@ -43,7 +43,7 @@ class Tokenizer:
     name: str
     known_ids: np.ndarray  # bool per id 0..max: whether the vocabulary has it (vocabularies have gaps)
     eos_id: int | None
-    encode_batch: Callable[[Sequence[str]], list[Sequence[int]]]
+    encode_batch: Callable[..., list[np.ndarray]]  # (texts, threads=1): token ids of each text
     decode: Callable[[Sequence[int]], str]  # invalid byte sequences become U+FFFD
 
 
@@ -111,14 +111,13 @@ def _tiktoken_tokenizer(spec: str, eos_token: str | None) -> Tokenizer:
         eos_id = enc.encode_single_token(eos_token)
     else:
         raise TokenizerError(f"eos_token {eos_token!r} is not a special token of {enc.name}")
-    threads = max(1, min(4, os.cpu_count() or 1))
-
-    def encode_batch(texts: Sequence[str]) -> list[Sequence[int]]:
-        # Huge texts go one by one straight into numpy: a Python list of ints costs ~8x more memory.
-        if all(len(t) < _HUGE_TEXT for t in texts):
-            return enc.encode_ordinary_batch(texts, num_threads=threads)
-        return [enc.encode_to_numpy(t, disallowed_special=()) if len(t) >= _HUGE_TEXT
-                else enc.encode_ordinary(t) for t in texts]
+    def encode_batch(texts: Sequence[str], threads: int = 1) -> list[np.ndarray]:
+        # One thread (a Spark task's core): each text straight into numpy, no Python int objects
+        # (converting tiktoken's lists cost as much as encoding). Several: tiktoken's threads,
+        # which release the GIL, then one conversion.
+        if threads > 1 and all(len(t) < _HUGE_TEXT for t in texts):
+            return [np.asarray(ids, dtype=np.int32) for ids in enc.encode_ordinary_batch(texts, num_threads=threads)]
+        return [enc.encode_to_numpy(t, disallowed_special=()) for t in texts]
 
     known = _id_mask(i for i in range(enc.n_vocab) if _decodes(enc, i))
 
@@ -150,8 +149,8 @@ def _hf_tokenizer(path: str, eos_token: str | None) -> Tokenizer:
     if eos_token and eos_id is None:
         raise TokenizerError(f"eos_token {eos_token!r} is not in the vocabulary of {path!r}")
 
-    def encode_batch(texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+    def encode_batch(texts: Sequence[str], threads: int = 1) -> list[np.ndarray]:  # Rust threads of its own
+        return [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(ids: Sequence[int]) -> str:
         return tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -173,15 +172,16 @@ def load_tokenizer(spec: str = DEFAULT_TOKENIZER, eos_token: str | None = None) 
     return _tiktoken_tokenizer(spec, eos_token)
 
 
-def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], append_eos: bool) -> pa.ListArray:
-    """Token ids of each text as an Arrow ``list<int32>``, the EOS id appended when asked."""
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], append_eos: bool, threads: int = 1) -> pa.ListArray:
+    """Token ids of each text as an Arrow ``list<int32>``, the EOS id appended when asked;
+    ``threads``: the cores the calling task may use."""
     if append_eos and tokenizer.eos_id is None:
         raise TokenizerError(f"{tokenizer.name} has no end-of-document token; set eos_token or append_eos: false")
     eos = np.array([tokenizer.eos_id] if append_eos else [], dtype=np.int32)
     pieces: list[np.ndarray] = []
     lengths = np.empty(len(texts), dtype=np.int64)
-    for i, ids in enumerate(tokenizer.encode_batch(texts)):
-        arr = np.asarray(ids, dtype=np.int32)
+    for i, ids in enumerate(tokenizer.encode_batch(texts, threads)):
+        arr = ids.astype(np.int32, copy=False)
         pieces.append(arr)
         if eos.size:
             pieces.append(eos)

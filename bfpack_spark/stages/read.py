@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyspark import StorageLevel
+from pyspark import StorageLevel, TaskContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -130,6 +130,8 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
     GROUP row counts the records the readers consumed, for the audit."""
     faults.check("read")
     tokenizer = load_tokenizer(settings.tokenizer, settings.eos_token)
+    context = TaskContext.get()
+    threads = context.cpus() if context is not None else 1  # spark.task.cpus: the cores this task may use
     doc_index = n_records = n_tokens = 0
     rejects: list[Reject] = []
     histogram = np.zeros(min(settings.length_buckets, settings.seq_len), np.int64)
@@ -145,7 +147,7 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
                     if settings.append_eos and raw.rows:
                         raw.tokens = _append_token(raw.tokens, tokenizer.eos_id)
                 elif raw.rows:
-                    raw.tokens, raw.texts = encode_texts(tokenizer, raw.texts, settings.append_eos), []
+                    raw.tokens, raw.texts = encode_texts(tokenizer, raw.texts, settings.append_eos, threads), []
                 _reject_where(raw, _lengths(raw) == 0, "no tokens: the tokenizer made nothing of this text")
                 for r in raw.rejects:
                     r.source = split.source
