@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from bfpack_spark.io.files import redacted
 from bfpack_spark.tokenize import DEFAULT_TOKENIZER
 
 #: Set (to anything but "" or "0") by ``bfpack --debug``: JVM warnings reach the console too.
@@ -86,6 +87,10 @@ class OutputConfig:
     mode: Literal["overwrite", "append", "incremental"] = _f(
         "overwrite", "overwrite: rebuild the tables; append: add this run (a new shard) to them; "
                      "incremental: pack only the input files no earlier run packed, as a new run")
+    storage_options: dict[str, str] = _f({}, "object-store settings for every read and write, pyarrow's and "
+                                             "deltalake's (delta-rs names: AWS_ENDPOINT_URL, AWS_REGION, "
+                                             "AWS_ALLOW_HTTP, ...); secrets are never logged or stored",
+                                         flag="storage-option")
     run_id: str | None = _f(None, "run id stored in every row (default: derived from input and "
                                   "config, so rerunning the same command is idempotent)")
     work_dir: str | None = _f(None, "scratch space for tokens between the read and the assembly, visible "
@@ -130,7 +135,10 @@ class PackConfig:
     spark: SparkConfig = field(default_factory=SparkConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings, with secret storage options masked (this is what logs and ``stats`` keep)."""
+        d = dataclasses.asdict(self)
+        d["output"]["storage_options"] = redacted(d["output"]["storage_options"])
+        return d
 
     def fingerprint(self) -> str:
         """A hash of the settings that decide the tables' contents: not where the input is

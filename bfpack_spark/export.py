@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bfpack_spark.io.files import read_parquet
 from bfpack_spark.io.snapshot import SequencesSnapshot, open_sequences
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def export_npy(snapshot: SequencesSnapshot, dest: Path) -> dict:
     # pass 1: where each file's rows go, and how many segments each sequence has
     n_segments = np.full(n, -1, dtype=np.int64)
     for f in files:
-        t = pq.read_table(f.uri, columns=["seq_id", "seg_lengths"])
+        t = read_parquet(f.uri, ["seq_id", "seg_lengths"])
         seq_ids = t["seq_id"].to_numpy()
         if seq_ids.size and (seq_ids.min() < 0 or seq_ids.max() >= run_rows[f.run_id]):
             raise ExportError(f"{f.uri}: seq_id outside 0..{run_rows[f.run_id] - 1} of run {f.run_id}")
@@ -106,7 +107,7 @@ def export_npy(snapshot: SequencesSnapshot, dest: Path) -> dict:
                                              shape=(total_segments, 2))
         written_tokens = written_segments = 0
         for i, f in enumerate(files, 1):
-            t = pq.read_table(f.uri, columns=["seq_id", "input_ids", "seg_lengths"])
+            t = read_parquet(f.uri, ["seq_id", "input_ids", "seg_lengths"])
             rows = run_base[f.run_id] + t["seq_id"].to_numpy()
             values, offsets = _flat(t["input_ids"])
             seg_values, seg_offsets = _flat(t["seg_lengths"])
@@ -161,7 +162,7 @@ def export_hf(snapshot: SequencesSnapshot, dest: Path) -> dict:
         parts, tokens = [], 0
         (tmp / "parts").mkdir()
         for i, f in enumerate(snapshot.files, 1):
-            t = pq.read_table(f.uri, columns=["seq_id", "run_id", "input_ids", "seg_lengths"]).sort_by("seq_id")
+            t = read_parquet(f.uri, ["seq_id", "run_id", "input_ids", "seg_lengths"]).sort_by("seq_id")
             part = _hf_part(t)
             path = tmp / "parts" / f"part-{i:05d}.parquet"
             pq.write_table(part, path)

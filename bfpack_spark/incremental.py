@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from bfpack_spark.io.delta import snapshot_dataset
 from bfpack_spark.io.files import InputError, InputFile, join
 
 
@@ -25,15 +26,9 @@ class PackedFile:
     run_id: str
 
 
-def _snapshot(uri: str) -> ds.Dataset | None:
-    from deltalake import DeltaTable
-
-    return ds.dataset(DeltaTable(uri).file_uris(), format="parquet") if DeltaTable.is_deltatable(uri) else None
-
-
 def packed_files(root: str) -> dict[str, PackedFile]:
     """The input files of every committed run under ``root``, by uri."""
-    stats, inputs = _snapshot(join(root, "stats")), _snapshot(join(root, "inputs"))
+    stats, inputs = snapshot_dataset(join(root, "stats")), snapshot_dataset(join(root, "inputs"))
     if stats is None:
         return {}
     committed = set(stats.to_table(columns=["run_id"]).column(0).to_pylist())

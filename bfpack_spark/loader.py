@@ -26,9 +26,9 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from bfpack_spark import masks
+from bfpack_spark.io.files import read_parquet
 from bfpack_spark.io.snapshot import SequencesSnapshot, open_sequences
 
 try:
@@ -150,7 +150,7 @@ class PackedSequences(IterableDataset):
             yield from self._examples(files[index].uri, rows)
 
     def _examples(self, uri: str, rows: np.ndarray) -> Iterator[dict[str, Any]]:
-        table = pq.read_table(uri, columns=COLUMNS).take(rows)
+        table = read_parquet(uri, COLUMNS).take(rows)
         seq_ids = table["seq_id"].to_numpy()
         run_ids = table["run_id"].to_pylist()
         ids, segs = table["input_ids"].combine_chunks(), table["seg_lengths"].combine_chunks()

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow.dataset as ds
 
-from bfpack_spark.io.delta import DeltaError
+from bfpack_spark.io.delta import DeltaError, snapshot_dataset
 from bfpack_spark.io.files import join
 
 _COLUMNS = ["run_id", "started_at", "mode", "strategy", "seq_len", "documents_read", "documents_packed",
@@ -28,12 +28,10 @@ _COLUMNS = ["run_id", "started_at", "mode", "strategy", "seq_len", "documents_re
 
 
 def _dataset(root: str, table: str) -> ds.Dataset:
-    from deltalake import DeltaTable
-
-    uri = join(root, table)
-    if not DeltaTable.is_deltatable(uri):
-        raise DeltaError(f"{uri} is not a Delta table: give the output root of a bfpack run")
-    return ds.dataset(DeltaTable(uri).file_uris(), format="parquet")
+    dataset = snapshot_dataset(join(root, table))
+    if dataset is None:
+        raise DeltaError(f"{join(root, table)} is not a Delta table: give the output root of a bfpack run")
+    return dataset
 
 
 def load_runs(root: str) -> list[dict[str, Any]]:

@@ -18,7 +18,40 @@ def faults_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def spark(faults_file):
+def s3_server():
+    """A real S3 protocol server (moto) on a free loopback port, for the whole session.
+
+    Started before Spark: the endpoint reaches Spark's Python workers through the environment.
+    Yields a boto3 client to make buckets and objects with.
+    """
+    import socket
+    import subprocess
+    import time
+
+    boto3 = pytest.importorskip("boto3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ALLOW_HTTP": "true", "AWS_EC2_METADATA_DISABLED": "true"}
+    os.environ.update(env)
+    client = boto3.client("s3")
+    for _ in range(100):
+        try:
+            client.list_buckets()
+            break
+        except Exception:
+            time.sleep(0.1)
+    yield client
+    server.terminate()
+    server.wait()
+
+
+@pytest.fixture(scope="session")
+def spark(faults_file, s3_server):
     """One local Spark session for the whole suite: 2 cores, task retries on, small shuffles."""
     from bfpack_spark.spark.session import get_spark
 

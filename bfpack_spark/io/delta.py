@@ -25,9 +25,10 @@ import time
 import uuid
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from bfpack_spark.io.files import filesystem, join
+from bfpack_spark.io.files import filesystem, join, storage_options
 from bfpack_spark.io.staging import StagedFile
 from bfpack_spark.schemas import TABLES, delta_schema_json
 
@@ -98,12 +99,10 @@ class DeltaOutput:
         to the run's commit, the run's rows in the current snapshot decide.
         """
         import pyarrow.compute as pc
-        from deltalake import DeltaTable
 
-        uri = self.table_uri(name)
-        if not DeltaTable.is_deltatable(uri):
+        table = delta_table(self.table_uri(name))
+        if table is None:
             return False
-        table = DeltaTable(uri)
         if table.transaction_version(self.app_id) is None:
             return False
         for commit in table.history():  # newest first
@@ -111,7 +110,7 @@ class DeltaOutput:
                 return True
             if (commit.get("operationParameters") or {}).get("mode") == "Overwrite":
                 return False
-        return table.to_pyarrow_dataset().count_rows(filter=pc.field("run_id") == self.run_id) > 0
+        return snapshot_dataset(self.table_uri(name)).count_rows(filter=pc.field("run_id") == self.run_id) > 0
 
     def check_schemas(self) -> None:
         """Before anything is read: every existing table must have this version's schema.
@@ -120,13 +119,13 @@ class DeltaOutput:
         ``audit``) is migrated in one overwrite commit of its few rows; any other difference
         stops the run, saying what to do.
         """
-        from deltalake import DeltaTable
 
         for name, schema in TABLES.items():
             uri = self.table_uri(name)
-            if not DeltaTable.is_deltatable(uri):
+            table = delta_table(uri)
+            if table is None:
                 continue
-            have = json.loads(DeltaTable(uri).schema().to_json())
+            have = json.loads(table.schema().to_json())
             if _shape(have) == _shape(json.loads(delta_schema_json(schema))):
                 continue
             if self.mode == "overwrite":
@@ -143,9 +142,9 @@ class DeltaOutput:
     def _txn_version(self, uri: str) -> int:
         """A transaction version never used before for this run on this table: the table's next
         version. (Delta skips a write whose version it has seen; reruns are decided above.)"""
-        from deltalake import DeltaTable
 
-        return DeltaTable(uri).version() + 1 if DeltaTable.is_deltatable(uri) else 0
+        table = delta_table(uri)
+        return table.version() + 1 if table is not None else 0
 
     def _our_metadata(self) -> dict[str, str]:
         return {"bfpack.run_id": self.run_id, "bfpack.attempt": self.attempt}
@@ -165,7 +164,7 @@ class DeltaOutput:
         self.committed_tables.add(name)
 
     def _commit_deltalake(self, name: str, files: list[StagedFile]) -> None:
-        from deltalake import CommitProperties, DeltaTable, Schema, Transaction
+        from deltalake import CommitProperties, Schema, Transaction
         from deltalake.transaction import AddAction, create_table_with_add_actions
 
         uri = self.table_uri(name)
@@ -174,10 +173,12 @@ class DeltaOutput:
         schema = Schema.from_json(delta_schema_json(TABLES[name]))
         props = CommitProperties(app_transactions=[Transaction(self.app_id, self._txn_version(uri))],
                                  custom_metadata=self._our_metadata())
-        if DeltaTable.is_deltatable(uri):
-            DeltaTable(uri).create_write_transaction(actions, self.mode, schema, commit_properties=props)
+        table = delta_table(uri)
+        if table is not None:
+            table.create_write_transaction(actions, self.mode, schema, commit_properties=props)
         else:
-            create_table_with_add_actions(uri, schema, actions, mode="append", commit_properties=props)
+            create_table_with_add_actions(uri, schema, actions, mode="append", commit_properties=props,
+                                          storage_options=storage_options() or None)
 
     def _commit_delta_spark(self, name: str, files: list[StagedFile]) -> None:
         from pyspark.sql.types import StructType
@@ -218,15 +219,14 @@ class DeltaOutput:
         ``any_run`` (while holding the output root's lock, so no run is staging) other
         runs' directories go too, once older than Delta's default retention (7 days).
         """
-        from deltalake import DeltaTable
 
         uri = self.table_uri(name)
         fs, base = filesystem(uri)
         if fs.get_file_info(base).type != pafs.FileType.Directory:
             return []
         keep = {self.attempt}
-        if DeltaTable.is_deltatable(uri):
-            table = DeltaTable(uri)
+        table = delta_table(uri)
+        if table is not None:
             keep |= {p.split("/")[0] for p in pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist()}
             keep |= {_commit_metadata(commit).get("bfpack.attempt") for commit in table.history()}
         cutoff = time.time() - RETENTION_SECONDS
@@ -241,6 +241,27 @@ class DeltaOutput:
                 fs.delete_dir(info.path)
                 removed.append(dirname)
         return removed
+
+
+def delta_table(uri: str, version: int | None = None):
+    """The Delta table at ``uri`` (with the run's storage options), or None where there is none."""
+    from deltalake import DeltaTable
+
+    options = storage_options() or None
+    if not DeltaTable.is_deltatable(uri, storage_options=options):
+        return None
+    return DeltaTable(uri, version=version, storage_options=options)
+
+
+def snapshot_dataset(uri: str, version: int | None = None) -> ds.Dataset | None:
+    """The files of the table's snapshot as a pyarrow dataset (the reading path that exits cleanly)."""
+    table = delta_table(uri, version)
+    if table is None:
+        return None
+    files = table.file_uris()
+    fs = filesystem(files[0])[0] if files else pafs.LocalFileSystem()
+    return ds.dataset([filesystem(f)[1] for f in files], filesystem=fs, format="parquet",
+                      schema=None if files else pa.schema([]))
 
 
 def _shape(schema):
@@ -261,13 +282,12 @@ def _is_stats_v1(schema: dict) -> bool:
 def migrate_stats_v1(uri: str) -> None:
     """Rewrite an old ``stats`` table in the current schema, in one atomic overwrite commit:
     JSON strings become typed columns; columns the old version did not have are null."""
-    import pyarrow.dataset as ds
-    from deltalake import DeltaTable, write_deltalake
+    from deltalake import write_deltalake
 
     from bfpack_spark.schemas import STATS
     from bfpack_spark.stats import stats_table
 
-    old = ds.dataset(DeltaTable(uri).file_uris(), format="parquet").to_table().to_pylist()
+    old = snapshot_dataset(uri).to_table().to_pylist()
     rows = []
     for row in old:
         audit = json.loads(row.pop("audit") or "{}")
@@ -279,19 +299,18 @@ def migrate_stats_v1(uri: str) -> None:
         new["stage_seconds"] = dict(row.get("stage_seconds") or [])
         rows.append(new)
     table = pa.concat_tables([stats_table(r) for r in rows]) if rows else STATS.empty_table()
-    write_deltalake(uri, table, mode="overwrite", schema_mode="overwrite")
+    write_deltalake(uri, table, mode="overwrite", schema_mode="overwrite", storage_options=storage_options() or None)
 
 
 def read_table(spark, uri: str):
     """The current snapshot of a Delta table as a Spark DataFrame, with or without the connector."""
     if connector_available(spark):
         return spark.read.format("delta").load(uri)
-    from deltalake import DeltaTable
     from pyspark.sql.types import StructType
 
-    if not DeltaTable.is_deltatable(uri):
+    table = delta_table(uri)
+    if table is None:
         raise DeltaError(f"{uri} is not a Delta table")
-    table = DeltaTable(uri)
     schema = StructType.fromJson(json.loads(table.schema().to_json()))
     files = table.file_uris()
     if not files:
@@ -302,12 +321,10 @@ def read_table(spark, uri: str):
 def read_stats_row(uri: str, run_id: str) -> dict:
     """The stats row of one run, read with pyarrow from the files of the table's snapshot."""
     import pyarrow.dataset as ds
-    from deltalake import DeltaTable
 
     from bfpack_spark.stats import MAPS
 
-    rows = (ds.dataset(DeltaTable(uri).file_uris(), format="parquet")
-            .to_table(filter=ds.field("run_id") == run_id).to_pylist())
+    rows = (snapshot_dataset(uri).to_table(filter=ds.field("run_id") == run_id).to_pylist())
     if not rows:
         raise DeltaError(f"{uri} holds no stats row of run {run_id}")
     row = rows[0]

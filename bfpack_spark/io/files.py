@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
+import re
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+#: The environment variable that carries ``output.storage_options`` (JSON) to every process of
+#: a run: the driver sets it before Spark starts, and Spark passes it to executors.
+STORAGE_ENV = "BFPACK_STORAGE_OPTIONS"
+#: Option names whose values are never logged or stored (the stats table keeps the config).
+SECRET = re.compile(r"secret|token|password|key", re.IGNORECASE)
+#: Object-store requests are retried this many times: a wrong endpoint fails in seconds.
+S3_ATTEMPTS = 3
 
 
 class InputError(ValueError):
@@ -37,8 +48,48 @@ class InputFile:
     compression: str | None = None
 
 
+def storage_options() -> dict[str, str]:
+    """The run's ``storage_options`` (delta-rs names: ``AWS_ENDPOINT_URL``, ``AWS_REGION``, ...)."""
+    return {k.upper(): str(v) for k, v in json.loads(os.environ.get(STORAGE_ENV) or "{}").items()}
+
+
+def set_storage_options(options: dict[str, str]) -> None:
+    """Make ``options`` the storage options of this process and of the Spark processes it starts."""
+    if options:
+        os.environ[STORAGE_ENV] = json.dumps(options, sort_keys=True)
+    else:
+        os.environ.pop(STORAGE_ENV, None)
+
+
+def redacted(options: dict[str, str]) -> dict[str, str]:
+    return {k: ("***" if SECRET.search(k) else v) for k, v in options.items()}
+
+
+def _s3(bucket_path: str) -> tuple[pafs.FileSystem, str]:
+    """S3 through pyarrow, with the storage options over the standard ``AWS_*`` environment."""
+    opts = storage_options()
+    get = lambda *names: next((opts[n] for n in names if n in opts), None)  # noqa: E731
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)}
+    endpoint = get("AWS_ENDPOINT_URL", "AWS_ENDPOINT", "ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    region = get("AWS_REGION", "AWS_DEFAULT_REGION", "REGION")
+    if region:
+        kwargs["region"] = region
+    key, secret = get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret, session_token=get("AWS_SESSION_TOKEN"))
+    if get("AWS_VIRTUAL_HOSTED_STYLE_REQUEST") is not None:
+        kwargs["force_virtual_addressing"] = get("AWS_VIRTUAL_HOSTED_STYLE_REQUEST").lower() == "true"
+    return pafs.S3FileSystem(**kwargs), bucket_path
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow file system and path for a local path or a URI (s3://, gs://, file://)."""
+    if uri.startswith(("s3://", "s3a://")):
+        return _s3(uri.split("://", 1)[1])
     if "://" in uri:
         try:
             return pafs.FileSystem.from_uri(uri)
@@ -50,3 +101,11 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 def join(root: str, *parts: str) -> str:
     """``root/part/...`` for a local path or a URI."""
     return posixpath.join(root.rstrip("/"), *parts) if "://" in root else os.path.join(root, *parts)
+
+
+def read_parquet(uri: str, columns: list[str] | None = None):
+    """A whole Parquet file (of a table's snapshot) as a pyarrow Table, on any store."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri)
+    return pq.read_table(path, columns=columns, filesystem=fs)

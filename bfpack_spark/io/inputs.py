@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob as globlib
 import hashlib
+import uuid
 import logging
 import os
 import posixpath
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from bfpack_spark.io.files import InputError, InputFile, Split, filesystem, join
+from bfpack_spark.io.files import InputError, InputFile, Split, filesystem, join, storage_options
 from bfpack_spark.io.readers import first_record
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def _delta_files(uri: str) -> list[InputFile]:
     from deltalake import DeltaTable
 
     try:
-        table = DeltaTable(uri)
+        table = DeltaTable(uri, storage_options=storage_options() or None)
     except Exception as exc:
         raise InputError(f"cannot open Delta table {uri!r}: {exc}") from None
     features = set(table.protocol().reader_features or [])
@@ -194,8 +195,12 @@ def check_output(root: str) -> None:
     """Fail early, with one line, when the output root cannot be written."""
     if "://" in root and not root.startswith("file://"):
         fs, path = filesystem(root)
-        try:
+        probe = posixpath.join(path, f"_bfpack.probe-{uuid.uuid4().hex[:8]}")
+        try:  # the bucket exists, and an object can be written and removed there
             fs.create_dir(path, recursive=True)
+            with fs.open_output_stream(probe) as out:
+                out.write(b"probe")
+            fs.delete_file(probe)
         except Exception as exc:
             raise InputError(f"cannot write to the output root {root!r}: {exc}") from None
         return

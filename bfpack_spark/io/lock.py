@@ -1,11 +1,17 @@
 """One run at a time per output root, so two runs never interleave their commits.
 
-On a local or mounted file system the lock is a file created exclusively
-(``<root>/_bfpack.lock``) that names the run holding it. A lock left by a run that
-died on this machine is taken over; one held by a live run, or by another machine,
-stops the new run with a message that says what to do. Object stores (``s3://``...)
-have no exclusive create here: there, each table's commit is still atomic (Delta),
-and a second writer must use a commit coordinator (delta-rs: ``AWS_S3_LOCKING_PROVIDER``).
+The lock is ``<root>/_bfpack.lock``, naming the run that holds it.
+
+- Local or mounted file systems: a file created exclusively. A lock left by a run that
+  died on this machine is taken over; one held by a live run, or by another machine, stops
+  the new run with a message that says what to do.
+- S3 (and S3-compatible stores that honour conditional writes): an object created with
+  ``If-None-Match: *``, so exactly one of two runs creates it. The holder rewrites it every
+  ``HEARTBEAT`` seconds (``If-Match`` its own last version); a lock whose heartbeat is older
+  than ``EXPIRY`` belongs to a dead run and is taken over with ``If-Match`` on the stale
+  version, so two runs cannot both take it over. Needs boto3 (``pip install 'bfpack-spark[s3]'``).
+- Other stores (gs://, abfs://...): no lock; each table's commit is still atomic (Delta), and
+  a warning says to keep one writer per output root.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import socket
+import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -35,20 +43,124 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _whoami(run_id: str) -> dict:
+    return {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _locked(holder: dict, root: str, where: str, extra: str = "") -> RunLockedError:
+    who = (f"another bfpack run ({holder.get('run_id')}, process {holder.get('pid')} on {holder.get('host')}, "
+           f"started {holder.get('started')}{extra})" if holder else "a run whose lock cannot be read")
+    return RunLockedError(f"{who} is writing to {root}; wait for it, or delete {where} if that run is no "
+                          f"longer alive")
+
+
+class S3Lock:
+    """The lock object on S3, created and refreshed with conditional writes (see the module)."""
+
+    HEARTBEAT = 30.0
+    EXPIRY = 150.0
+
+    def __init__(self, root: str, run_id: str):
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise RunLockedError("the run lock on S3 needs boto3: pip install 'bfpack-spark[s3]'") from None
+        from bfpack_spark.io.files import storage_options
+
+        opts = {**{k: v for k, v in os.environ.items() if k.startswith("AWS_")}, **storage_options()}
+        self.client = boto3.client(
+            "s3", endpoint_url=opts.get("AWS_ENDPOINT_URL"),
+            region_name=opts.get("AWS_REGION") or opts.get("AWS_DEFAULT_REGION"),
+            aws_access_key_id=opts.get("AWS_ACCESS_KEY_ID"), aws_secret_access_key=opts.get("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=opts.get("AWS_SESSION_TOKEN"),
+            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=10))
+        bucket_key = root.split("://", 1)[1]
+        self.bucket, _, prefix = bucket_key.partition("/")
+        self.key = posixpath.join(prefix.strip("/"), LOCK_NAME) if prefix.strip("/") else LOCK_NAME
+        self.uri, self.root, self.run_id = f"s3://{self.bucket}/{self.key}", root, run_id
+        self.etag: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({**_whoami(self.run_id), "heartbeat": time.time()}).encode()
+
+    def _put(self, **condition) -> str | None:
+        """Write the lock under ``condition``; its new ETag, or None when the condition failed."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), **condition)["ETag"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return None
+            raise
+
+    def _holder(self) -> tuple[dict, str | None]:
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            return json.loads(obj["Body"].read()), obj["ETag"]
+        except ClientError:
+            return {}, None
+        except ValueError:
+            return {}, None
+
+    def acquire(self) -> None:
+        self.etag = self._put(IfNoneMatch="*")
+        if self.etag is None:
+            holder, etag = self._holder()
+            age = time.time() - float(holder.get("heartbeat", 0))
+            if etag is None or age <= self.EXPIRY:
+                raise _locked(holder, self.root, self.uri, f", last heartbeat {age:.0f}s ago; a lock expires "
+                                                           f"{self.EXPIRY:.0f}s after its last heartbeat")
+            self.etag = self._put(IfMatch=etag)
+            if self.etag is None:
+                raise _locked(self._holder()[0], self.root, self.uri)
+            log.warning("took over the lock of run %s (no heartbeat for %.0fs)", holder.get("run_id"), age)
+        self._thread = threading.Thread(target=self._beat, name="bfpack-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT):
+            etag = self._put(IfMatch=self.etag)
+            if etag is None:
+                log.error("lost the run lock %s: another run took it over", self.uri)
+                return
+            self.etag = etag
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        holder, etag = self._holder()
+        if holder.get("run_id") == self.run_id and etag == self.etag:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key)
+
+
 class OutputLock:
     def __init__(self, root: str, run_id: str):
         self.root, self.run_id = root, run_id
         self.local = "://" not in root or root.startswith("file://")
+        self.s3 = root.startswith(("s3://", "s3a://"))
         self.path = os.path.join(root.removeprefix("file://"), LOCK_NAME)
         self.held = False
+        self._s3: S3Lock | None = None
 
     def __enter__(self) -> OutputLock:
+        if self.s3:
+            self._s3 = S3Lock(self.root, self.run_id)
+            self._s3.acquire()
+            self.held = True
+            return self
         if not self.local:
             log.warning("no run lock on %s: use one writer per output root", self.root)
             return self
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        me = {"run_id": self.run_id, "pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        me = _whoami(self.run_id)
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -59,11 +171,7 @@ class OutputLock:
                                 other.get("run_id"), other.get("pid"))
                     os.unlink(self.path)
                     continue
-                holder = (f"another bfpack run ({other.get('run_id')}, process {other.get('pid')} on "
-                          f"{other.get('host')}, started {other.get('started')})" if other
-                          else "a run whose lock file cannot be read")
-                raise RunLockedError(f"{holder} is writing to {self.root}; wait for it, or delete "
-                                     f"{self.path} if that run is no longer alive") from None
+                raise _locked(other, self.root, self.path) from None
             with os.fdopen(fd, "w") as fh:
                 json.dump(me, fh)
             self.held = True
@@ -78,6 +186,8 @@ class OutputLock:
             return {}
 
     def __exit__(self, *exc) -> None:
-        if self.held and self._holder().get("pid") == os.getpid():
+        if self._s3 is not None:
+            self._s3.release()
+        elif self.held and self._holder().get("pid") == os.getpid():
             os.unlink(self.path)
         self.held = False

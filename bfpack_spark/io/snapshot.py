@@ -12,9 +12,8 @@ import json
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 
-from bfpack_spark.io.delta import DeltaError
+from bfpack_spark.io.delta import DeltaError, delta_table, snapshot_dataset
 from bfpack_spark.io.files import join
 
 
@@ -45,18 +44,16 @@ class SequencesSnapshot:
 
 
 def _table(uri: str, version: int | None = None):
-    from deltalake import DeltaTable
-
-    if not DeltaTable.is_deltatable(uri):
+    table = delta_table(uri, version)
+    if table is None:
         raise DeltaError(f"{uri} is not a Delta table: give the output root of a bfpack run")
-    return DeltaTable(uri) if version is None else DeltaTable(uri, version=version)
+    return table
 
 
 def _runs(root: str) -> dict[str, dict]:
     """Each committed run's settings, from the ``stats`` table (one small row per run)."""
-    table = _table(join(root, "stats"))
-    rows = (ds.dataset(table.file_uris(), format="parquet")
-            .to_table(columns=["run_id", "seq_len", "config"]).to_pylist())
+    _table(join(root, "stats"))
+    rows = snapshot_dataset(join(root, "stats")).to_table(columns=["run_id", "seq_len", "config"]).to_pylist()
     return {r["run_id"]: {"seq_len": r["seq_len"], **json.loads(r["config"])} for r in rows}
 
 

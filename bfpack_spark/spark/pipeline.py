@@ -31,7 +31,7 @@ from bfpack_spark.audit import AuditError, add_figures, check, read_footers
 from bfpack_spark.config import PackConfig, default_run_id
 from bfpack_spark.incremental import new_files, packed_files
 from bfpack_spark.io.delta import RETENTION_SECONDS, DeltaOutput, read_stats_row
-from bfpack_spark.io.files import join
+from bfpack_spark.io.files import join, set_storage_options
 from bfpack_spark.io.inputs import InputPlan, check_output, content_digest, plan_inputs
 from bfpack_spark.io.lock import OutputLock
 from bfpack_spark.io.staging import Staging
@@ -114,6 +114,7 @@ def _read_settings(config: PackConfig) -> ReadSettings:
 def run(config: PackConfig, spark=None) -> RunResult:
     """Pack the configured corpus into the Delta tables under ``config.output.output``."""
     config.validate()
+    set_storage_options(config.output.storage_options)  # before Spark starts: its processes inherit them
     timer = StageTimer()
     started = datetime.now(UTC).isoformat()
     with timer("plan inputs", announce=False):  # a mistake found here is the only line printed

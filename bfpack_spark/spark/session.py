@@ -9,6 +9,7 @@ from pyspark import SparkConf
 from pyspark.sql import DataFrame, SparkSession
 
 from bfpack_spark.config import DEBUG_ENV
+from bfpack_spark.io.files import STORAGE_ENV
 
 #: Settings bfpack relies on; a user's --spark-conf wins over them.
 DEFAULTS = {
@@ -62,6 +63,8 @@ def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[st
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         if not debugging():  # the driver JVM starts here: only its errors reach the console
             settings["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile=file:{QUIET_LOG4J}"
+    if STORAGE_ENV in os.environ:  # storage options reach executors on any cluster (Spark's UI redacts secrets)
+        settings["spark.executorEnv." + STORAGE_ENV] = os.environ[STORAGE_ENV]
     if "NUMBA_CACHE_DIR" in os.environ:
         settings["spark.executorEnv.NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
     settings.update(conf or {})
