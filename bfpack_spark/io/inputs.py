@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import glob as globlib
 import hashlib
-import uuid
 import logging
 import os
 import posixpath
 import re
 import sysconfig
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
