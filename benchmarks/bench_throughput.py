@@ -14,7 +14,10 @@ the same run it measures:
 (b) ``bfpack pack`` end to end (a fresh process: JVM start included), best-fit;
 (c) the same with ``--strategy concat``;
 (d) ``bfpack pack-tokenized`` on the corpus already tokenized, against a plain Spark read
-    plus write of the same token lists to Parquet (also a fresh process).
+    plus write of the same token lists to Parquet (also a fresh process);
+(e) with ``--s3``: (b) with its output root (tables and workspace) on a local S3 server
+    (moto_server on loopback), against (b) to local disk. A loopback server is not AWS: it
+    measures the cost of going through the S3 protocol, not a network's.
 
 It prints tokens per second per core, each ratio, and the job's per-stage seconds.
 """
@@ -108,20 +111,44 @@ def tokenize_only(corpus: Path, cores: int) -> tuple[float, int]:
 
 def _bfpack(args: list[str], cores: int) -> tuple[float, dict]:
     """Run the CLI in a fresh process; its wall time and its stats row."""
-    import pyarrow.dataset as ds
-    from deltalake import DeltaTable
+    from bfpack_spark.io.delta import snapshot_dataset
 
-    out = Path(args[args.index("--output") + 1])
-    shutil.rmtree(out, ignore_errors=True)
+    out = args[args.index("--output") + 1]
+    local = "://" not in out
+    if local:
+        shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "bfpack_spark.cli", *args, "-q", "--master", f"local[{cores}]"],
                           capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"bfpack failed: {done.stderr[-3000:]}")
-    stats = ds.dataset(DeltaTable(str(out / "stats")).file_uris(), format="parquet").to_table().to_pylist()[0]
-    shutil.rmtree(out, ignore_errors=True)
+    stats = snapshot_dataset(f"{out}/stats").to_table().to_pylist()[0]
+    if local:
+        shutil.rmtree(out, ignore_errors=True)
     return seconds, stats
+
+
+def s3_server() -> subprocess.Popen:
+    """moto_server on a free loopback port, selected through the AWS_* environment; bucket ``bench``."""
+    import socket
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"})
+    for _ in range(100):
+        try:
+            boto3.client("s3").create_bucket(Bucket="bench")
+            return server
+        except Exception:
+            time.sleep(0.1)
+    raise SystemExit("moto_server did not start")
 
 
 _PLAIN = """
@@ -175,6 +202,7 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--workdir", default=None, help="keep the corpus here between runs")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: concat, tokenized")
+    parser.add_argument("--s3", action="store_true", help="also (e): output to a local S3 server")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bfpack-throughput-"))
@@ -206,6 +234,14 @@ def main() -> None:
         wall_t, stats_t = _bfpack(["pack-tokenized", "--input", str(tokenized), "--output", out], c)
         print(f"(d) bfpack pack-tokenized: {wall_t:.1f}s; plain Spark read + write of the token lists: "
               f"{plain:.1f}s; ratio {wall_t / plain:.2f}\n    stages: {stages(stats_t)}")
+    if args.s3:
+        server = s3_server()
+        try:
+            wall_s, stats_s = _bfpack(["pack", "--input", str(corpus), "--output", "s3://bench/out"], c)
+        finally:
+            server.terminate()
+        print(f"(e) bfpack pack to s3:// (moto_server on loopback): {wall_s:.1f}s; to local disk (b) {wall:.1f}s; "
+              f"ratio {wall_s / wall:.2f}\n    stages: {stages(stats_s)}")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -63,8 +63,8 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
         if key not in hints:
             continue
         hint = hints[key]
-        if get_origin(hint) is list:
-            value = [p for item in value for p in item.split(",") if p]
+        if get_origin(hint) is list:  # a path that exists as given is one path, comma or not
+            value = [p for item in value for p in ([item] if os.path.exists(item) else item.split(",")) if p]
         elif get_origin(hint) is dict:
             pairs = {}
             for item in value:

@@ -22,6 +22,9 @@ import yaml
 from bfpack_spark.io.files import redacted
 from bfpack_spark.tokenize import DEFAULT_TOKENIZER
 
+#: The longest sequence the job packs: one sequence must fit a 64 MB slice of int32 tokens.
+MAX_SEQ_LEN = 2**24
+
 #: Set (to anything but "" or "0") by ``bfpack --debug``: JVM warnings reach the console too.
 DEBUG_ENV = "BFPACK_DEBUG"
 
@@ -67,7 +70,7 @@ class TokenizerConfig:
 
 @dataclass
 class PackingConfig:
-    seq_len: int = _f(2048, "L: the sequence length (context size) to pack into")
+    seq_len: int = _f(2048, "L: the sequence length (context size) to pack into; 1 to 16,777,216")
     strategy: Literal["bfd", "concat"] = _f("bfd", "bfd: best-fit packing; concat: the concatenate-"
                                                     "and-cut baseline (for comparison)")
     partitions: int | None = _f(None, "number of packing partitions (default: one per input group)")
@@ -173,6 +176,15 @@ class PackConfig:
             raise ConfigError("output.output: no output root given (--output PATH)")
         p, q = self.packing, self.quality
         _positive("packing.seq_len", p.seq_len)
+        if p.seq_len > MAX_SEQ_LEN:
+            raise ConfigError(f"packing.seq_len: at most {MAX_SEQ_LEN:,} tokens (a sequence must fit the "
+                              f"assembly's 64 MB slices of int32 tokens), got {p.seq_len:,}")
+        if p.length_buckets > 2**16:
+            raise ConfigError(f"packing.length_buckets: at most {2**16}, got {p.length_buckets}")
+        if q.max_document_bytes >= 2**31:
+            raise ConfigError(f"quality.max_document_bytes: below 2 GiB (Arrow's 32-bit string offsets), "
+                              f"got {q.max_document_bytes:,}")
+        _inside("output.output", self.output.output, "input", self.input.paths)
         _positive("input.target_items_per_partition", self.input.target_items_per_partition)
         _positive("input.min_partitions", self.input.min_partitions)
         _positive("packing.merge_items_per_partition", p.merge_items_per_partition)
@@ -201,6 +213,23 @@ class PackConfig:
             raise ConfigError(f"output.run_id: {self.output.run_id!r} must be 1-100 letters, digits, "
                               f"'.', '_' or '-', starting with a letter or digit")
         return self
+
+
+def _inside(name: str, output: str, other: str, paths: list[str]) -> None:
+    """Refuse an output root inside an input path, or an input inside the output root: a rerun
+    would read its own tables."""
+    def norm(p: str) -> str:
+        p = p.removeprefix("file://")
+        return p.rstrip("/") if "://" in p else os.path.abspath(p)
+
+    out = norm(output)
+    for path in paths:
+        if "*" in path or path == "python-stdlib":
+            continue
+        src = norm(path)
+        if out == src or out.startswith(src + "/") or src.startswith(out + "/"):
+            raise ConfigError(f"{name}: the output root {output!r} and the {other} {path!r} overlap; a later "
+                              f"run would read its own tables: put the output elsewhere")
 
 
 def _positive(name: str, value: int) -> None:
@@ -257,9 +286,12 @@ def coerce_value(name: str, raw: str, hint: Any) -> Any:
     if base is str or get_origin(base) is Literal:
         return raw
     try:
-        return yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{name}: cannot parse {raw!r}: {exc}") from None
+    if value is None:  # '' or 'null' for a setting that must have a value
+        raise ConfigError(f"{name}: expected {'an integer' if base is int else 'a value'}, got {raw!r}")
+    return value
 
 
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> PackConfig:

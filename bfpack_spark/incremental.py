@@ -1,4 +1,5 @@
-"""Scheduled rebuilds of a growing corpus: which input files an output root already holds.
+"""What an output root already holds, for runs that add to it: whether their settings agree,
+and (scheduled rebuilds of a growing corpus) which input files were packed.
 
 Every run records its input files in the ``inputs`` table (uri, size, and a digest of the
 file's first and last 64 KiB). ``--mode incremental`` packs only the files no committed run
@@ -10,6 +11,7 @@ rows once, as ``append`` does.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -54,3 +56,29 @@ def new_files(listed: list[tuple[InputFile, str]], packed: dict[str, PackedFile]
             raise InputError(f"{f.uri} changed after run {old.run_id} packed it (size {old.size:,} -> {f.size:,}); "
                              "an incremental run only adds new files: rebuild with --mode overwrite")
     return [f for f, _ in listed if f.uri not in packed]
+
+
+#: Settings every run appended to one output root must share: the tables' sequences must be alike.
+SHARED = {"packing.seq_len": ("packing", "seq_len"), "packing.strategy": ("packing", "strategy"),
+          "tokenizer.tokenizer": ("tokenizer", "tokenizer"), "tokenizer.eos_token": ("tokenizer", "eos_token")}
+
+
+def _effective_eos(config: dict) -> bool:
+    explicit = config["tokenizer"].get("append_eos")
+    return explicit if explicit is not None else config["input"].get("token_column") is None
+
+
+def check_compatible(root: str, config: dict) -> None:
+    """Refuse to add a run whose packing settings differ from the runs already in ``root``."""
+    stats = snapshot_dataset(join(root, "stats"))
+    if stats is None:
+        return
+    for row in stats.to_table(columns=["run_id", "config"]).to_pylist():
+        theirs = json.loads(row["config"])
+        differ = [f"{name} {theirs[a][b]!r} (theirs) != {config[a][b]!r}" for name, (a, b) in SHARED.items()
+                  if theirs[a].get(b) != config[a].get(b)]
+        if _effective_eos(theirs) != _effective_eos(config):
+            differ.append(f"tokenizer.append_eos {_effective_eos(theirs)} (theirs) != {_effective_eos(config)}")
+        if differ:
+            raise InputError(f"{root} holds run {row['run_id']} packed with other settings: {'; '.join(differ)}; "
+                             "use the same settings, --mode overwrite, or another output root")

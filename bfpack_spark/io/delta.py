@@ -79,7 +79,8 @@ class DeltaOutput:
                       else "deltalake")
         if method == "delta-spark" and not connector_available(spark):
             raise DeltaError("delta_writer is delta-spark but Delta's JVM connector is not on the "
-                             "classpath; add it (--packages io.delta:delta-spark_2.12:<v>) or use deltalake")
+                             "classpath; add it (--packages io.delta:delta-spark_2.13:<v> for Spark 4, "
+                             "delta-spark_2.12 for Spark 3.5) or use deltalake")
         if method == "delta-spark" and not jvm_can_open(spark, root):
             raise DeltaError(f"delta_writer is delta-spark but Spark's JVM has no file system for {root}; "
                              f"use delta_writer: deltalake")

@@ -29,7 +29,7 @@ import pyarrow as pa
 from bfpack_spark import faults
 from bfpack_spark.audit import AuditError, add_figures, check, read_footers
 from bfpack_spark.config import PackConfig, default_run_id
-from bfpack_spark.incremental import new_files, packed_files
+from bfpack_spark.incremental import check_compatible, new_files, packed_files
 from bfpack_spark.io.delta import RETENTION_SECONDS, DeltaOutput, read_stats_row
 from bfpack_spark.io.files import join, set_storage_options
 from bfpack_spark.io.inputs import InputPlan, check_output, content_digest, plan_inputs
@@ -92,6 +92,8 @@ def _plan_inputs(config: PackConfig) -> InputPlan:
                              f"or turn it off with --no-append-eos")
     check_output(config.output.output)
     select = None
+    if config.output.mode != "overwrite":
+        check_compatible(config.output.output, config.to_dict())
     if config.output.mode == "incremental":
         packed = packed_files(config.output.output)
         select = lambda files: new_files([(f, content_digest(f)) for f in files], packed)  # noqa: E731

@@ -39,11 +39,18 @@ class SparkStartError(RuntimeError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, without Java's stack trace."""
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()[:500]
-    return type(exc).__name__
+    """The exception's message in one line, without Java's stack trace. For an error from the
+    JVM ("An error occurred while calling o286.parquet."), the line that says why: the deepest
+    "Caused by:", else the Java exception's own message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("An error occurred while calling"):
+        causes = [line.removeprefix("Caused by: ") for line in lines if line.startswith("Caused by:")]
+        java = [line.lstrip(": ") for line in lines[1:] if not line.startswith("at ")]
+        if causes or java:
+            return (causes[-1] if causes else java[0])[:500]
+    return lines[0][:500]
 
 
 def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[str, str] | None = None) -> SparkSession:

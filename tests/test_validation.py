@@ -1,0 +1,75 @@
+"""Wrong flags, paths and settings get one clear line and exit 2 before anything is read."""
+
+import subprocess
+import sys
+
+import pytest
+from deltalake import DeltaTable
+
+from bfpack_spark.config import load_config
+from bfpack_spark.io.files import InputError
+from bfpack_spark.spark.pipeline import run
+from bfpack_spark.spark.session import first_line
+
+from corpora import write_jsonl
+
+
+def bfpack(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bfpack_spark.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--seq-len", "2147483648"], "at most 16,777,216"),
+    (["--seq-len", "99999999999"], "at most 16,777,216"),
+    (["--seq-len", ""], "expected an integer, got ''"),
+    (["--seq-len", "0"], "at least 1"),
+    (["--max-document-bytes", "3000000000"], "below 2 GiB"),
+])
+def test_out_of_range_settings_stop_before_reading(tmp_path, flags, words):
+    (tmp_path / "in.jsonl").write_text('{"text": "x"}\n')
+    proc = bfpack("pack", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"), *flags)
+    assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_inside_an_input_is_refused_naming_both(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", [{"text": "hello"}])
+    proc = bfpack("pack", "--input", str(tmp_path / "corpus"), "--output", str(tmp_path / "corpus" / "out"))
+    assert proc.returncode == 2 and "overlap" in proc.stderr and str(tmp_path / "corpus") in proc.stderr
+
+
+def test_a_path_with_a_comma_is_one_path():
+    import tempfile
+    from pathlib import Path
+
+    from bfpack_spark.cli import build_parser, config_from_args
+
+    with tempfile.TemporaryDirectory() as tmp:
+        odd = Path(tmp) / "a,b.jsonl"
+        odd.write_text('{"text": "x"}\n')
+        args = build_parser().parse_args(["pack", "--input", str(odd), "--output", str(Path(tmp) / "o")])
+        assert config_from_args(args).input.paths == [str(odd)]
+        args = build_parser().parse_args(["pack", "--input", "x.jsonl,y.jsonl", "--output", "o"])
+        assert config_from_args(args).input.paths == ["x.jsonl", "y.jsonl"]
+
+
+def test_jvm_errors_say_their_cause_in_one_line():
+    jvm = Exception("An error occurred while calling o286.parquet.\n: org.apache.spark.SparkException: Job aborted."
+                    "\n\tat org.apache.spark.X(X.scala:1)\nCaused by: java.io.IOException: No space left on device"
+                    "\n\tat java.io.Y(Y.java:2)")
+    assert first_line(jvm) == "java.io.IOException: No space left on device"
+
+
+def test_an_append_with_other_packing_settings_is_refused_and_changes_nothing(spark, tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"id": f"d{i}", "text": "word " * (i + 3)} for i in range(30)])
+    settings = {"input.paths": [str(tmp_path / "in.jsonl")], "output.output": str(tmp_path / "out"),
+                "packing.seq_len": 64}
+    run(load_config(None, settings), spark)
+    before = {t: DeltaTable(str(tmp_path / "out" / t)).version() for t in ("sequences", "stats")}
+    with pytest.raises(InputError, match=r"packing\.seq_len 64 \(theirs\) != 128.*--mode overwrite"):
+        run(load_config(None, {**settings, "packing.seq_len": 128, "output.mode": "append"}), spark)
+    with pytest.raises(InputError, match=r"packing\.strategy 'bfd' \(theirs\) != 'concat'"):
+        run(load_config(None, {**settings, "packing.strategy": "concat", "output.mode": "append"}), spark)
+    assert before == {t: DeltaTable(str(tmp_path / "out" / t)).version() for t in ("sequences", "stats")}
