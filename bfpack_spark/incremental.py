@@ -74,6 +74,8 @@ def check_compatible(root: str, config: dict) -> None:
     if stats is None:
         return
     for row in stats.to_table(columns=["run_id", "config"]).to_pylist():
+        if not row["config"]:  # a row without its settings (not written by bfpack) binds nothing
+            continue
         theirs = json.loads(row["config"])
         differ = [f"{name} {theirs[a][b]!r} (theirs) != {config[a][b]!r}" for name, (a, b) in SHARED.items()
                   if theirs[a].get(b) != config[a].get(b)]

@@ -231,7 +231,7 @@ def test_a_second_run_on_the_same_output_is_refused(spark, tokenized, tmp_path):
 
 def test_an_unreadable_lock_stops_the_run_with_a_message(tmp_path):
     (tmp_path / LOCK_NAME).write_text("")  # a run killed between creating and writing its lock
-    with pytest.raises(RunLockedError, match="lock file cannot be read.*delete .*_bfpack.lock"):
+    with pytest.raises(RunLockedError, match="lock cannot be read.*delete .*_bfpack.lock"):
         with OutputLock(str(tmp_path), "run-x"):
             pass
 
