@@ -22,6 +22,9 @@ import yaml
 from bfpack_spark.io.files import redacted
 from bfpack_spark.tokenize import DEFAULT_TOKENIZER
 
+#: The id column when none is named: optional (files without it get file:row ids).
+DEFAULT_ID_COLUMN = "id"
+
 #: The longest sequence the job packs: one sequence must fit a 64 MB slice of int32 tokens.
 MAX_SEQ_LEN = 2**24
 
@@ -47,7 +50,7 @@ class InputConfig:
     format: Literal["auto", "jsonl", "parquet", "delta", "text"] = _f(
         "auto", "input format; auto: from the extension (.jsonl/.json[.gz|.zst], .parquet) or a "
                 "_delta_log directory; text: every file is one document", flag="input-format")
-    id_column: str | None = _f("id", "column (or JSON field) holding the document id; when the corpus "
+    id_column: str | None = _f(DEFAULT_ID_COLUMN, "column (or JSON field) holding the document id; when the corpus "
                                      "has none, ids are derived from source file and row")
     text_column: str = _f("text", "column holding the raw text to tokenize")
     token_column: str | None = _f(None, "column holding already tokenized documents (list of int); "

@@ -73,3 +73,10 @@ def test_an_append_with_other_packing_settings_is_refused_and_changes_nothing(sp
     with pytest.raises(InputError, match=r"packing\.strategy 'bfd' \(theirs\) != 'concat'"):
         run(load_config(None, {**settings, "packing.strategy": "concat", "output.mode": "append"}), spark)
     assert before == {t: DeltaTable(str(tmp_path / "out" / t)).version() for t in ("sequences", "stats")}
+
+
+def test_a_misspelled_id_column_is_an_error_listing_the_columns(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"url": "u1", "text": "hello"}])
+    proc = bfpack("pack", "--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "out"), "--id-column", "uid")
+    assert proc.returncode == 2 and "'uid' is in no input file" in proc.stderr and "text, url" in proc.stderr
+    assert not (tmp_path / "out" / "_bfpack.lock").exists()

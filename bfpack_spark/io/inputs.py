@@ -327,16 +327,45 @@ def _jsonl_splits(f: InputFile, seq_len: int, target: int, payload: str, tokeniz
                   est_items=est // n) for s in range(0, f.size, step)]
 
 
+def _columns(f: InputFile) -> list[str]:
+    """The columns of a Parquet file (its footer) or the fields of a JSON-lines file's first record."""
+    if f.format == "parquet":
+        fs, path = filesystem(f.uri)
+        try:
+            with fs.open_input_file(path) as fh:
+                return pq.ParquetFile(fh).schema_arrow.names
+        except (OSError, pa.ArrowException):
+            return []
+    if f.format == "jsonl":
+        return sorted(first_record(Split(f.uri, f.source, "jsonl", f.compression)) or {})
+    return []
+
+
+def check_id_column(files: list[InputFile], id_column: str) -> None:
+    """An id column named explicitly must be in some input file (a typo would silently give
+    every document a file:row id); the error lists the columns the first file has."""
+    for f in files:
+        if id_column in _columns(f):
+            return
+    found = _columns(files[0]) if files else []
+    raise InputError(f"--id-column {id_column!r} is in no input file (columns of {files[0].source}: "
+                     f"{', '.join(found) or 'none'}); name an existing column, or drop the flag for file:row ids")
+
+
 def plan_inputs(paths: list[str], fmt: str, payload: str, tokenized: bool, seq_len: int,
                 target_items: int, min_groups: int = 1, id_column: str | None = None,
-                select: Callable[[list[InputFile]], list[InputFile]] | None = None) -> InputPlan:
+                select: Callable[[list[InputFile]], list[InputFile]] | None = None,
+                id_required: bool = False) -> InputPlan:
     """List, split and group the input; ``payload`` is the text or token column Parquet must have.
 
     Groups hold about ``target_items`` items each, and there are at least
     ``min_groups`` of them where the files can be cut that finely. ``select`` keeps some of
-    the listed files (an incremental run: the new ones).
+    the listed files (an incremental run: the new ones). ``id_required``: the id column was
+    named explicitly, so some file must have it.
     """
     files = list_inputs(paths, fmt)
+    if id_required and id_column and any(f.format in ("parquet", "jsonl") for f in files):
+        check_id_column(files, id_column)
     if select is not None:
         files = select(files)
         if not files:

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from bfpack_spark import faults
 from bfpack_spark.audit import AuditError, add_figures, check, read_footers
-from bfpack_spark.config import PackConfig, default_run_id
+from bfpack_spark.config import DEFAULT_ID_COLUMN, PackConfig, default_run_id
 from bfpack_spark.incremental import check_compatible, new_files, packed_files
 from bfpack_spark.io.delta import RETENTION_SECONDS, DeltaOutput, read_stats_row
 from bfpack_spark.io.files import join, set_storage_options
@@ -100,7 +100,8 @@ def _plan_inputs(config: PackConfig) -> InputPlan:
     return plan_inputs(config.input.paths, config.input.format,
                        config.input.token_column or config.input.text_column, config.tokenized,
                        config.packing.seq_len, config.input.target_items_per_partition,
-                       config.input.min_partitions, config.input.id_column or None, select)
+                       config.input.min_partitions, config.input.id_column or None, select,
+                       id_required=config.input.id_column not in (None, "", DEFAULT_ID_COLUMN))
 
 
 def _read_settings(config: PackConfig) -> ReadSettings:
