@@ -81,6 +81,8 @@ def test_every_bad_record_is_a_reject_with_its_reason(spark, bad_corpus, tmp_pat
     assert sum("corrupt or truncated" in r["reason"] for r in rejects) >= 2  # the .gz and the .zst
     packed = set(documents.column("doc_id").to_pylist())
     assert {f"good-{i}" for i in range(40)} | {"large-ok"} <= packed
+    by_id = {r["doc_id"]: r["reason"] for r in rejects}  # ids stay readable in records rejected for their bytes
+    assert "invalid UTF-8" in by_id["u1"] and "max_document_bytes" in by_id["big"]
     # the damaged Parquet row group's rows are rejects, one each; the others are packed
     assert sorted(r["row"] for r in rejects if r["source"] == "d.parquet") == list(range(10, 20))
     assert {f"pq-{i}" for i in [*range(10), *range(20, 30)]} <= packed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
@@ -67,10 +68,18 @@ def redacted(options: dict[str, str]) -> dict[str, str]:
 
 def _s3(bucket_path: str) -> tuple[pafs.FileSystem, str]:
     """S3 through pyarrow, with the storage options over the standard ``AWS_*`` environment."""
+    aws = json.dumps({k: v for k, v in sorted(os.environ.items()) if k.startswith("AWS_")})
+    return _s3_filesystem(os.environ.get(STORAGE_ENV, ""), aws), bucket_path
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_filesystem(options_json: str, aws_env: str) -> pafs.FileSystem:
+    """One S3 client per distinct setting (a table of many files opens it once)."""
     opts = storage_options()
+    endpoint_env = json.loads(aws_env).get("AWS_ENDPOINT_URL")
     get = lambda *names: next((opts[n] for n in names if n in opts), None)  # noqa: E731
     kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)}
-    endpoint = get("AWS_ENDPOINT_URL", "AWS_ENDPOINT", "ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = get("AWS_ENDPOINT_URL", "AWS_ENDPOINT", "ENDPOINT_URL") or endpoint_env
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -83,7 +92,7 @@ def _s3(bucket_path: str) -> tuple[pafs.FileSystem, str]:
         kwargs.update(access_key=key, secret_key=secret, session_token=get("AWS_SESSION_TOKEN"))
     if get("AWS_VIRTUAL_HOSTED_STYLE_REQUEST") is not None:
         kwargs["force_virtual_addressing"] = get("AWS_VIRTUAL_HOSTED_STYLE_REQUEST").lower() == "true"
-    return pafs.S3FileSystem(**kwargs), bucket_path
+    return pafs.S3FileSystem(**kwargs)
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

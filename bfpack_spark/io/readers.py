@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -79,6 +80,26 @@ def _id_string(value: object) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return None
+
+
+def _readable_id(raw: bytes, id_column: str) -> str | None:
+    """The id of a record that is rejected for its bytes (too large, invalid UTF-8), where it can
+    still be read: the record parsed with bad bytes replaced, else the id field found in the
+    line's head (a too-large line is kept only in part)."""
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        obj = json.loads(text)
+        return _id_string(obj.get(id_column)) if isinstance(obj, dict) else None
+    except ValueError:
+        pass
+    field = json.dumps(id_column)  # the field name as it is written in JSON
+    match = re.search(re.escape(field) + r'\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)', text)
+    if match is None:
+        return None
+    try:
+        return _id_string(json.loads(match.group(1)))
+    except ValueError:
+        return None
 
 
 # -- JSON lines ---------------------------------------------------------------------
@@ -278,7 +299,8 @@ def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: 
     try:
         for row, raw in _lines(split, max_bytes):
             if isinstance(raw, LineHead):
-                reject(row, f"document larger than max_document_bytes ({max_bytes:,} bytes)", raw)
+                reject(row, f"document larger than max_document_bytes ({max_bytes:,} bytes)", raw,
+                       _readable_id(raw, id_column) if has_ids else None)
                 continue
             if not raw.strip():
                 reject(row, "blank line (no JSON record)", raw)
@@ -286,7 +308,8 @@ def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: 
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                reject(row, f"invalid UTF-8 at byte {exc.start} of the line", raw)
+                reject(row, f"invalid UTF-8 at byte {exc.start} of the line", raw,
+                       _readable_id(raw, id_column) if has_ids else None)
                 continue
             try:
                 obj = json.loads(line)
