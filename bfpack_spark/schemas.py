@@ -116,6 +116,7 @@ REJECTS = pa.schema([
     ("row", pa.int64()),
     ("doc_id", pa.string()),
     ("reason", pa.string()),
+    ("reason_code", pa.string()),
     ("excerpt", pa.string()),
 ])
 

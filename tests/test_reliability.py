@@ -81,6 +81,9 @@ def test_every_bad_record_is_a_reject_with_its_reason(spark, bad_corpus, tmp_pat
     assert sum("corrupt or truncated" in r["reason"] for r in rejects) >= 2  # the .gz and the .zst
     packed = set(documents.column("doc_id").to_pylist())
     assert {f"good-{i}" for i in range(40)} | {"large-ok"} <= packed
+    assert all(r["reason_code"] not in (None, "other") for r in rejects), {r["reason"] for r in rejects}
+    assert {"invalid_json", "invalid_utf8", "too_large", "corrupt_file", "corrupt_row_group",
+            "unreadable_file"} <= {r["reason_code"] for r in rejects}
     by_id = {r["doc_id"]: r["reason"] for r in rejects}  # ids stay readable in records rejected for their bytes
     assert "invalid UTF-8" in by_id["u1"] and "max_document_bytes" in by_id["big"]
     # the damaged Parquet row group's rows are rejects, one each; the others are packed
@@ -380,3 +383,18 @@ def test_incremental_runs_pack_only_new_files(spark, tmp_path, inject):
     write_jsonl(corpus / "a.jsonl", [{"id": "a-0", "text": "changed"}])
     with pytest.raises(InputError, match=r"a\.jsonl changed after run"):
         pack(spark, [corpus], out, **settings)
+
+
+def test_an_older_rejects_table_gains_the_new_column_on_append(spark, tokenized, tmp_path):
+    from deltalake import write_deltalake
+
+    from bfpack_spark.schemas import REJECTS
+
+    old = pa.schema([f for f in REJECTS if f.name != "reason_code"])
+    write_deltalake(str(tmp_path / "rejects"), pa.Table.from_pylist(
+        [{"run_id": "run-old", "source": "x", "row": 1, "doc_id": "d", "reason": "malformed JSON", "excerpt": "{"}],
+        schema=old))
+    pack(spark, [tokenized], tmp_path, **{"output.mode": "append", "input.token_column": "tokens"})
+    table = pads.dataset(DeltaTable(str(tmp_path / "rejects")).file_uris(), format="parquet").to_table()
+    assert "reason_code" in DeltaTable(str(tmp_path / "rejects")).schema().to_arrow().names
+    assert table.num_rows >= 1

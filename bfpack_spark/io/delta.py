@@ -131,6 +131,11 @@ class DeltaOutput:
                 continue
             if self.mode == "overwrite":
                 continue  # the overwrite commit replaces the schema
+            missing = _added_columns(have, schema)
+            if missing:
+                table.alter.add_columns(missing)
+                log.info("%s: added the column(s) %s of this version", uri, ", ".join(f.name for f in missing))
+                continue
             if name == "stats" and _is_stats_v1(have):
                 migrate_stats_v1(uri)
                 log.info("%s: migrated to the current stats schema (typed truncations_by_length, audit maps)", uri)
@@ -273,6 +278,19 @@ def _shape(schema):
     if isinstance(schema, list):
         return [_shape(v) for v in schema]
     return schema
+
+
+def _added_columns(have: dict, schema: pa.Schema) -> list:
+    """The columns this version adds to a table otherwise identical (Delta fields to add), or []."""
+    from deltalake import Schema
+
+    ours = json.loads(delta_schema_json(schema))["fields"]
+    theirs = {f["name"]: _shape(f) for f in have["fields"]}
+    if not theirs or any(theirs.get(f["name"], _shape(f)) != _shape(f) for f in ours) \
+            or not set(theirs) < {f["name"] for f in ours}:
+        return []
+    extra = [f for f in ours if f["name"] not in theirs]
+    return list(Schema.from_json(json.dumps({"type": "struct", "fields": extra})).fields)
 
 
 def _is_stats_v1(schema: dict) -> bool:

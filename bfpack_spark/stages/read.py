@@ -9,6 +9,7 @@ was read), which is all the dedup and the plan need.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -112,6 +113,25 @@ def _info_row(kind: int, group: int, info: str) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(row, schema=READ)
 
 
+#: Each reject's stable code (for grouping), from the start of its human reason; first match wins.
+REASON_CODES: list[tuple[str, str]] = [
+    (r"document larger than", "too_large"), (r"blank line", "blank_line"), (r"invalid UTF-8", "invalid_utf8"),
+    (r"malformed JSON", "invalid_json"), (r"not a JSON object", "not_object"),
+    (r"id (field|column) .* is (missing|null or empty)", "missing_id"), (r"id (field|column)", "bad_id"),
+    (r"(text|tokens) (field|column) .* is (null|missing)", "missing_text"),
+    (r"text holds an unpaired surrogate", "invalid_unicode"),
+    (r"(text|token|tokens) (field|column)", "bad_text_type"), (r"token id .* outside the vocabulary", "bad_tokens"),
+    (r"empty document", "empty"), (r"no tokens", "no_tokens"), (r"duplicate id", "duplicate_id"),
+    (r"corrupt or truncated", "corrupt_file"), (r"unreadable Parquet data", "corrupt_row_group"),
+    (r"unreadable", "unreadable_file"),
+]
+
+
+def reason_code(reason: str) -> str:
+    """The stable code of a reject's reason (``other`` for none listed)."""
+    return next((code for pattern, code in REASON_CODES if re.match(pattern, reason)), "other")
+
+
 def rejects_table(rejects: list[Reject], run_id: str) -> pa.Table:
     return pa.table({
         "run_id": pa.array([run_id] * len(rejects), pa.string()),
@@ -119,6 +139,7 @@ def rejects_table(rejects: list[Reject], run_id: str) -> pa.Table:
         "row": pa.array([r.row for r in rejects], pa.int64()),
         "doc_id": pa.array([r.doc_id for r in rejects], pa.string()),
         "reason": pa.array([r.reason for r in rejects], pa.string()),
+        "reason_code": pa.array([reason_code(r.reason) for r in rejects], pa.string()),
         "excerpt": pa.array([r.excerpt for r in rejects], pa.string()),
     }, schema=REJECTS)
 
