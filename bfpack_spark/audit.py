@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import zip_longest
 
 import numpy as np
 import pyarrow as pa
@@ -149,9 +150,7 @@ def add_figures(figures: Iterable[dict]) -> dict:
     for f in figures:
         for key, value in f.items():
             if isinstance(value, list):
-                before = total.get(key, [])
-                longer, shorter = (value, before) if len(value) >= len(before) else (before, value)
-                total[key] = [a + (shorter[i] if i < len(shorter) else 0) for i, a in enumerate(longer)]
+                total[key] = [a + b for a, b in zip_longest(total.get(key, []), value, fillvalue=0)]
             elif key.startswith("max_"):
                 total[key] = max(total.get(key, 0), value)
             elif key in _CHECKSUMS:

@@ -11,15 +11,15 @@ from __future__ import annotations
 import base64
 import html
 import io
-import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import pyarrow.dataset as ds
 
-from bfpack_spark.io.delta import DeltaError, snapshot_dataset
+from bfpack_spark.io.delta import DeltaError, output_table, table_dataset
 from bfpack_spark.io.files import join
+from bfpack_spark.io.readers import reason_code
 
 _COLUMNS = ["run_id", "started_at", "mode", "strategy", "seq_len", "documents_read", "documents_packed",
             "documents_rejected", "tokens", "sequences", "lower_bound", "mean_fill", "truncations_per_document",
@@ -28,10 +28,7 @@ _COLUMNS = ["run_id", "started_at", "mode", "strategy", "seq_len", "documents_re
 
 
 def _dataset(root: str, table: str) -> ds.Dataset:
-    dataset = snapshot_dataset(join(root, table))
-    if dataset is None:
-        raise DeltaError(f"{join(root, table)} is not a Delta table: give the output root of a bfpack run")
-    return dataset
+    return table_dataset(output_table(join(root, table)))
 
 
 def load_runs(root: str) -> list[dict[str, Any]]:
@@ -40,17 +37,13 @@ def load_runs(root: str) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: r["started_at"] or "")
 
 
-def reject_reason(reason: str) -> str:
-    """A reject's reason without its particulars (offsets, rows, messages): what the plot groups by."""
-    return re.split(r"[:;(]| at | in row", reason, maxsplit=1)[0].strip() or reason
-
-
 def rejects_by_reason(root: str, run_id: str | None = None) -> dict[str, int]:
-    """Rejects counted by :func:`reject_reason`, streamed batch by batch."""
+    """Rejects counted by their ``reason_code`` (derived from the reason, so rows written before the
+    column existed count too), streamed batch by batch."""
     counts: Counter[str] = Counter()
     filter_ = ds.field("run_id") == run_id if run_id else None
     for batch in _dataset(root, "rejects").to_batches(columns=["reason"], filter=filter_):
-        counts.update(reject_reason(r) for r in batch.column(0).to_pylist())
+        counts.update(reason_code(r) for r in batch.column(0).to_pylist())
     return dict(counts.most_common())
 
 

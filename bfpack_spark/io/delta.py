@@ -111,7 +111,7 @@ class DeltaOutput:
                 return True
             if (commit.get("operationParameters") or {}).get("mode") == "Overwrite":
                 return False
-        return snapshot_dataset(self.table_uri(name)).count_rows(filter=pc.field("run_id") == self.run_id) > 0
+        return table_dataset(table).count_rows(filter=pc.field("run_id") == self.run_id) > 0
 
     def check_schemas(self) -> None:
         """Before anything is read: every existing table must have this version's schema.
@@ -259,11 +259,23 @@ def delta_table(uri: str, version: int | None = None):
     return DeltaTable(uri, version=version, storage_options=options)
 
 
-def snapshot_dataset(uri: str, version: int | None = None) -> ds.Dataset | None:
-    """The files of the table's snapshot as a pyarrow dataset (the reading path that exits cleanly)."""
+def output_table(uri: str, version: int | None = None):
+    """The Delta table at ``uri``, which must be one of an output root's tables."""
     table = delta_table(uri, version)
     if table is None:
-        return None
+        raise DeltaError(f"{uri} is not a Delta table: give the output root of a bfpack run")
+    return table
+
+
+def snapshot_dataset(uri: str, version: int | None = None) -> ds.Dataset | None:
+    """The files of the table's snapshot as a pyarrow dataset (the reading path that exits cleanly),
+    or None where there is no table."""
+    table = delta_table(uri, version)
+    return None if table is None else table_dataset(table)
+
+
+def table_dataset(table) -> ds.Dataset:
+    """The files of an opened Delta table's snapshot as a pyarrow dataset."""
     files = table.file_uris()
     fs = filesystem(files[0])[0] if files else pafs.LocalFileSystem()
     return ds.dataset([filesystem(f)[1] for f in files], filesystem=fs, format="parquet",

@@ -66,20 +66,24 @@ def redacted(options: dict[str, str]) -> dict[str, str]:
     return {k: ("***" if SECRET.search(k) else v) for k, v in options.items()}
 
 
+def s3_settings() -> dict[str, str]:
+    """S3 endpoint, region and credentials: the storage options over the standard ``AWS_*``
+    environment, by delta-rs's names. The pyarrow file system and the S3 run lock both use it."""
+    return {**{k: v for k, v in os.environ.items() if k.startswith("AWS_")}, **storage_options()}
+
+
 def _s3(bucket_path: str) -> tuple[pafs.FileSystem, str]:
-    """S3 through pyarrow, with the storage options over the standard ``AWS_*`` environment."""
-    aws = json.dumps({k: v for k, v in sorted(os.environ.items()) if k.startswith("AWS_")})
-    return _s3_filesystem(os.environ.get(STORAGE_ENV, ""), aws), bucket_path
+    """S3 through pyarrow, with :func:`s3_settings`."""
+    return _s3_filesystem(json.dumps(s3_settings(), sort_keys=True)), bucket_path
 
 
 @functools.lru_cache(maxsize=4)
-def _s3_filesystem(options_json: str, aws_env: str) -> pafs.FileSystem:
+def _s3_filesystem(settings_json: str) -> pafs.FileSystem:
     """One S3 client per distinct setting (a table of many files opens it once)."""
-    opts = storage_options()
-    endpoint_env = json.loads(aws_env).get("AWS_ENDPOINT_URL")
+    opts = json.loads(settings_json)
     get = lambda *names: next((opts[n] for n in names if n in opts), None)  # noqa: E731
     kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)}
-    endpoint = get("AWS_ENDPOINT_URL", "AWS_ENDPOINT", "ENDPOINT_URL") or endpoint_env
+    endpoint = get("AWS_ENDPOINT_URL", "AWS_ENDPOINT", "ENDPOINT_URL")
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path

@@ -344,12 +344,11 @@ def _columns(f: InputFile) -> list[str]:
 def check_id_column(files: list[InputFile], id_column: str) -> None:
     """An id column named explicitly must be in some input file (a typo would silently give
     every document a file:row id); the error lists the columns the first file has."""
-    for f in files:
-        if id_column in _columns(f):
-            return
-    found = _columns(files[0]) if files else []
+    first = _columns(files[0])
+    if id_column in first or any(id_column in _columns(f) for f in files[1:]):
+        return
     raise InputError(f"--id-column {id_column!r} is in no input file (columns of {files[0].source}: "
-                     f"{', '.join(found) or 'none'}); name an existing column, or drop the flag for file:row ids")
+                     f"{', '.join(first) or 'none'}); name an existing column, or drop the flag for file:row ids")
 
 
 def plan_inputs(paths: list[str], fmt: str, payload: str, tokenized: bool, seq_len: int,

@@ -67,9 +67,9 @@ class S3Lock:
             from botocore.config import Config
         except ImportError:
             raise RunLockedError("the run lock on S3 needs boto3: pip install 'bfpack-spark[s3]'") from None
-        from bfpack_spark.io.files import storage_options
+        from bfpack_spark.io.files import s3_settings
 
-        opts = {**{k: v for k, v in os.environ.items() if k.startswith("AWS_")}, **storage_options()}
+        opts = s3_settings()
         self.client = boto3.client(
             "s3", endpoint_url=opts.get("AWS_ENDPOINT_URL"),
             region_name=opts.get("AWS_REGION") or opts.get("AWS_DEFAULT_REGION"),
@@ -104,9 +104,7 @@ class S3Lock:
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=self.key)
             return json.loads(obj["Body"].read()), obj["ETag"]
-        except ClientError:
-            return {}, None
-        except ValueError:
+        except (ClientError, ValueError):
             return {}, None
 
     def acquire(self) -> None:

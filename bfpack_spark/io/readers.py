@@ -74,6 +74,25 @@ def _json_kind(value: object) -> str:
     return kinds.get(type(value), type(value).__name__)
 
 
+#: Each reject's stable code (for grouping), from the start of its human reason; first match wins.
+REASON_CODES: list[tuple[str, str]] = [
+    (r"document larger than", "too_large"), (r"blank line", "blank_line"), (r"invalid UTF-8", "invalid_utf8"),
+    (r"malformed JSON", "invalid_json"), (r"not a JSON object", "not_object"),
+    (r"id (field|column) .* is (missing|null or empty)", "missing_id"), (r"id (field|column)", "bad_id"),
+    (r"(text|tokens) (field|column) .* is (null|missing)", "missing_text"),
+    (r"text holds an unpaired surrogate", "invalid_unicode"),
+    (r"(text|token|tokens) (field|column)", "bad_text_type"), (r"token id .* outside the vocabulary", "bad_tokens"),
+    (r"empty document", "empty"), (r"no tokens", "no_tokens"), (r"duplicate id", "duplicate_id"),
+    (r"corrupt or truncated", "corrupt_file"), (r"unreadable Parquet data", "corrupt_row_group"),
+    (r"unreadable", "unreadable_file"),
+]
+
+
+def reason_code(reason: str) -> str:
+    """The stable code of a reject's reason (``other`` for none listed)."""
+    return next((code for pattern, code in REASON_CODES if re.match(pattern, reason)), "other")
+
+
 def _id_string(value: object) -> str | None:
     if isinstance(value, str) and value:
         return value

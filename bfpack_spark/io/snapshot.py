@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from bfpack_spark.io.delta import DeltaError, delta_table, snapshot_dataset
+from bfpack_spark.io.delta import DeltaError, output_table, table_dataset
 from bfpack_spark.io.files import join
 
 
@@ -43,17 +43,10 @@ class SequencesSnapshot:
         return sum(f.rows for f in self.files)
 
 
-def _table(uri: str, version: int | None = None):
-    table = delta_table(uri, version)
-    if table is None:
-        raise DeltaError(f"{uri} is not a Delta table: give the output root of a bfpack run")
-    return table
-
-
 def _runs(root: str) -> dict[str, dict]:
     """Each committed run's settings, from the ``stats`` table (one small row per run)."""
-    _table(join(root, "stats"))
-    rows = snapshot_dataset(join(root, "stats")).to_table(columns=["run_id", "seq_len", "config"]).to_pylist()
+    stats = table_dataset(output_table(join(root, "stats")))
+    rows = stats.to_table(columns=["run_id", "seq_len", "config"]).to_pylist()
     return {r["run_id"]: {"seq_len": r["seq_len"], **json.loads(r["config"])} for r in rows}
 
 
@@ -72,7 +65,7 @@ def open_sequences(root: str, run_id: str | None = None, version: int | None = N
     text or appended EOS, else 0. Runs with different sequence lengths or tokenizers cannot
     be read as one: pick one with ``run_id``.
     """
-    table = _table(join(root, "sequences"), version)
+    table = output_table(join(root, "sequences"), version)
     actions = pa.table(table.get_add_actions(flatten=True)).to_pylist()
     base = table.table_uri.rstrip("/")
     files = []

@@ -17,8 +17,8 @@ BAR = 30
 
 def _line(label: str, done: int, total: int, elapsed: float) -> str:
     filled = BAR * done // total if total else 0
-    eta = f"ETA {int(elapsed * (total - done) / done) // 60}:{int(elapsed * (total - done) / done) % 60:02d}" \
-        if done else "ETA --:--"
+    left = int(elapsed * (total - done) / done) if done else None
+    eta = "ETA --:--" if left is None else f"ETA {left // 60}:{left % 60:02d}"
     return f"\r{label:<20} [{'#' * filled}{'.' * (BAR - filled)}] {done}/{total} tasks  {eta} "
 
 

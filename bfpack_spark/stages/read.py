@@ -9,7 +9,6 @@ was read), which is all the dedup and the plan need.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ from pyspark.sql import functions as F
 
 from bfpack_spark import faults
 from bfpack_spark.io.inputs import Split
-from bfpack_spark.io.readers import RawBatch, Reject, read_split
+from bfpack_spark.io.readers import RawBatch, Reject, read_split, reason_code
 from bfpack_spark.io.staging import StagedFile, Staging
 from bfpack_spark.io.workspace import Workspace
 from bfpack_spark.packing import flatten_token_lists
@@ -111,25 +110,6 @@ def _info_row(kind: int, group: int, info: str) -> pa.RecordBatch:
     row.update(kind=pa.array([kind], pa.int8()), group=pa.array([group], pa.int32()),
                info=pa.array([info], pa.string()))
     return pa.RecordBatch.from_pydict(row, schema=READ)
-
-
-#: Each reject's stable code (for grouping), from the start of its human reason; first match wins.
-REASON_CODES: list[tuple[str, str]] = [
-    (r"document larger than", "too_large"), (r"blank line", "blank_line"), (r"invalid UTF-8", "invalid_utf8"),
-    (r"malformed JSON", "invalid_json"), (r"not a JSON object", "not_object"),
-    (r"id (field|column) .* is (missing|null or empty)", "missing_id"), (r"id (field|column)", "bad_id"),
-    (r"(text|tokens) (field|column) .* is (null|missing)", "missing_text"),
-    (r"text holds an unpaired surrogate", "invalid_unicode"),
-    (r"(text|token|tokens) (field|column)", "bad_text_type"), (r"token id .* outside the vocabulary", "bad_tokens"),
-    (r"empty document", "empty"), (r"no tokens", "no_tokens"), (r"duplicate id", "duplicate_id"),
-    (r"corrupt or truncated", "corrupt_file"), (r"unreadable Parquet data", "corrupt_row_group"),
-    (r"unreadable", "unreadable_file"),
-]
-
-
-def reason_code(reason: str) -> str:
-    """The stable code of a reject's reason (``other`` for none listed)."""
-    return next((code for pattern, code in REASON_CODES if re.match(pattern, reason)), "other")
 
 
 def rejects_table(rejects: list[Reject], run_id: str) -> pa.Table:
