@@ -151,7 +151,7 @@ def print_summary(result, out=sys.stdout) -> None:
                              "concat": result.concat}), file=out)
     print(f"\nrun {result.run_id}: {s['documents_read']:,} documents read, {s['documents_packed']:,} packed, "
           f"{s['documents_rejected']:,} rejected; audit {'passed' if s['audit_passed'] else 'FAILED'}", file=out)
-    print(f"tables: {', '.join(result.table(t) for t in ('sequences', 'documents', 'rejects', 'stats'))}",
+    print(f"tables: {', '.join(result.table(t) for t in ('sequences', 'documents', 'rejects', 'inputs', 'stats'))}",
           file=out)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items())
     print(f"time: {sum(s['stage_seconds'].values()):.1f}s ({times})", file=out)

@@ -206,11 +206,14 @@ def check_output(root: str) -> None:
         return
     path = root.removeprefix("file://")
     try:
+        created = not os.path.isdir(path)
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, ".bfpack-write-test")
         with open(probe, "w"):
             pass
         os.unlink(probe)
+        if created:  # a run that stops before writing leaves no empty output root behind
+            os.rmdir(path)
     except OSError as exc:
         raise InputError(f"cannot write to the output root {root!r}: {exc.strerror or exc}") from None
 
