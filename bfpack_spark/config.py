@@ -93,6 +93,9 @@ class OutputConfig:
     mode: Literal["overwrite", "append", "incremental"] = _f(
         "overwrite", "overwrite: rebuild the tables; append: add this run (a new shard) to them; "
                      "incremental: pack only the input files no earlier run packed, as a new run")
+    repack_changed: bool = _f(False, "incremental: an input file changed since it was packed re-packs "
+                                     "the run that packed it (all that run's files), replacing its rows; "
+                                     "without it, a changed file is an error")
     storage_options: dict[str, str] = _f({}, "object-store settings for every read and write, pyarrow's and "
                                              "deltalake's (delta-rs names: AWS_ENDPOINT_URL, AWS_REGION, "
                                              "AWS_ALLOW_HTTP, ...); secrets are never logged or stored",

@@ -4,7 +4,7 @@ Off unless the environment variable ``BFPACK_FAULTS_FILE`` names a JSON file tha
 maps point names to ``"once"`` (fail the first time the point is reached, on any
 process) or ``"always"``. Spark tasks see the variable through
 ``spark.executorEnv.BFPACK_FAULTS_FILE``. Points: ``read`` and ``assemble`` (in
-tasks), ``plan``, ``staged``, ``commit:<table>`` (on the driver), and
+tasks), ``plan``, ``staged``, ``commit:<table>``, ``remove:<table>`` (on the driver), and
 ``drop_token``, which breaks an invariant on purpose so the audit must catch it.
 """
 

@@ -3,7 +3,8 @@ and (scheduled rebuilds of a growing corpus) which input files were packed.
 
 Every run records its input files in the ``inputs`` table (uri, size, and a digest of the
 file's first and last 64 KiB). ``--mode incremental`` packs only the files no committed run
-recorded, as a new run appended to every table. A file is packed when the run that recorded
+recorded, as a new run appended to every table (with ``--repack-changed``, also the runs whose
+files changed since, replacing their rows). A file is packed when the run that recorded
 it committed its ``stats`` row (the last commit of a run): a run that crashed before that
 recorded nothing, so its rerun picks the same new files, gets the same run id, and adds its
 rows once, as ``append`` does.
@@ -28,34 +29,68 @@ class PackedFile:
     run_id: str
 
 
-def packed_files(root: str) -> dict[str, PackedFile]:
-    """The input files of every committed run under ``root``, by uri."""
+def _committed_inputs(root: str) -> tuple[set[str], list[dict]]:
+    """The runs with a ``stats`` row (committed) under ``root``, and their ``inputs`` rows."""
     stats, inputs = snapshot_dataset(join(root, "stats")), snapshot_dataset(join(root, "inputs"))
     if stats is None:
-        return {}
+        return set(), []
     committed = set(stats.to_table(columns=["run_id"]).column(0).to_pylist())
     if inputs is None:
         if committed:
             raise InputError(f"{root} was written by a bfpack version that did not record its input files; "
                              "rebuild it once with --mode overwrite, then run --mode incremental")
-        return {}
-    rows = inputs.to_table(filter=ds.field("run_id").isin(pa.array(sorted(committed), pa.string())) if committed
-                           else None).to_pylist()
-    return {r["uri"]: PackedFile(r["size"], r["digest"], r["run_id"]) for r in rows}
+        return committed, []
+    if not committed:
+        return committed, []
+    rows = inputs.to_table(filter=ds.field("run_id").isin(pa.array(sorted(committed), pa.string()))).to_pylist()
+    return committed, rows
 
 
-def new_files(listed: list[tuple[InputFile, str]], packed: dict[str, PackedFile]) -> list[InputFile]:
-    """The listed files (with their digests) that no committed run packed.
+def packed_files(root: str) -> dict[str, PackedFile]:
+    """The input files of every committed run under ``root`` that no later run replaced, by uri."""
+    committed, rows = _committed_inputs(root)
+    replaced = {r.get("replaces") for r in rows}
+    return {r["uri"]: PackedFile(r["size"], r["digest"], r["run_id"]) for r in rows
+            if r["run_id"] in committed and r["run_id"] not in replaced}
 
-    A file packed before that has changed since is an error: its rows are in the tables, and
-    packing it again would add its documents twice.
+
+def unfinished_replacements(root: str) -> dict[str, str]:
+    """Runs replaced by a committed run whose rows are not all removed yet: {old run: new run}.
+
+    A replaced run's ``stats`` row goes last, so while it is there the removal is unfinished
+    (a run stopped between its own commits and the removal); the next run finishes it.
     """
+    committed, rows = _committed_inputs(root)
+    return {r["replaces"]: r["run_id"] for r in rows if r.get("replaces") in committed}
+
+
+def select_files(listed: list[tuple[InputFile, str]], packed: dict[str, PackedFile],
+                 repack_changed: bool = False) -> tuple[list[InputFile], dict[str, str]]:
+    """The listed files (with their digests) an incremental run packs, and the re-packed ones' runs.
+
+    New files are packed. A file packed before that has changed since is an error: its rows
+    are in the tables, and packing it again would add its documents twice. With
+    ``repack_changed``, the run that packed it is re-packed instead: its sequences mix the
+    documents of all its files, so all of them are packed again (as they are now) and that
+    run's rows are replaced. Returns (files, {uri: run replaced}).
+    """
+    changed = {}
     for f, digest in listed:
         old = packed.get(f.uri)
         if old is not None and (old.size, old.digest) != (f.size, digest):
-            raise InputError(f"{f.uri} changed after run {old.run_id} packed it (size {old.size:,} -> {f.size:,}); "
-                             "an incremental run only adds new files: rebuild with --mode overwrite")
-    return [f for f, _ in listed if f.uri not in packed]
+            if not repack_changed:
+                raise InputError(f"{f.uri} changed after run {old.run_id} packed it (size {old.size:,} -> "
+                                 f"{f.size:,}); re-pack it (and the rest of its run) with --repack-changed, "
+                                 "or rebuild with --mode overwrite")
+            changed[f.uri] = old.run_id
+    runs = set(changed.values())
+    replaces = {uri: p.run_id for uri, p in packed.items() if p.run_id in runs}
+    listed_uris = {f.uri for f, _ in listed}
+    gone = sorted(uri for uri in replaces if uri not in listed_uris)
+    if gone:
+        raise InputError(f"re-packing run {replaces[gone[0]]} needs all its files, but {gone[0]} is no longer "
+                         "in the input; restore it, or rebuild with --mode overwrite")
+    return [f for f, _ in listed if f.uri not in packed or f.uri in replaces], replaces
 
 
 #: Settings every run appended to one output root must share: the tables' sequences must be alike.

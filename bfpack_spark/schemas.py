@@ -177,6 +177,7 @@ INPUTS = pa.schema([
     ("source", pa.string()),
     ("size", pa.int64()),
     ("digest", pa.string()),
+    ("replaces", pa.string()),  # the earlier run that packed this file, where this run re-packed it
 ])
 
 TABLES: dict[str, pa.Schema] = {"sequences": SEQUENCES, "documents": DOCUMENTS, "rejects": REJECTS,

@@ -381,8 +381,33 @@ def test_incremental_runs_pack_only_new_files(spark, tmp_path, inject):
     assert third.nothing_new
     assert DeltaTable(str(out / "stats")).version() == 1  # nothing committed
     write_jsonl(corpus / "a.jsonl", [{"id": "a-0", "text": "changed"}])
-    with pytest.raises(InputError, match=r"a\.jsonl changed after run"):
+    with pytest.raises(InputError, match=r"a\.jsonl changed after run .*--repack-changed"):
         pack(spark, [corpus], out, **settings)
+
+    # --repack-changed: the first run (a and b) is packed again and its rows replaced; killed
+    # after the new run committed, before the old rows were all removed, the next run finishes it
+    inject({"remove:sequences": "always"})
+    with pytest.raises(Exception, match="injected failure"):
+        pack(spark, [corpus], out, **settings, **{"output.repack_changed": True})
+    inject({})
+    assert pack(spark, [corpus], out, **settings, **{"output.repack_changed": True}).nothing_new
+
+    def table(name):
+        return pads.dataset(DeltaTable(str(out / name)).file_uris(), format="parquet").to_table()
+
+    ids = table("documents").column("doc_id").to_pylist()
+    assert sorted(ids) == sorted(["a-0"] + [f"b-{i}" for i in range(20)] + [f"c-{i}" for i in range(7)])
+    runs = set(table("stats").column("run_id").to_pylist())
+    assert first.run_id not in runs and len(runs) == 2
+    for name in ("sequences", "documents", "inputs", "rejects"):
+        rows = table(name)
+        assert rows.num_rows == 0 or first.run_id not in set(rows.column("run_id").to_pylist())
+    inputs = {r["source"]: r for r in table("inputs").to_pylist()}
+    assert {k: r["replaces"] for k, r in inputs.items()} == {"a.jsonl": first.run_id, "b.jsonl": first.run_id,
+                                                           "c.jsonl": None}
+    assert sum(table("sequences").column("n_tokens").to_pylist()) == sum(table("documents").column("n_tokens").to_pylist())
+    packed = sorted(d for ds_ in table("sequences").column("doc_ids").to_pylist() for d in ds_)
+    assert sorted(set(packed)) == sorted(ids)
 
 
 def test_an_older_rejects_table_gains_the_new_column_on_append(spark, tokenized, tmp_path):

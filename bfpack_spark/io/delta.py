@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
+from bfpack_spark import faults
 from bfpack_spark.io.files import filesystem, join, storage_options
 from bfpack_spark.io.staging import StagedFile
 from bfpack_spark.schemas import TABLES, delta_schema_json
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 APP_PREFIX = "bfpack:"
 RETENTION_SECONDS = 7 * 24 * 3600
+#: a replaced run's rows leave the tables in this order: its stats row, last, says it is done
+REMOVAL_ORDER = ("rejects", "documents", "sequences", "inputs", "stats")
 _ATTEMPT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-[0-9a-f]{8}")
 
 
@@ -198,6 +201,27 @@ class DeltaOutput:
          .option("userMetadata", json.dumps(self._our_metadata()))
          .save(uri))
         self._delete_attempt(name)
+
+    def remove_run(self, old_run: str, replaced_by: str) -> None:
+        """Remove the rows of ``old_run``, which run ``replaced_by`` replaces, from every table: one delete
+        commit per table, ``stats`` last, so a ``stats`` row left says the removal is unfinished.
+        Each of a run's data files holds only its rows, so whole files leave the snapshot."""
+        predicate = "run_id = '{}'".format(old_run.replace("'", "''"))
+        for name in REMOVAL_ORDER:
+            faults.check(f"remove:{name}")
+            uri = self.table_uri(name)
+            if self.method == "delta-spark":
+                from delta.tables import DeltaTable as SparkDeltaTable
+
+                SparkDeltaTable.forPath(self.spark, uri).delete(predicate)
+                continue
+            from deltalake import CommitProperties
+
+            table = delta_table(uri)
+            if table is not None:
+                table.delete(predicate, commit_properties=CommitProperties(
+                    custom_metadata={"bfpack.removed_run": old_run, "bfpack.replaced_by": replaced_by}))
+        log.info("removed the rows of run %s, replaced by run %s", old_run, replaced_by)
 
     def _delete_attempt(self, name: str, keep: set[str] = frozenset()) -> None:
         """Delete this attempt's files under table ``name``, but those in ``keep`` (relative paths)."""

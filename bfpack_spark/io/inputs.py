@@ -42,13 +42,17 @@ COMPRESSION_RATIO = {"gzip": 3, "zstd": 4}
 class InputPlan:
     files: list[InputFile]
     groups: list[list[Split]] = field(default_factory=list)
-    _listing: list[tuple[str, int, str]] | None = field(default=None, repr=False, compare=False)
+    #: digests already computed (by an incremental run's selection), by uri
+    digests: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    #: re-packed files: uri -> the earlier run whose rows this run replaces
+    replaces: dict[str, str] = field(default_factory=dict)
 
     def listing(self) -> list[tuple[str, int, str]]:
         """(name, size, digest of the first and last 64 KiB) of every input file (computed once)."""
-        if self._listing is None:
-            self._listing = [(f.source, f.size, content_digest(f)) for f in self.files]
-        return self._listing
+        for f in self.files:
+            if f.uri not in self.digests:
+                self.digests[f.uri] = content_digest(f)
+        return [(f.source, f.size, self.digests[f.uri]) for f in self.files]
 
 
 def content_digest(f: InputFile, edge: int = 2**16) -> str:

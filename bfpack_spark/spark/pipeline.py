@@ -29,7 +29,7 @@ import pyarrow as pa
 from bfpack_spark import faults
 from bfpack_spark.audit import AuditError, add_figures, check, read_footers
 from bfpack_spark.config import DEFAULT_ID_COLUMN, PackConfig, default_run_id
-from bfpack_spark.incremental import check_compatible, new_files, packed_files
+from bfpack_spark.incremental import check_compatible, packed_files, select_files, unfinished_replacements
 from bfpack_spark.io.delta import RETENTION_SECONDS, DeltaOutput, read_stats_row
 from bfpack_spark.io.files import join, set_storage_options
 from bfpack_spark.io.inputs import InputPlan, check_output, content_digest, plan_inputs
@@ -91,17 +91,27 @@ def _plan_inputs(config: PackConfig) -> InputPlan:
         raise TokenizerError(f"{tokenizer.name} has no end-of-document token; name one with --eos-token "
                              f"or turn it off with --no-append-eos")
     check_output(config.output.output)
-    select = None
+    select, digests, replaces = None, {}, {}
     if config.output.mode != "overwrite":
         check_compatible(config.output.output, config.to_dict())
     if config.output.mode == "incremental":
         packed = packed_files(config.output.output)
-        select = lambda files: new_files([(f, content_digest(f)) for f in files], packed)  # noqa: E731
-    return plan_inputs(config.input.paths, config.input.format,
+
+        def select(files: list) -> list:
+            digests.update((f.uri, content_digest(f)) for f in files)
+            chosen, replaced = select_files([(f, digests[f.uri]) for f in files], packed,
+                                            config.output.repack_changed)
+            replaces.update(replaced)
+            return chosen
+
+    plan = plan_inputs(config.input.paths, config.input.format,
                        config.input.token_column or config.input.text_column, config.tokenized,
                        config.packing.seq_len, config.input.target_items_per_partition,
                        config.input.min_partitions, config.input.id_column or None, select,
                        id_required=config.input.id_column not in (None, "", DEFAULT_ID_COLUMN))
+    plan.digests.update(digests)
+    plan.replaces.update(replaces)
+    return plan
 
 
 def _read_settings(config: PackConfig) -> ReadSettings:
@@ -122,18 +132,24 @@ def run(config: PackConfig, spark=None) -> RunResult:
     started = datetime.now(UTC).isoformat()
     with timer("plan inputs", announce=False):  # a mistake found here is the only line printed
         inputs = _plan_inputs(config)
+    root = config.output.output
     if not inputs.files:
-        log.info("no input file is new since the last run into %s; nothing to do", config.output.output)
-        return RunResult("", config.output.output, {}, nothing_new=True)
+        if unfinished_replacements(root):
+            _finish_replacements(spark, config)
+        log.info("no input file is new since the last run into %s; nothing to do", root)
+        return RunResult("", root, {}, nothing_new=True)
     run_id = config.output.run_id or default_run_id(config, inputs.listing())
     log.info("run %s: %d input files in %d groups", run_id, len(inputs.files), len(inputs.groups))
+    for old in sorted(set(inputs.replaces.values())):
+        log.info("run %s re-packs run %s (a file of it changed) and replaces its rows", run_id, old)
     spark = spark or get_spark(config.spark.master, config.spark.app_name, config.spark.conf)
     timer.spark = spark
-    root = config.output.output
     with OutputLock(root, run_id) as lock:
         appending = config.output.mode in ("append", "incremental")
         output = DeltaOutput(spark, root, run_id, "append" if appending else "overwrite", config.output.delta_writer)
         output.check_schemas()
+        if appending:
+            _remove_replaced(output)
         if appending and output.committed("stats"):  # stats is committed last
             log.info("run %s is already in every table of %s; nothing to do", run_id, root)
             return RunResult(run_id, root, read_stats_row(output.table_uri("stats"), run_id),
@@ -143,6 +159,7 @@ def run(config: PackConfig, spark=None) -> RunResult:
         except BaseException:
             output.discard()
             raise
+        _remove_replaced(output)
         for name in TABLES:
             output.clean_orphans(name, any_run=lock.held)
         # under the output root, the lock says no run is reading a workspace; elsewhere, wait a week
@@ -154,9 +171,24 @@ def run(config: PackConfig, spark=None) -> RunResult:
         return result
 
 
+def _remove_replaced(output: DeltaOutput) -> None:
+    """Remove the rows of every run that a committed run replaced (under the output root's lock)."""
+    for old, new in sorted(unfinished_replacements(output.root).items()):
+        output.remove_run(old, new)
+
+
+def _finish_replacements(spark, config: PackConfig) -> None:
+    """Nothing new to pack, but a run stopped before removing the rows it replaced: remove them."""
+    spark = spark or get_spark(config.spark.master, config.spark.app_name, config.spark.conf)
+    with OutputLock(config.output.output, "replacements"):
+        _remove_replaced(DeltaOutput(spark, config.output.output, "replacements", "append",
+                                     config.output.delta_writer))
+
+
 def inputs_table(run_id: str, inputs: InputPlan) -> pa.Table:
     """The ``inputs`` rows of a run: its files, as an incremental run will compare them."""
-    rows = [{"run_id": run_id, "uri": f.uri, "source": name, "size": size, "digest": digest}
+    rows = [{"run_id": run_id, "uri": f.uri, "source": name, "size": size, "digest": digest,
+             "replaces": inputs.replaces.get(f.uri)}
             for f, (name, size, digest) in zip(inputs.files, inputs.listing())]
     return pa.Table.from_pylist(rows, schema=INPUTS)
 
