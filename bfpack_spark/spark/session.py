@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+import threading
 
-from pyspark import SparkConf
+from pyspark import SparkConf, SparkContext
+from pyspark.java_gateway import launch_gateway
 from pyspark.sql import DataFrame, SparkSession
 
 from bfpack_spark.config import DEBUG_ENV
@@ -28,6 +31,9 @@ LOCAL_DEFAULTS = {
 
 
 QUIET_LOG4J = os.path.join(os.path.dirname(__file__), "log4j2-quiet.properties")
+#: what the driver JVM prints at start whatever its log level: Java's module notice, the shell's hint
+JVM_START_NOISE = re.compile(rb"WARNING: Using incubator modules|Setting default log level to|"
+                             rb"To adjust logging level use sc\.setLogLevel")
 
 
 def debugging() -> bool:
@@ -78,12 +84,34 @@ def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[st
     for key, value in settings.items():
         builder = builder.config(key, value)
     try:
+        if not submitted and not debugging():
+            _start_quiet_driver(SparkConf().setAll(list(settings.items()) + [
+                ("spark.master", master or "local[*]"), ("spark.app.name", app_name)]))
         spark = builder.getOrCreate()
     except Exception as exc:  # Java and Python errors of all kinds; the first line says which
-        raise SparkStartError(f"cannot start Spark (master {master or 'from spark-submit'}): "
+        raise SparkStartError(f"cannot start Spark (master {master or ('from spark-submit' if submitted else 'local[*]')}): "
                               f"{first_line(exc)}") from None
     spark.sparkContext.setLogLevel("WARN" if debugging() else "ERROR")
     return spark
+
+
+def _start_quiet_driver(conf: SparkConf) -> None:
+    """Start the driver JVM (as the builder would) with its stderr passed on by a thread that drops
+    the start-up notices; its error lines still reach the console, also when it fails to start."""
+    read_end, write_end = os.pipe()
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not JVM_START_NOISE.match(line):
+                    os.write(2, line)
+
+    threading.Thread(target=forward, name="jvm-stderr", daemon=True).start()
+    try:
+        gateway = launch_gateway(conf, popen_kwargs={"stderr": write_end})
+    finally:
+        os.close(write_end)  # the JVM holds its own copy; the thread ends when the JVM does
+    SparkContext(conf=conf, gateway=gateway)
 
 
 def collect_arrow(df: DataFrame):
