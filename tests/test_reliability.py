@@ -295,6 +295,7 @@ def test_one_core_gives_the_same_tables_as_two(spark, tokenized, reference, tmp_
          "--max-document-bytes", "200000", "--max-reject-fraction", "1"],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "incubator modules" not in done.stderr and "default log level" not in done.stderr  # a quiet console
     same_tables(spark, reference, tmp_path)
 
 
