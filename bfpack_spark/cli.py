@@ -86,10 +86,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+EXIT_STATUS = ("exit status: 0 done (or nothing to do), 1 the run failed (nothing committed), "
+               "2 a usage or input error (found before anything is read or locked)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="bfpack", description="Best-fit packing of text corpora into fixed-length LLM training "
-                                   "sequences, on Spark, into Delta tables.")
+                                   "sequences, on Spark, into Delta tables.",
+        epilog=EXIT_STATUS)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
     common.add_argument("--debug", action="store_true", help="show the stack trace when a run fails")
@@ -97,13 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     pack = sub.add_parser("pack", parents=[common],
                           help="read, tokenize and pack a corpus (JSONL, Parquet, Delta, text)",
                           description="Read a corpus, tokenize it, pack it and write the Delta tables "
-                                      "sequences, documents, rejects, inputs and stats under --output.")
+                                      "sequences, documents, rejects, inputs and stats under --output.",
+                          epilog=EXIT_STATUS)
     _add_config_flags(pack)
     tok = sub.add_parser("pack-tokenized", parents=[common],
                          help="pack an already tokenized corpus (id + token list columns)",
                          description="Pack documents that are already tokenized: a Parquet/Delta/JSONL "
                                      "table with an id column and a list<int> token column "
-                                     "(--token-column, default tokens).")
+                                     "(--token-column, default tokens).", epilog=EXIT_STATUS)
     _add_config_flags(tok)
     demo = sub.add_parser("demo", parents=[common],
                           help="pack this Python's standard library sources (no download needed)",

@@ -406,7 +406,8 @@ def test_incremental_runs_pack_only_new_files(spark, tmp_path, inject):
     inputs = {r["source"]: r for r in table("inputs").to_pylist()}
     assert {k: r["replaces"] for k, r in inputs.items()} == {"a.jsonl": first.run_id, "b.jsonl": first.run_id,
                                                            "c.jsonl": None}
-    assert sum(table("sequences").column("n_tokens").to_pylist()) == sum(table("documents").column("n_tokens").to_pylist())
+    n_tokens = [sum(table(name).column("n_tokens").to_pylist()) for name in ("sequences", "documents")]
+    assert n_tokens[0] == n_tokens[1]
     packed = sorted(d for ds_ in table("sequences").column("doc_ids").to_pylist() for d in ds_)
     assert sorted(set(packed)) == sorted(ids)
 

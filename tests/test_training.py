@@ -275,22 +275,6 @@ def test_export_hf_opens_with_load_from_disk(packed, tmp_path):
         assert example["position_ids"] == [p for k in row["seg_lengths"] for p in range(k)]
 
 
-def test_the_readme_training_examples_run(packed, tmp_path):
-    """The README's loader example and export commands, on this table instead of out/demo."""
-    out, _, _ = packed
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("## Training on it", 1)[1].split("\n## ", 1)[0]
-    example = section.split("```python", 1)[1].split("```", 1)[0]
-    exec(compile(example.replace("out/demo", str(out)), "README", "exec"), {})
-    commands = section.split("```bash", 1)[1].split("```", 1)[0]
-    for line in commands.strip().splitlines():
-        line = line.split("#", 1)[0].replace(".venv/bin/bfpack", f"{sys.executable} -m bfpack_spark.cli")
-        line = line.replace("out/demo-", f"{tmp_path}/demo-").replace("out/demo", str(out))
-        proc = subprocess.run(line.split(), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, (line, proc.stderr[-2000:])
-    assert {p.name for p in tmp_path.iterdir()} == {"demo-npy", "demo-hf"}
-
-
 def test_the_loader_reads_one_snapshot_one_run_and_no_orphan(spark, packed, tmp_path):
     out, rows, _ = packed
     root = tmp_path / "root"

@@ -89,8 +89,8 @@ def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[st
                 ("spark.master", master or "local[*]"), ("spark.app.name", app_name)]))
         spark = builder.getOrCreate()
     except Exception as exc:  # Java and Python errors of all kinds; the first line says which
-        raise SparkStartError(f"cannot start Spark (master {master or ('from spark-submit' if submitted else 'local[*]')}): "
-                              f"{first_line(exc)}") from None
+        where = master or ("from spark-submit" if submitted else "local[*]")
+        raise SparkStartError(f"cannot start Spark (master {where}): {first_line(exc)}") from None
     spark.sparkContext.setLogLevel("WARN" if debugging() else "ERROR")
     return spark
 
