@@ -117,7 +117,10 @@ class QualityConfig:
         "skip", "skip: later documents with an already seen id go to rejects; keep: pack them all")
     max_reject_fraction: float = _f(0.2, "fail the run (before committing) when more than this "
                                          "fraction of input documents is rejected")
-    max_document_bytes: int = _f(256 * 2**20, "reject documents whose text is larger than this")
+    max_document_bytes: int = _f(256 * 2**20, "reject documents whose text is larger than this many "
+                                               "bytes of UTF-8")
+    max_line_bytes: int = _f(2**30, "reject JSON lines longer than this before parsing them (a memory "
+                                    "guard of the reader; JSON escapes make a line longer than its text)")
 
 
 @dataclass
@@ -187,9 +190,10 @@ class PackConfig:
                               f"assembly's 64 MB slices of int32 tokens), got {p.seq_len:,}")
         if p.length_buckets > 2**16:
             raise ConfigError(f"packing.length_buckets: at most {2**16}, got {p.length_buckets}")
-        if q.max_document_bytes >= 2**31:
-            raise ConfigError(f"quality.max_document_bytes: below 2 GiB (Arrow's 32-bit string offsets), "
-                              f"got {q.max_document_bytes:,}")
+        for name in ("max_document_bytes", "max_line_bytes"):
+            if getattr(q, name) >= 2**31:
+                raise ConfigError(f"quality.{name}: below 2 GiB (Arrow's 32-bit string offsets), "
+                                  f"got {getattr(q, name):,}")
         _inside("output.output", self.output.output, "input", self.input.paths)
         _positive("input.target_items_per_partition", self.input.target_items_per_partition)
         _positive("input.min_partitions", self.input.min_partitions)
@@ -202,6 +206,7 @@ class PackConfig:
         if not 0.0 <= q.max_reject_fraction <= 1.0:
             raise ConfigError(f"quality.max_reject_fraction: must be within [0, 1], got {q.max_reject_fraction}")
         _positive("quality.max_document_bytes", q.max_document_bytes)
+        _positive("quality.max_line_bytes", q.max_line_bytes)
         if self.input.format == "text" and self.tokenized:
             raise ConfigError("input.token_column: text files hold text; drop --token-column or "
                               "choose another --input-format")

@@ -8,7 +8,7 @@ import zstandard
 
 from bfpack_spark.io import readers
 from bfpack_spark.io.inputs import Split
-from bfpack_spark.io.readers import _lines, read_jsonl
+from bfpack_spark.io.readers import Limits, _lines, read_jsonl, reason_code
 
 
 def lines_of(path, size, n_splits, max_bytes=10**9, monkeypatch=None):
@@ -48,7 +48,7 @@ def jsonl_bytes(n, start=0):
 
 def read_all(path, compression):
     split = Split(str(path), path.name, "jsonl", compression, has_ids=True)
-    batches = list(read_jsonl(split, "id", "text", False, 10**6))
+    batches = list(read_jsonl(split, "id", "text", False, Limits(10**6)))
     return [d for b in batches for d in b.ids], [r.reason for b in batches for r in b.rejects], \
         sum(b.n_records for b in batches)
 
@@ -102,7 +102,7 @@ def test_ids_are_decided_per_file_however_it_is_split(tmp_path):
                        min_groups=8, id_column="id")
     splits = [s for g in plan.groups for s in g]
     assert len(splits) > 1 and all(s.has_ids for s in splits)
-    batches = [b for s in splits for b in read_jsonl(s, "id", "text", False, 10**6)]
+    batches = [b for s in splits for b in read_jsonl(s, "id", "text", False, Limits(10**6))]
     ids = [d for b in batches for d in b.ids]
     assert ids == [f"d{i}" for i in range(200) if i != 150]
     assert [r.reason for b in batches for r in b.rejects] == ["id field 'id' is missing"]
@@ -123,7 +123,7 @@ def test_a_damaged_parquet_row_group_rejects_its_rows_and_no_others(tmp_path):
     data[start:start + second.total_compressed_size] = b"\xff" * second.total_compressed_size
     path.write_bytes(bytes(data))
     split = Split(str(path), "f.parquet", "parquet", row_groups=(0, 1, 2))
-    batches = list(readers.read_split(split, "id", "text", False, 10**9))
+    batches = list(readers.read_split(split, "id", "text", False, Limits(10**9)))
     docs = [t for b in batches for t in b.texts]
     rejects = [r for b in batches for r in b.rejects]
     assert docs == texts[:100] + texts[200:]
@@ -169,11 +169,26 @@ def test_a_byte_order_mark_and_an_oversized_line(tmp_path):
     big = json.dumps({"id": "big", "text": "x" * 5000})
     path.write_bytes(b"\xef\xbb\xbf" + jsonl_bytes(2) + big.encode() + b"\n")
     split = Split(str(path), "b.jsonl", "jsonl", has_ids=True)
-    batches = list(read_jsonl(split, "id", "text", False, 1000))
+    batches = list(read_jsonl(split, "id", "text", False, Limits(1000, 2000)))
     assert [i for b in batches for i in b.ids] == ["d0", "d1"]
     [reject] = [r for b in batches for r in b.rejects]
-    assert "larger than max_document_bytes" in reject.reason and reject.excerpt.startswith('{"id": "big"')
+    assert "larger than max_line_bytes" in reject.reason and reject.excerpt.startswith('{"id": "big"')
+    assert reject.doc_id == "big" and reason_code(reject.reason) == "line_too_large"
     assert reject.row == 3 + len(jsonl_bytes(2))  # offsets count the mark's bytes
+
+
+def test_max_document_bytes_measures_the_text_not_the_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    lines = [{"id": "meta", "text": "short", "meta": "m" * 5000},  # a long line, a short text
+             {"id": "wide", "text": "\u00e9" * 600},  # 600 characters, 1,200 bytes of UTF-8
+             {"id": "fits", "text": "e" * 1000}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))  # \u escapes: each line longer than its text
+    [batch] = list(read_jsonl(Split(str(path), "m.jsonl", "jsonl", has_ids=True), "id", "text", False,
+                              Limits(1000, 10_000)))
+    assert batch.ids == ["meta", "fits"]
+    [reject] = batch.rejects
+    assert reject.doc_id == "wide" and reason_code(reject.reason) == "too_large"
+    assert "1,000 bytes of UTF-8 text" in reject.reason
 
 
 def test_gzip_padding_right_after_a_piece_boundary(tmp_path, monkeypatch):
@@ -190,6 +205,6 @@ def test_a_parquet_file_planned_without_its_footer_is_still_checked_for_the_colu
 
     pq.write_table(pa.table({"id": ["a", "b"], "body": ["x", "y"]}), tmp_path / "f.parquet")
     split = Split(str(tmp_path / "f.parquet"), "f.parquet", "parquet", row_groups=None)
-    [batch] = list(readers.read_split(split, "id", "text", False, 10**9))
+    [batch] = list(readers.read_split(split, "id", "text", False, Limits(10**9)))
     assert [r.row for r in batch.rejects] == [0, 1] and batch.n_records == 2
     assert "no column 'text'" in batch.rejects[0].reason

@@ -76,7 +76,8 @@ def _json_kind(value: object) -> str:
 
 #: Each reject's stable code (for grouping), from the start of its human reason; first match wins.
 REASON_CODES: list[tuple[str, str]] = [
-    (r"document larger than", "too_large"), (r"blank line", "blank_line"), (r"invalid UTF-8", "invalid_utf8"),
+    (r"document larger than", "too_large"), (r"line larger than", "line_too_large"),
+    (r"blank line", "blank_line"), (r"invalid UTF-8", "invalid_utf8"),
     (r"malformed JSON", "invalid_json"), (r"not a JSON object", "not_object"),
     (r"id (field|column) .* is (missing|null or empty)", "missing_id"), (r"id (field|column)", "bad_id"),
     (r"(text|tokens) (field|column) .* is (null|missing)", "missing_text"),
@@ -86,6 +87,10 @@ REASON_CODES: list[tuple[str, str]] = [
     (r"corrupt or truncated", "corrupt_file"), (r"unreadable Parquet data", "corrupt_row_group"),
     (r"unreadable", "unreadable_file"),
 ]
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"document larger than max_document_bytes ({max_bytes:,} bytes of UTF-8 text)"
 
 
 def reason_code(reason: str) -> str:
@@ -228,8 +233,17 @@ def _open_stream(split: Split, start: int):
     return fh
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Size limits of one document: its text's UTF-8 bytes (``quality.max_document_bytes``) and,
+    for JSON lines, the raw line read into memory (``quality.max_line_bytes``)."""
+
+    document_bytes: int
+    line_bytes: int = 2**30
+
+
 class LineHead(bytes):
-    """The first bytes of a line longer than ``max_document_bytes`` (the rest is not kept)."""
+    """The first bytes of a line longer than ``max_line_bytes`` (the rest is not kept)."""
 
 
 def _line(data: bytearray, too_long: bool, offset: int) -> bytes:
@@ -306,7 +320,7 @@ def first_record(split: Split, max_lines: int = 1000) -> dict | None:
 
 
 def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: bool,
-               max_bytes: int) -> Iterator[RawBatch]:
+               limits: Limits) -> Iterator[RawBatch]:
     batch = RawBatch()
     token_lists: list[list[int]] = []
     has_ids = split.has_ids and id_column is not None
@@ -316,9 +330,9 @@ def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: 
         batch.rejects.append(Reject(split.source, row, reason, excerpt(raw), doc_id))
 
     try:
-        for row, raw in _lines(split, max_bytes):
+        for row, raw in _lines(split, limits.line_bytes):
             if isinstance(raw, LineHead):
-                reject(row, f"document larger than max_document_bytes ({max_bytes:,} bytes)", raw,
+                reject(row, f"line larger than max_line_bytes ({limits.line_bytes:,} bytes)", raw,
                        _readable_id(raw, id_column) if has_ids else None)
                 continue
             if not raw.strip():
@@ -364,9 +378,12 @@ def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: 
                            raw, doc_id)
                     continue
                 try:
-                    value.encode("utf-8")
+                    size = len(value.encode("utf-8"))
                 except UnicodeEncodeError:
                     reject(row, "text holds an unpaired surrogate escape (invalid Unicode)", raw, doc_id)
+                    continue
+                if size > limits.document_bytes:
+                    reject(row, _too_large(limits.document_bytes), raw, doc_id)
                     continue
                 batch.texts.append(value)
             batch.rows.append(row)
@@ -395,7 +412,7 @@ def _finish_jsonl(batch: RawBatch, token_lists: list[list[int]], tokenized: bool
 # -- Parquet ------------------------------------------------------------------------
 
 def read_parquet(split: Split, id_column: str | None, column: str, tokenized: bool,
-                 max_bytes: int) -> Iterator[RawBatch]:
+                 limits: Limits) -> Iterator[RawBatch]:
     """Row group by row group, so damage in one costs only its own rows."""
     fs, path = filesystem(split.uri)
     row = split.first_row
@@ -429,7 +446,7 @@ def read_parquet(split: Split, id_column: str | None, column: str, tokenized: bo
                                    f"{exc or 'the file holds fewer rows than its footer says'}")
                         break
                     yield _parquet_batch(split, rb, row, id_column if has_ids else None, column, tokenized,
-                                         max_bytes)
+                                         limits.document_bytes)
                     row += rb.num_rows
             if problem:  # every row not read is a reject
                 yield RawBatch(rejects=[Reject(split.source, r, problem) for r in range(row, group_end)],
@@ -482,7 +499,7 @@ def _parquet_batch(split: Split, rb: pa.RecordBatch, first_row: int, id_column: 
             texts = [None] * n
         else:
             sizes = pc.fill_null(pc.binary_length(values), 0).to_numpy(zero_copy_only=False)
-            bad(sizes > max_bytes, f"document larger than max_document_bytes ({max_bytes:,} bytes)")
+            bad(sizes > max_bytes, _too_large(max_bytes))
             try:
                 texts = values.to_pylist()
             except UnicodeDecodeError:
@@ -512,15 +529,14 @@ def _parquet_batch(split: Split, rb: pa.RecordBatch, first_row: int, id_column: 
 # -- plain text files -----------------------------------------------------------------
 
 def read_text_file(split: Split, id_column: str | None, column: str, tokenized: bool,
-                   max_bytes: int) -> Iterator[RawBatch]:
+                   limits: Limits) -> Iterator[RawBatch]:
     """The whole file is one document, its id the file's source name."""
     batch = RawBatch(n_records=1)
     fs, path = filesystem(split.uri)
     try:
         size = fs.get_file_info(path).size
-        if size > max_bytes:
-            batch.rejects.append(Reject(split.source, 0, f"document larger than max_document_bytes "
-                                                         f"({max_bytes:,} bytes)", "", split.source))
+        if size > limits.document_bytes:  # a text file's bytes are its text
+            batch.rejects.append(Reject(split.source, 0, _too_large(limits.document_bytes), "", split.source))
             yield batch
             return
         with fs.open_input_stream(path) as fh:
@@ -543,6 +559,6 @@ _READERS = {"parquet": read_parquet, "jsonl": read_jsonl, "text": read_text_file
 
 
 def read_split(split: Split, id_column: str | None, column: str, tokenized: bool,
-               max_bytes: int) -> Iterator[RawBatch]:
+               limits: Limits) -> Iterator[RawBatch]:
     """Batches of documents and rejects of one split, in file order."""
-    yield from _READERS[split.format](split, id_column, column, tokenized, max_bytes)
+    yield from _READERS[split.format](split, id_column, column, tokenized, limits)

@@ -34,6 +34,7 @@ from bfpack_spark.io.delta import RETENTION_SECONDS, DeltaOutput, read_stats_row
 from bfpack_spark.io.files import join, set_storage_options
 from bfpack_spark.io.inputs import InputPlan, check_output, content_digest, plan_inputs
 from bfpack_spark.io.lock import OutputLock
+from bfpack_spark.io.readers import Limits
 from bfpack_spark.io.staging import Staging
 from bfpack_spark.io.workspace import Workspace, clean_workspaces, remove_if_empty, workspace_root
 from bfpack_spark.metrics import PackingStats
@@ -121,7 +122,7 @@ def _read_settings(config: PackConfig) -> ReadSettings:
         tokenized=config.tokenized, tokenizer=config.tokenizer.tokenizer, eos_token=config.tokenizer.eos_token,
         append_eos=config.append_eos, seq_len=config.packing.seq_len, length_buckets=config.packing.length_buckets,
         keep_empty=config.quality.empty_documents == "keep",
-        max_document_bytes=config.quality.max_document_bytes)
+        limits=Limits(config.quality.max_document_bytes, config.quality.max_line_bytes))
 
 
 def run(config: PackConfig, spark=None) -> RunResult:

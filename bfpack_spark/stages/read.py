@@ -21,7 +21,7 @@ from pyspark.sql import functions as F
 
 from bfpack_spark import faults
 from bfpack_spark.io.inputs import Split
-from bfpack_spark.io.readers import RawBatch, Reject, read_split, reason_code
+from bfpack_spark.io.readers import Limits, RawBatch, Reject, read_split, reason_code
 from bfpack_spark.io.staging import StagedFile, Staging
 from bfpack_spark.io.workspace import Workspace
 from bfpack_spark.packing import flatten_token_lists
@@ -43,7 +43,7 @@ class ReadSettings:
     seq_len: int
     length_buckets: int
     keep_empty: bool
-    max_document_bytes: int
+    limits: Limits
 
 
 def _append_token(tokens: pa.Array, token: int) -> pa.ListArray:
@@ -139,7 +139,7 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
     with workspace.group_writer(group, STORED) as store:
         for split in splits:
             for raw in read_split(split, settings.id_column, settings.column, settings.tokenized,
-                                  settings.max_document_bytes):
+                                  settings.limits):
                 n_records += raw.n_records
                 if not settings.keep_empty:
                     _reject_where(raw, _lengths(raw) == 0, "empty document (quality.empty_documents: skip)")
