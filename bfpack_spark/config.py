@@ -114,7 +114,8 @@ class QualityConfig:
     empty_documents: Literal["skip", "keep"] = _f(
         "skip", "skip: empty documents go to rejects; keep: packed (as the end-of-document token)")
     duplicate_ids: Literal["skip", "keep"] = _f(
-        "skip", "skip: later documents with an already seen id go to rejects; keep: pack them all")
+        "skip", "skip: later documents with an already seen id (in this run, or packed by an earlier run "
+                "of the output root) go to rejects; keep: pack them all")
     max_reject_fraction: float = _f(0.2, "fail the run (before committing) when more than this "
                                          "fraction of input documents is rejected")
     max_document_bytes: int = _f(256 * 2**20, "reject documents whose text is larger than this many "

@@ -29,18 +29,23 @@ class PackedFile:
     run_id: str
 
 
-def _committed_inputs(root: str) -> tuple[set[str], list[dict]]:
-    """The runs with a ``stats`` row (committed) under ``root``, and their ``inputs`` rows."""
-    stats, inputs = snapshot_dataset(join(root, "stats")), snapshot_dataset(join(root, "inputs"))
-    if stats is None:
+def committed_runs(root: str) -> set[str]:
+    """The runs with a ``stats`` row (their last commit) under ``root``."""
+    stats = snapshot_dataset(join(root, "stats"))
+    return set() if stats is None else set(stats.to_table(columns=["run_id"]).column(0).to_pylist())
+
+
+def _committed_inputs(root: str, required: bool = True) -> tuple[set[str], list[dict]]:
+    """The committed runs under ``root``, and their ``inputs`` rows (``required``: an error where
+    the runs did not record them)."""
+    committed = committed_runs(root)
+    if not committed:
         return set(), []
-    committed = set(stats.to_table(columns=["run_id"]).column(0).to_pylist())
+    inputs = snapshot_dataset(join(root, "inputs"))
     if inputs is None:
-        if committed:
+        if required:
             raise InputError(f"{root} was written by a bfpack version that did not record its input files; "
                              "rebuild it once with --mode overwrite, then run --mode incremental")
-        return committed, []
-    if not committed:
         return committed, []
     rows = inputs.to_table(filter=ds.field("run_id").isin(pa.array(sorted(committed), pa.string()))).to_pylist()
     return committed, rows
@@ -60,7 +65,7 @@ def unfinished_replacements(root: str) -> dict[str, str]:
     A replaced run's ``stats`` row goes last, so while it is there the removal is unfinished
     (a run stopped between its own commits and the removal); the next run finishes it.
     """
-    committed, rows = _committed_inputs(root)
+    committed, rows = _committed_inputs(root, required=False)
     return {r["replaces"]: r["run_id"] for r in rows if r.get("replaces") in committed}
 
 

@@ -425,3 +425,30 @@ def test_an_older_rejects_table_gains_the_new_column_on_append(spark, tokenized,
     table = pads.dataset(DeltaTable(str(tmp_path / "rejects")).file_uris(), format="parquet").to_table()
     assert "reason_code" in DeltaTable(str(tmp_path / "rejects")).schema().to_arrow().names
     assert table.num_rows >= 1
+
+
+def test_append_rejects_the_ids_an_earlier_run_packed(spark, tmp_path):
+    """duplicate_ids: skip holds across the runs of an output root (a join with `documents`)."""
+    write_jsonl(tmp_path / "a.jsonl", [{"id": f"x{i}", "text": f"first text {i}"} for i in range(10)])
+    write_jsonl(tmp_path / "b.jsonl", [{"id": f"x{i}", "text": f"second text {i}"} for i in range(5, 15)]
+                + [{"id": "x12", "text": "a copy within the run"}])
+    out = tmp_path / "out"
+    first = pack(spark, [tmp_path / "a.jsonl"], out)
+    second = pack(spark, [tmp_path / "b.jsonl"], out, **{"output.mode": "append"})
+    assert second.stats["documents_read"] == 11 and second.stats["documents_rejected"] == 6
+
+    def table(name):
+        return pads.dataset(DeltaTable(str(out / name)).file_uris(), format="parquet").to_table().to_pylist()
+
+    ids = [r["doc_id"] for r in table("documents")]
+    assert sorted(ids) == sorted(f"x{i}" for i in range(15))
+    rejects = {(r["doc_id"], r["reason"], r["excerpt"]) for r in table("rejects")}
+    row = {i: len("".join(json.dumps({"id": f"x{k}", "text": f"first text {k}"}) + "\n" for k in range(i)))
+           for i in range(10)}
+    assert rejects == {(f"x{i}", f"duplicate id; first seen in a.jsonl (run {first.run_id}) at row {row[i]}",
+                        f"second text {i}") for i in range(5, 10)} | {
+        ("x12", f"duplicate id; first seen in b.jsonl at row {(tmp_path / 'b.jsonl').read_text().index('x12') - 8}",
+         "a copy within the run")}
+    assert pack(spark, [tmp_path / "b.jsonl"], out, **{"output.mode": "append"}).already_committed
+    kept = pack(spark, [tmp_path / "b.jsonl"], tmp_path / "keep", **{"quality.duplicate_ids": "keep"})
+    assert kept.stats["documents_rejected"] == 0

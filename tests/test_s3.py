@@ -77,6 +77,13 @@ def test_s3_to_s3_equals_the_local_run_and_append_adds_nothing(spark, corpus, bu
     again = pack(spark, ["s3://corpus/text/"], f"{bucket}/packed", **{"output.mode": "append"})
     assert again.already_committed
     assert snapshot_dataset(f"{bucket}/packed/sequences").count_rows() == local.stats["sequences"]
+    # another run of one file already packed: its ids are the earlier run's, read from S3 in tasks
+    one = pack(spark, ["s3://corpus/text/part-0.jsonl"], f"{bucket}/packed",
+               **{"output.mode": "append", "quality.max_reject_fraction": 1.0})
+    assert one.stats["documents_rejected"] == 120 and one.stats["documents_packed"] == 0
+    reasons = {r["reason"] for r in snapshot_dataset(f"{bucket}/packed/rejects").to_table().to_pylist()}
+    assert reasons == {f"duplicate id; first seen in part-0.jsonl (run {remote.run_id}) at row {r}" for r in
+                       [len("".join(open(corpus / "part-0.jsonl").readlines()[:i])) for i in range(120)]}
 
 
 def test_pack_tokenized_from_s3_and_read_back_with_the_loader(spark, s3_server, bucket, tmp_path):

@@ -29,7 +29,13 @@ import pyarrow as pa
 from bfpack_spark import faults
 from bfpack_spark.audit import AuditError, add_figures, check, read_footers
 from bfpack_spark.config import DEFAULT_ID_COLUMN, PackConfig, default_run_id
-from bfpack_spark.incremental import check_compatible, packed_files, select_files, unfinished_replacements
+from bfpack_spark.incremental import (
+    check_compatible,
+    committed_runs,
+    packed_files,
+    select_files,
+    unfinished_replacements,
+)
 from bfpack_spark.io.delta import RETENTION_SECONDS, DeltaOutput, read_stats_row
 from bfpack_spark.io.files import join, set_storage_options
 from bfpack_spark.io.inputs import InputPlan, check_output, content_digest, plan_inputs
@@ -42,7 +48,7 @@ from bfpack_spark.schemas import INPUTS, TABLES
 from bfpack_spark.spark.progress import stage_progress
 from bfpack_spark.spark.session import get_spark
 from bfpack_spark.stages.assemble import Assembly, assemble, reduce_partitions
-from bfpack_spark.stages.dedup import find_duplicates, without_duplicates
+from bfpack_spark.stages.dedup import earlier_documents, find_duplicates, without_duplicates
 from bfpack_spark.stages.plan import PlanResult, plan_bfd
 from bfpack_spark.stages.read import ReadSettings, read_corpus
 from bfpack_spark.stats import packing_stats, stats_row, stats_table
@@ -206,7 +212,11 @@ def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, tim
             read = read_corpus(spark, inputs.groups, _read_settings(config), staging, workspace)
             release.callback(read.docs.unpersist)
         with timer("duplicates"):
-            dups = find_duplicates(read.docs, config.quality.duplicate_ids, L, p.length_buckets)
+            earlier = None
+            if config.output.mode != "overwrite" and config.quality.duplicate_ids == "skip":
+                runs = committed_runs(output.root) - set(inputs.replaces.values())  # not the runs re-packed
+                earlier = earlier_documents(spark, output.table_uri("documents"), sorted(runs))
+            dups = find_duplicates(read.docs, config.quality.duplicate_ids, L, p.length_buckets, earlier)
             release.callback(dups.unpersist)
         documents_read, rejected = read.total("records"), read.total("rejects") + dups.count
         tokens_by_group = np.array([g["tokens"] - dups.tokens_by_group.get(i, 0) for i, g in enumerate(read.groups)],

@@ -159,9 +159,11 @@ def _plan_segments(lengths: np.ndarray, kept: np.ndarray, bundles: pa.Table, ctx
 
 
 def _excerpts(tokens: ChunkedTokens, docs: np.ndarray, ctx: Assembly) -> list[str]:
-    """The start of each document's text (decoded from its first tokens), for a reject row."""
+    """The start of each document's text (decoded from its first tokens, without the
+    end-of-document token a short one ends with), for a reject row."""
     tokenizer = load_tokenizer(ctx.tokenizer, ctx.eos_token)
-    return [tokenizer.decode(tokens.head(int(d), EXCERPT_TOKENS)) for d in docs]
+    heads = [tokens.head(int(d), EXCERPT_TOKENS) for d in docs]
+    return [tokenizer.decode(h[:-1] if len(h) and h[-1] == tokenizer.eos_id else h) for h in heads]
 
 
 def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.RecordBatch]:

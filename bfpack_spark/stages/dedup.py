@@ -6,6 +6,10 @@ file order), so the same copy wins whatever the partitioning. Not a window over 
 ids: one aggregation over 64-bit hashes of the ids finds the hashes seen more than once,
 and only the documents with those hashes are compared by id (a broadcast join when they
 are few). No token moves; the driver gets per-group counts.
+
+A run appended to an output root also rejects every document whose id an earlier committed
+run packed: a join of this run's documents with the ``documents`` table (Spark reads it, no
+list of ids is collected).
 """
 
 from __future__ import annotations
@@ -43,26 +47,71 @@ class Duplicates:
             self.drops.unpersist()
 
 
-def find_duplicates(docs: DataFrame, policy: str, seq_len: int, length_buckets: int) -> Duplicates:
-    """``docs``: one row per packable document (doc_id, group, doc_index, n_tokens, source, row)."""
-    if policy == "keep":
-        return Duplicates(None)
-    hashed = docs.withColumn("h", F.xxhash64("doc_id"))
+_DROPS = ("doc_id", "group", "doc_index", "n_tokens", "first_source", "first_row")
+
+
+def earlier_documents(spark, documents_uri: str, runs: list[str]) -> DataFrame | None:
+    """The ids packed by ``runs`` (committed runs of the output root), each with where it was
+    first packed: (doc_id, first_source, first_row); None when there are none.
+
+    Tasks read the table's files with pyarrow (any store, no JVM connector needed); the
+    driver holds only the file list."""
+    from bfpack_spark.io.delta import delta_table
+    from bfpack_spark.io.files import read_parquet
+
+    table = delta_table(documents_uri) if runs else None
+    files = table.file_uris() if table is not None else []
+    if not files:
+        return None
+    wanted = pa.array(runs, pa.string())
+
+    def read(batches):
+        for batch in batches:
+            for uri in batch.column(0).to_pylist():
+                rows = read_parquet(uri, ["doc_id", "source", "row", "run_id"])
+                yield from rows.filter(pc.is_in(rows.column("run_id"), wanted)).to_batches()
+
+    n = min(len(files), spark.sparkContext.defaultParallelism)
+    uris = spark.createDataFrame([(f,) for f in files], "uri string").repartition(n)
+    rows = uris.mapInArrow(read, "doc_id string, source string, row bigint, run_id string")
+    first = F.min(F.struct("run_id", "source", "row")).alias("first")
+    return rows.groupBy("doc_id").agg(first).select(
+        "doc_id", F.format_string("%s (run %s)", "first.source", "first.run_id").alias("first_source"),
+        F.col("first.row").alias("first_row"))
+
+
+def _within_run(hashed: DataFrame) -> DataFrame | None:
+    """Later copies of an id within this run, or None (one aggregation over hashes finds none)."""
     repeated = hashed.groupBy("h").count().filter("count > 1").select("h").persist(StorageLevel.MEMORY_AND_DISK)
     try:
         n_repeated = repeated.count()
         if n_repeated == 0:  # the usual case: one aggregation over 64-bit hashes, nothing else
-            return Duplicates(None)
+            return None
         copies = (hashed.join(F.broadcast(repeated) if n_repeated <= _BROADCAST else repeated, "h")
                   .withColumn("position", F.col("group").cast("bigint") * (1 << 40) + F.col("doc_index")))
         copies = copies.join(copies.groupBy("doc_id").agg(F.min("position").alias("first")), "doc_id")
         firsts = copies.filter(F.col("position") == F.col("first")).select(
             "doc_id", F.col("source").alias("first_source"), F.col("row").alias("first_row"))
-        drops = (copies.filter(F.col("position") != F.col("first")).join(firsts, "doc_id")
-                 .select("doc_id", "group", "doc_index", "n_tokens", "first_source", "first_row")
-                 .persist(StorageLevel.MEMORY_AND_DISK))
+        return copies.filter(F.col("position") != F.col("first")).join(firsts, "doc_id").select(*_DROPS)
     finally:
         repeated.unpersist()
+
+
+def find_duplicates(docs: DataFrame, policy: str, seq_len: int, length_buckets: int,
+                    earlier: DataFrame | None = None) -> Duplicates:
+    """``docs``: one row per packable document (doc_id, group, doc_index, n_tokens, source, row);
+    ``earlier``: ids earlier runs packed (:func:`earlier_documents`), all of whose copies drop."""
+    if policy == "keep":
+        return Duplicates(None)
+    drops = _within_run(docs.withColumn("h", F.xxhash64("doc_id")))
+    if earlier is not None:
+        again = docs.join(earlier, "doc_id").select(*_DROPS)
+        if drops is not None:  # a copy of an earlier run's id is that run's duplicate, not this run's
+            drops = drops.join(again.select("group", "doc_index"), ["group", "doc_index"], "left_anti")
+        drops = again if drops is None else drops.unionByName(again)
+    if drops is None:
+        return Duplicates(None)
+    drops = drops.persist(StorageLevel.MEMORY_AND_DISK)
 
     def summarize(batches):
         for batch in batches:
