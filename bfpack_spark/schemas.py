@@ -76,6 +76,7 @@ ORDERS = pa.schema([
     ("local", pa.list_(pa.bool_())),
     ("first_source", pa.string()),
     ("first_row", pa.int64()),
+    ("first_run", pa.string()),  # a duplicate of an id an earlier run packed: that run
 ])
 
 #: Out of the assembly: pieces of sequences built elsewhere (FRAGMENT), shuffled by ``seq_id``,

@@ -445,9 +445,9 @@ def test_append_rejects_the_ids_an_earlier_run_packed(spark, tmp_path):
     rejects = {(r["doc_id"], r["reason"], r["excerpt"]) for r in table("rejects")}
     row = {i: len("".join(json.dumps({"id": f"x{k}", "text": f"first text {k}"}) + "\n" for k in range(i)))
            for i in range(10)}
-    assert rejects == {(f"x{i}", f"duplicate id; first seen in a.jsonl (run {first.run_id}) at row {row[i]}",
+    assert rejects == {(f"x{i}", f"duplicate id; first seen in a.jsonl (run {first.run_id}) at byte {row[i]}",
                         f"second text {i}") for i in range(5, 10)} | {
-        ("x12", f"duplicate id; first seen in b.jsonl at row {(tmp_path / 'b.jsonl').read_text().index('x12') - 8}",
+        ("x12", f"duplicate id; first seen in b.jsonl at byte {(tmp_path / 'b.jsonl').read_text().index('x12') - 8}",
          "a copy within the run")}
     assert pack(spark, [tmp_path / "b.jsonl"], out, **{"output.mode": "append"}).already_committed
     kept = pack(spark, [tmp_path / "b.jsonl"], tmp_path / "keep", **{"quality.duplicate_ids": "keep"})

@@ -82,7 +82,7 @@ def test_s3_to_s3_equals_the_local_run_and_append_adds_nothing(spark, corpus, bu
                **{"output.mode": "append", "quality.max_reject_fraction": 1.0})
     assert one.stats["documents_rejected"] == 120 and one.stats["documents_packed"] == 0
     reasons = {r["reason"] for r in snapshot_dataset(f"{bucket}/packed/rejects").to_table().to_pylist()}
-    assert reasons == {f"duplicate id; first seen in part-0.jsonl (run {remote.run_id}) at row {r}" for r in
+    assert reasons == {f"duplicate id; first seen in part-0.jsonl (run {remote.run_id}) at byte {r}" for r in
                        [len("".join(open(corpus / "part-0.jsonl").readlines()[:i])) for i in range(120)]}
 
 

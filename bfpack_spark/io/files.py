@@ -122,3 +122,21 @@ def read_parquet(uri: str, columns: list[str] | None = None):
 
     fs, path = filesystem(uri)
     return pq.read_table(path, columns=columns, filesystem=fs)
+
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+
+
+def detect_format(path: str) -> tuple[str, str | None] | None:
+    """("jsonl"|"parquet", compression) from the file name, or None when unknown."""
+    name = path.lower()
+    compression = None
+    for suffix, codec in COMPRESSION_SUFFIXES.items():
+        if name.endswith(suffix):
+            compression, name = codec, name[: -len(suffix)]
+    if name.endswith(".parquet") and compression is None:
+        return "parquet", None
+    if any(name.endswith(s) for s in JSONL_SUFFIXES):
+        return "jsonl", compression
+    return None

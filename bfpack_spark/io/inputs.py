@@ -25,14 +25,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from bfpack_spark.io.files import InputError, InputFile, Split, filesystem, join, storage_options
+from bfpack_spark.io.files import InputError, InputFile, Split, detect_format, filesystem, join, storage_options
 from bfpack_spark.io.readers import first_record
 
 log = logging.getLogger(__name__)
 
-JSONL_SUFFIXES = {".jsonl": None, ".json": None, ".ndjson": None}
 PYTHON_STDLIB = "python-stdlib"
-COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 #: Rough sizes used to size groups before anything is tokenized.
 BYTES_PER_TOKEN = 4
 COMPRESSION_RATIO = {"gzip": 3, "zstd": 4}
@@ -69,20 +67,6 @@ def content_digest(f: InputFile, edge: int = 2**16) -> str:
     except OSError as exc:
         raise InputError(f"cannot read {f.uri!r}: {exc}") from None
     return h.hexdigest()[:16]
-
-
-def detect_format(path: str) -> tuple[str, str | None] | None:
-    """("jsonl"|"parquet", compression) from the file name, or None when unknown."""
-    name = path.lower()
-    compression = None
-    for suffix, codec in COMPRESSION_SUFFIXES.items():
-        if name.endswith(suffix):
-            compression, name = codec, name[: -len(suffix)]
-    if name.endswith(".parquet") and compression is None:
-        return "parquet", None
-    if any(name.endswith(s) for s in JSONL_SUFFIXES):
-        return "jsonl", compression
-    return None
 
 
 def _hidden(rel: str) -> bool:

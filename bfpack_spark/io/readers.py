@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zstandard
 
-from bfpack_spark.io.files import Split, filesystem
+from bfpack_spark.io.files import Split, detect_format, filesystem
 
 BATCH_DOCS = 2048
 BLOCK_BYTES = 8 * 2**20
@@ -87,6 +87,15 @@ REASON_CODES: list[tuple[str, str]] = [
     (r"corrupt or truncated", "corrupt_file"), (r"unreadable Parquet data", "corrupt_row_group"),
     (r"unreadable", "unreadable_file"),
 ]
+
+
+def position(source: str, row: int) -> str:
+    """Where a record is, in words: a JSON line by the byte offset it starts at (in the
+    decompressed stream), a Parquet record by its row number, a text file as a whole."""
+    found = detect_format(source)
+    if found is None:
+        return "the file" if row == 0 else f"row {row}"
+    return f"byte {row}" if found[0] == "jsonl" else f"row {row}"
 
 
 def _too_large(max_bytes: int) -> str:

@@ -25,7 +25,7 @@ from pyspark.sql import functions as F
 
 from bfpack_spark import faults
 from bfpack_spark.audit import document_figures, sequence_figures
-from bfpack_spark.io.readers import Reject
+from bfpack_spark.io.readers import Reject, position
 from bfpack_spark.io.staging import StagedFile, Staging
 from bfpack_spark.io.workspace import Workspace
 from bfpack_spark.metrics import PackingStats
@@ -241,10 +241,11 @@ def _duplicate_rejects(stored: pa.Table, drops: pa.Table, dropped: np.ndarray, e
     sources = stored.column("source").combine_chunks().take(pa.array(dropped)).to_pylist()
     rows = stored.column("row").combine_chunks().take(pa.array(dropped)).to_pylist()
     ids = stored.column("doc_id").combine_chunks().take(pa.array(dropped)).to_pylist()
-    rejects = [Reject(src, row, f"duplicate id; first seen in {first_src} at row {first_row}", excerpt, doc_id)
-               for src, row, doc_id, first_src, first_row, excerpt in zip(
+    rejects = [Reject(src, row, f"duplicate id; first seen in {first_src}{f' (run {run})' if run else ''} "
+                                f"at {position(first_src, first_row)}", excerpt, doc_id)
+               for src, row, doc_id, first_src, first_row, run, excerpt in zip(
                    sources, rows, ids, drops.column("first_source").to_pylist(),
-                   drops.column("first_row").to_pylist(), excerpts)]
+                   drops.column("first_row").to_pylist(), drops.column("first_run").to_pylist(), excerpts)]
     return rejects_table(rejects, ctx.staging.run_id)
 
 
@@ -306,7 +307,7 @@ def _orders(spark, plan_orders: DataFrame | None, drops: DataFrame | None, n_gro
     orders = as_orders(spark.range(0, n_groups), MARK, group=F.col("id"))
     if drops is not None:
         orders = orders.unionByName(as_orders(drops, DROP, doc_index=F.array("doc_index"), **{
-            c: F.col(c) for c in ("group", "first_source", "first_row")}))
+            c: F.col(c) for c in ("group", "first_source", "first_row", "first_run")}))
     if plan_orders is not None:
         orders = orders.unionByName(plan_orders)
     return orders

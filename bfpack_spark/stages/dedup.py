@@ -37,7 +37,7 @@ _BROADCAST = 1_000_000
 class Duplicates:
     """The documents to drop, as a DataFrame (cached), and per group how many and what they held."""
 
-    drops: DataFrame | None          # doc_id, group, doc_index, n_tokens, first_source, first_row
+    drops: DataFrame | None          # doc_id, group, doc_index, n_tokens, first_source, first_row, first_run
     count: int = 0
     tokens_by_group: dict[int, int] = field(default_factory=dict)
     items_by_group: dict[int, np.ndarray] = field(default_factory=dict)  # chunks per length bucket
@@ -47,7 +47,7 @@ class Duplicates:
             self.drops.unpersist()
 
 
-_DROPS = ("doc_id", "group", "doc_index", "n_tokens", "first_source", "first_row")
+_DROPS = ("doc_id", "group", "doc_index", "n_tokens", "first_source", "first_row", "first_run")
 
 
 def earlier_documents(spark, documents_uri: str, runs: list[str]) -> DataFrame | None:
@@ -76,8 +76,8 @@ def earlier_documents(spark, documents_uri: str, runs: list[str]) -> DataFrame |
     rows = uris.mapInArrow(read, "doc_id string, source string, row bigint, run_id string")
     first = F.min(F.struct("run_id", "source", "row")).alias("first")
     return rows.groupBy("doc_id").agg(first).select(
-        "doc_id", F.format_string("%s (run %s)", "first.source", "first.run_id").alias("first_source"),
-        F.col("first.row").alias("first_row"))
+        "doc_id", F.col("first.source").alias("first_source"), F.col("first.row").alias("first_row"),
+        F.col("first.run_id").alias("first_run"))
 
 
 def _within_run(hashed: DataFrame) -> DataFrame | None:
@@ -91,7 +91,8 @@ def _within_run(hashed: DataFrame) -> DataFrame | None:
                   .withColumn("position", F.col("group").cast("bigint") * (1 << 40) + F.col("doc_index")))
         copies = copies.join(copies.groupBy("doc_id").agg(F.min("position").alias("first")), "doc_id")
         firsts = copies.filter(F.col("position") == F.col("first")).select(
-            "doc_id", F.col("source").alias("first_source"), F.col("row").alias("first_row"))
+            "doc_id", F.col("source").alias("first_source"), F.col("row").alias("first_row"),
+            F.lit(None).cast("string").alias("first_run"))
         return copies.filter(F.col("position") != F.col("first")).join(firsts, "doc_id").select(*_DROPS)
     finally:
         repeated.unpersist()
