@@ -169,9 +169,15 @@ def export_hf(snapshot: SequencesSnapshot, dest: Path) -> dict:
             parts.append(str(path))
             tokens += len(part["input_ids"].combine_chunks().values)
             _progress("hf", i, len(snapshot.files), t.num_rows)
-        dataset = datasets.Dataset.from_parquet(parts, cache_dir=str(tmp / "cache"), split="train")
-        dataset.save_to_disk(str(tmp / "out"))
-        check = datasets.load_from_disk(str(tmp / "out"))
+        shown = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # our own progress lines are the export's output
+        try:
+            dataset = datasets.Dataset.from_parquet(parts, cache_dir=str(tmp / "cache"), split="train")
+            dataset.save_to_disk(str(tmp / "out"))
+            check = datasets.load_from_disk(str(tmp / "out"))
+        finally:
+            if shown:
+                datasets.enable_progress_bars()
         if check.num_rows != snapshot.rows:
             raise ExportError(f"the dataset has {check.num_rows} rows, the table {snapshot.rows}; nothing exported")
         del dataset, check

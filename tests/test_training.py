@@ -260,12 +260,13 @@ def test_export_npy_matches_its_documented_layout(packed, tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr and len(again.stderr.splitlines()) == 1
 
 
-def test_export_hf_opens_with_load_from_disk(packed, tmp_path):
+def test_export_hf_opens_with_load_from_disk(packed, tmp_path, capfd):
     datasets = pytest.importorskip("datasets")
     from bfpack_spark.export import export
 
     out, rows, _ = packed
     summary = export(str(out), "hf", str(tmp_path / "hf"))
+    assert "%|" not in capfd.readouterr().err and datasets.is_progress_bar_enabled()  # no bars, and restored
     dataset = datasets.load_from_disk(str(tmp_path / "hf"))
     assert dataset.num_rows == len(rows) == summary["sequences"]
     assert {"input_ids", "position_ids", "seq_lengths", "seq_id"} <= set(dataset.column_names)
