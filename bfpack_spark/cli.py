@@ -224,7 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"bfpack: run failed: {type(exc).__name__}: {first_line(exc)}\n"
+        stage = getattr(exc, "bfpack_stage", None)
+        where = f" in stage {stage}" if stage else ""
+        print(f"bfpack: run failed{where}: {type(exc).__name__}: {first_line(exc)}\n"
               f"(nothing was committed; rerun with --debug for the stack trace)", file=sys.stderr)
         return 1
     print_summary(result)

@@ -18,6 +18,7 @@ from bfpack_spark.io.delta import read_table
 from bfpack_spark.io.files import InputError
 from bfpack_spark.io.lock import LOCK_NAME, OutputLock, RunLockedError
 from bfpack_spark.spark.pipeline import AuditError, run
+from bfpack_spark.spark.session import first_line
 
 from corpora import write_jsonl, write_tokenized
 
@@ -166,6 +167,11 @@ def test_killed_at_any_stage_then_rerun_equals_an_uninterrupted_run(spark, token
     with pytest.raises(Exception) as failure:
         pack(spark, [tokenized], tmp_path, **settings)
     assert "injected failure" in str(failure.value) or isinstance(failure.value, InjectedFault)
+    stage = {"read": "read", "plan": "plan", "assemble": "assemble and write"}.get(point, "commit")
+    if point != "staged":  # the stage the error message names
+        assert failure.value.bfpack_stage == stage
+    if point in ("read", "assemble"):  # raised in a task: the one line is the task's exception
+        assert first_line(failure.value) == f"bfpack_spark.faults.InjectedFault: injected failure at {point}"
     inject({})
     pack(spark, [tokenized], tmp_path, **settings)
     same_tables(spark, reference, tmp_path)

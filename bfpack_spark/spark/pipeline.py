@@ -71,8 +71,13 @@ class StageTimer:
         if announce:
             log.info("stage %s ...", stage)
         t0 = time.perf_counter()
-        with stage_progress(self.spark, stage):
-            yield
+        try:
+            with stage_progress(self.spark, stage):
+                yield
+        except Exception as exc:
+            if not hasattr(exc, "bfpack_stage"):  # the innermost stage: what the error message names
+                exc.bfpack_stage = stage
+            raise
         self.seconds[stage] = round(time.perf_counter() - t0, 3)
         log.info("stage %s done in %.1fs", stage, self.seconds[stage])
 

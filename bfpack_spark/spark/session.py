@@ -51,6 +51,10 @@ def first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
+    if lines[0].startswith("An exception was thrown from the Python worker"):  # a task's own exception
+        raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Fault|Interrupt|Exit)\b", line)]
+        if raised:
+            return raised[-1][:500]
     if lines[0].startswith("An error occurred while calling"):
         causes = [line.removeprefix("Caused by: ") for line in lines if line.startswith("Caused by:")]
         java = [line.lstrip(": ") for line in lines[1:] if not line.startswith("at ")]
