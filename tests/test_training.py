@@ -287,7 +287,8 @@ def test_the_loader_reads_one_snapshot_one_run_and_no_orphan(spark, packed, tmp_
     more = tmp_path / "more"
     write_tokenized(more, n_files=1, docs_per_file=50, median=120, seed=8)
     run(load_config(None, {"input.paths": [str(more)], "input.token_column": "tokens", "output.output": str(root),
-                           "packing.seq_len": L, "output.mode": "append"}), spark)
+                           "packing.seq_len": L, "output.mode": "append",
+                           "quality.duplicate_ids": "keep"}), spark)  # its ids are the first run's
     both = PackedSequences(str(root), shuffle=False)
     assert len(both.snapshot.run_ids) == 2 and len(both) > len(rows)
     only_first = [e["seq_id"] for e in PackedSequences(str(root), run_id=first_run)]

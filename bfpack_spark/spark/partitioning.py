@@ -29,7 +29,12 @@ def _stand_in_keys(spark: SparkSession, n: int) -> list[tuple[int, int]]:
 
 
 def exact_partitions(df: DataFrame, n: int, column: str) -> DataFrame:
-    """``df`` in ``n`` partitions, the rows with ``column == p`` (0 <= p < n) in partition ``p``."""
+    """``df`` in ``n`` partitions, the rows with ``column == p`` (0 <= p < n) in partition ``p``.
+
+    One partition (a small input, the last merge round) needs no shuffle: the rows are
+    coalesced into one task, which saves a Spark job and a shuffle per use."""
+    if n == 1:
+        return df.coalesce(1)
     keys = df.sparkSession.createDataFrame(_stand_in_keys(df.sparkSession, n), "_target int, _key bigint")
     return (df.join(F.broadcast(keys), F.col(column) == F.col("_target")).drop("_target")
             .repartition(n, "_key").drop("_key"))
