@@ -87,6 +87,7 @@ def test_every_bad_record_is_a_reject_with_its_reason(spark, bad_corpus, tmp_pat
             "unreadable_file"} <= {r["reason_code"] for r in rejects}
     by_id = {r["doc_id"]: r["reason"] for r in rejects}  # ids stay readable in records rejected for their bytes
     assert "invalid UTF-8" in by_id["u1"] and "max_document_bytes" in by_id["big"]
+    assert "malformed JSON" in by_id["m1"]  # an unterminated record whose id is still readable
     # the damaged Parquet row group's rows are rejects, one each; the others are packed
     assert sorted(r["row"] for r in rejects if r["source"] == "d.parquet") == list(range(10, 20))
     assert {f"pq-{i}" for i in [*range(10), *range(20, 30)]} <= packed

@@ -356,7 +356,8 @@ def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: 
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                reject(row, f"malformed JSON: {exc.msg} (column {exc.colno})", raw)
+                reject(row, f"malformed JSON: {exc.msg} (column {exc.colno})", raw,
+                       _readable_id(raw, id_column) if has_ids else None)
                 continue
             if not isinstance(obj, dict):
                 reject(row, f"not a JSON object but {_json_kind(obj)}", raw)
