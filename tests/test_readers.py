@@ -208,3 +208,18 @@ def test_a_parquet_file_planned_without_its_footer_is_still_checked_for_the_colu
     [batch] = list(readers.read_split(split, "id", "text", False, Limits(10**9)))
     assert [r.row for r in batch.rejects] == [0, 1] and batch.n_records == 2
     assert "no column 'text'" in batch.rejects[0].reason
+
+
+def test_parquet_and_text_file_rejects_keep_the_start_of_what_was_wrong(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["big", "ok"], "text": ["x" * 5000, "fine"]}), tmp_path / "p.parquet")
+    split = Split(str(tmp_path / "p.parquet"), "p.parquet", "parquet", row_groups=None)
+    [batch] = list(readers.read_split(split, "id", "text", False, Limits(1000)))
+    [reject] = batch.rejects
+    assert reject.doc_id == "big" and reject.excerpt == "x" * 160 + "..." and batch.ids == ["ok"]
+    (tmp_path / "t.txt").write_text("y" * 5000)
+    [batch] = list(readers.read_split(Split(str(tmp_path / "t.txt"), "t.txt", "text"), None, "text", False,
+                                      Limits(1000)))
+    assert batch.rejects[0].excerpt.startswith("yyyy") and reason_code(batch.rejects[0].reason) == "too_large"

@@ -529,11 +529,22 @@ def _parquet_batch(split: Split, rb: pa.RecordBatch, first_row: int, id_column: 
             if not tokenized:
                 batch.texts.append(texts[i])
         else:
-            raw = ids[i] if ids[i] is not None else ""
-            batch.rejects.append(Reject(split.source, int(rows[i]), reasons[i], excerpt(raw), ids[i]))
+            batch.rejects.append(Reject(split.source, int(rows[i]), reasons[i], _value_excerpt(values, i), ids[i]))
     if tokenized and batch.tokens is not None:
         batch.tokens = batch.tokens.filter(pa.array(ok))
     return batch
+
+
+def _value_excerpt(values: pa.Array, i: int) -> str:
+    """The start of a Parquet record's text or token list (what was wrong with it), cut before
+    it is turned into Python (a rejected value may be huge)."""
+    value = values.slice(i, 1)
+    if pa.types.is_string(value.type) or pa.types.is_large_string(value.type):
+        value = pc.binary_slice(value.cast(pa.large_binary()), 0, EXCERPT_CHARS * 4)
+    elif pa.types.is_list(value.type) or pa.types.is_large_list(value.type):
+        value = pc.list_slice(value, 0, EXCERPT_CHARS // 4)
+    head = value[0].as_py()
+    return "" if head is None else excerpt(head)
 
 
 # -- plain text files -----------------------------------------------------------------
@@ -546,7 +557,10 @@ def read_text_file(split: Split, id_column: str | None, column: str, tokenized: 
     try:
         size = fs.get_file_info(path).size
         if size > limits.document_bytes:  # a text file's bytes are its text
-            batch.rejects.append(Reject(split.source, 0, _too_large(limits.document_bytes), "", split.source))
+            with fs.open_input_stream(path) as fh:
+                head = fh.read(EXCERPT_CHARS * 4)
+            batch.rejects.append(Reject(split.source, 0, _too_large(limits.document_bytes), excerpt(head),
+                                        split.source))
             yield batch
             return
         with fs.open_input_stream(path) as fh:
