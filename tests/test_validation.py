@@ -80,3 +80,24 @@ def test_a_misspelled_id_column_is_an_error_listing_the_columns(tmp_path):
     proc = bfpack("pack", "--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "out"), "--id-column", "uid")
     assert proc.returncode == 2 and "'uid' is in no input file" in proc.stderr and "text, url" in proc.stderr
     assert not (tmp_path / "out" / "_bfpack.lock").exists()
+
+
+def test_the_driver_class_archive_is_dumped_once_then_shared(tmp_path, monkeypatch):
+    """The JVM options of Java's class-data sharing: dump on the first run, promote a finished dump,
+    share it after; a dump under way is left alone, and BFPACK_CLASS_CACHE=0 turns it off."""
+    import os
+    import time
+
+    from bfpack_spark.spark.session import class_archive_options
+
+    [dump, *quiet] = class_archive_options(str(tmp_path))
+    assert dump.startswith("-XX:ArchiveClassesAtExit=") and quiet == ["-Xlog:cds=off", "-Xlog:cds+dynamic=off"]
+    written = dump.split("=", 1)[1]
+    open(written, "wb").close()  # the JVM writes it when it exits
+    assert class_archive_options(str(tmp_path)) == []  # maybe still being written
+    os.utime(written, (time.time() - 3600, time.time() - 3600))
+    shared = class_archive_options(str(tmp_path))
+    assert shared[0] == f"-XX:SharedArchiveFile={written.rsplit('.', 2)[0]}" and not os.path.exists(written)
+    assert class_archive_options(str(tmp_path)) == shared
+    monkeypatch.setenv("BFPACK_CLASS_CACHE", "0")
+    assert class_archive_options(str(tmp_path)) == []
