@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from bfpack_spark.io.files import redacted
+from bfpack_spark.io.inputs import PYTHON_STDLIB
 from bfpack_spark.tokenize import DEFAULT_TOKENIZER
 
 #: The id column when none is named: optional (files without it get file:row ids).
@@ -236,7 +237,7 @@ def _inside(name: str, output: str, other: str, paths: list[str]) -> None:
 
     out = norm(output)
     for path in paths:
-        if "*" in path or path == "python-stdlib":
+        if "*" in path or path == PYTHON_STDLIB:
             continue
         src = norm(path)
         if out == src or out.startswith(src + "/") or src.startswith(out + "/"):

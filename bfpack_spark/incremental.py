@@ -53,10 +53,9 @@ def _committed_inputs(root: str, required: bool = True) -> tuple[set[str], list[
 
 def packed_files(root: str) -> dict[str, PackedFile]:
     """The input files of every committed run under ``root`` that no later run replaced, by uri."""
-    committed, rows = _committed_inputs(root)
+    _, rows = _committed_inputs(root)
     replaced = {r.get("replaces") for r in rows}
-    return {r["uri"]: PackedFile(r["size"], r["digest"], r["run_id"]) for r in rows
-            if r["run_id"] in committed and r["run_id"] not in replaced}
+    return {r["uri"]: PackedFile(r["size"], r["digest"], r["run_id"]) for r in rows if r["run_id"] not in replaced}
 
 
 def unfinished_replacements(root: str) -> dict[str, str]:

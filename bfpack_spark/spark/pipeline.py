@@ -171,7 +171,8 @@ def run(config: PackConfig, spark=None) -> RunResult:
         except BaseException:
             output.discard()
             raise
-        _remove_replaced(output)
+        if appending:
+            _remove_replaced(output)
         for name in TABLES:
             output.clean_orphans(name, any_run=lock.held)
         # under the output root, the lock says no run is reading a workspace; elsewhere, wait a week

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
 import sys
 import threading
+import time
+import uuid
 
+import pyspark
 from pyspark import SparkConf, SparkContext
 from pyspark.java_gateway import launch_gateway
 from pyspark.sql import DataFrame, SparkSession
@@ -80,13 +85,6 @@ def class_archive_options(cache_dir: str | None = None) -> list[str]:
     Java build, another class path) is ignored by the JVM. ``BFPACK_CLASS_CACHE=0`` turns it
     off; the archive (about 160 MB) lives under ``$XDG_CACHE_HOME/bfpack`` (``~/.cache``).
     """
-    import hashlib
-    import shutil
-    import time
-    import uuid
-
-    import pyspark
-
     if os.environ.get(CLASS_CACHE_ENV, "1") == "0":
         return []
     java = os.path.join(os.environ["JAVA_HOME"], "bin", "java") if os.environ.get("JAVA_HOME") \
@@ -122,11 +120,12 @@ def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[st
     builder = SparkSession.builder.appName(app_name)
     settings = dict(DEFAULTS)
     if master or not submitted:
-        builder = builder.master(master or "local[*]")
+        master = master or "local[*]"
+        builder = builder.master(master)
         settings.update(LOCAL_DEFAULTS)
         # Spark starts Python workers with PYSPARK_PYTHON, else `python3` from PATH; on this machine
         # (local, local-cluster) they must run this interpreter, the one with bfpack installed.
-        if (master or "local").startswith("local") and "spark.pyspark.python" not in (conf or {}):
+        if master.startswith("local") and "spark.pyspark.python" not in (conf or {}):
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         java_options = class_archive_options()  # the driver JVM starts here
         if not debugging():  # only its errors reach the console
@@ -142,11 +141,11 @@ def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[st
     try:
         if not submitted and not debugging():
             _start_quiet_driver(SparkConf().setAll(list(settings.items()) + [
-                ("spark.master", master or "local[*]"), ("spark.app.name", app_name)]))
+                ("spark.master", master), ("spark.app.name", app_name)]))
         spark = builder.getOrCreate()
     except Exception as exc:  # Java and Python errors of all kinds; the first line says which
-        where = master or ("from spark-submit" if submitted else "local[*]")
-        raise SparkStartError(f"cannot start Spark (master {where}): {first_line(exc)}") from None
+        raise SparkStartError(f"cannot start Spark (master {master or 'from spark-submit'}): "
+                              f"{first_line(exc)}") from None
     spark.sparkContext.setLogLevel("WARN" if debugging() else "ERROR")
     return spark
 

@@ -23,6 +23,8 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from bfpack_spark.io.delta import delta_table
+from bfpack_spark.io.files import read_parquet
 from bfpack_spark.packing.plan import item_histogram
 from bfpack_spark.schemas import spark_ddl
 from bfpack_spark.spark.partitioning import exact_partitions
@@ -56,9 +58,6 @@ def earlier_documents(spark, documents_uri: str, runs: list[str]) -> DataFrame |
 
     Tasks read the table's files with pyarrow (any store, no JVM connector needed); the
     driver holds only the file list."""
-    from bfpack_spark.io.delta import delta_table
-    from bfpack_spark.io.files import read_parquet
-
     table = delta_table(documents_uri) if runs else None
     files = table.file_uris() if table is not None else []
     if not files:
@@ -80,22 +79,21 @@ def earlier_documents(spark, documents_uri: str, runs: list[str]) -> DataFrame |
         F.col("first.run_id").alias("first_run"))
 
 
-def _within_run(hashed: DataFrame) -> DataFrame | None:
-    """Later copies of an id within this run, or None (one aggregation over hashes finds none)."""
+def _within_run(hashed: DataFrame) -> tuple[DataFrame | None, DataFrame]:
+    """Later copies of an id within this run (None when one aggregation over hashes finds none),
+    and that aggregation's repeated hashes, cached: the copies read them again, so the caller
+    unpersists them only once the copies are computed."""
     repeated = hashed.groupBy("h").count().filter("count > 1").select("h").persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        n_repeated = repeated.count()
-        if n_repeated == 0:  # the usual case: one aggregation over 64-bit hashes, nothing else
-            return None
-        copies = (hashed.join(F.broadcast(repeated) if n_repeated <= _BROADCAST else repeated, "h")
-                  .withColumn("position", F.col("group").cast("bigint") * (1 << 40) + F.col("doc_index")))
-        copies = copies.join(copies.groupBy("doc_id").agg(F.min("position").alias("first")), "doc_id")
-        firsts = copies.filter(F.col("position") == F.col("first")).select(
-            "doc_id", F.col("source").alias("first_source"), F.col("row").alias("first_row"),
-            F.lit(None).cast("string").alias("first_run"))
-        return copies.filter(F.col("position") != F.col("first")).join(firsts, "doc_id").select(*_DROPS)
-    finally:
-        repeated.unpersist()
+    n_repeated = repeated.count()
+    if n_repeated == 0:  # the usual case: one aggregation over 64-bit hashes, nothing else
+        return None, repeated
+    copies = (hashed.join(F.broadcast(repeated) if n_repeated <= _BROADCAST else repeated, "h")
+              .withColumn("position", F.col("group").cast("bigint") * (1 << 40) + F.col("doc_index")))
+    copies = copies.join(copies.groupBy("doc_id").agg(F.min("position").alias("first")), "doc_id")
+    firsts = copies.filter(F.col("position") == F.col("first")).select(
+        "doc_id", F.col("source").alias("first_source"), F.col("row").alias("first_row"),
+        F.lit(None).cast("string").alias("first_run"))
+    return copies.filter(F.col("position") != F.col("first")).join(firsts, "doc_id").select(*_DROPS), repeated
 
 
 def find_duplicates(docs: DataFrame, policy: str, seq_len: int, length_buckets: int,
@@ -104,15 +102,22 @@ def find_duplicates(docs: DataFrame, policy: str, seq_len: int, length_buckets: 
     ``earlier``: ids earlier runs packed (:func:`earlier_documents`), all of whose copies drop."""
     if policy == "keep":
         return Duplicates(None)
-    drops = _within_run(docs.withColumn("h", F.xxhash64("doc_id")))
-    if earlier is not None:
-        again = docs.join(earlier, "doc_id").select(*_DROPS)
-        if drops is not None:  # a copy of an earlier run's id is that run's duplicate, not this run's
-            drops = drops.join(again.select("group", "doc_index"), ["group", "doc_index"], "left_anti")
-        drops = again if drops is None else drops.unionByName(again)
-    if drops is None:
-        return Duplicates(None)
-    drops = drops.persist(StorageLevel.MEMORY_AND_DISK)
+    drops, repeated = _within_run(docs.withColumn("h", F.xxhash64("doc_id")))
+    try:
+        if earlier is not None:
+            again = docs.join(earlier, "doc_id").select(*_DROPS)
+            if drops is not None:  # a copy of an earlier run's id is that run's duplicate, not this run's
+                drops = drops.join(again.select("group", "doc_index"), ["group", "doc_index"], "left_anti")
+            drops = again if drops is None else drops.unionByName(again)
+        if drops is None:
+            return Duplicates(None)
+        return _counted(drops.persist(StorageLevel.MEMORY_AND_DISK), seq_len, length_buckets)
+    finally:
+        repeated.unpersist()
+
+
+def _counted(drops: DataFrame, seq_len: int, length_buckets: int) -> Duplicates:
+    """The documents to drop (cached; computed here), with their counts per group."""
 
     def summarize(batches):
         for batch in batches:
