@@ -80,7 +80,11 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line (not the whole usage block), like every other error."""
+    """argparse, but a usage mistake is one line (not the whole usage block), like every other error,
+    and a flag is never guessed from its start (``--id-colum`` is a typo, not ``--id-column``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

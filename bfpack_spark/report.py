@@ -49,13 +49,13 @@ def rejects_by_reason(root: str, run_id: str | None = None) -> dict[str, int]:
 
 def history(runs: Sequence[dict]) -> str:
     """The run history, one line per run."""
-    head = (f"{'started (UTC)':<19} {'mode':<9} {'read':>11} {'packed':>11} {'rejected':>9} {'sequences':>11} "
+    head = (f"{'started (UTC)':<19} {'mode':<11} {'read':>11} {'packed':>11} {'rejected':>9} {'sequences':>11} "
             f"{'bound':>11} {'trunc/doc':>9} {'concat':>7}  audit   run")
     lines = [head]
     for r in runs:
         when = (r["started_at"] or "")[:19].replace("T", " ")
         lines.append(
-            f"{when:<19} {r['mode'] or '':<9} {r['documents_read'] or 0:>11,} "
+            f"{when:<19} {r['mode'] or '':<11} {r['documents_read'] or 0:>11,} "
             f"{r['documents_packed'] or 0:>11,} {r['documents_rejected'] or 0:>9,} {r['sequences'] or 0:>11,} "
             f"{r['lower_bound'] or 0:>11,} {r['truncations_per_document'] or 0:>9.4f} "
             f"{r['concat_truncations_per_document'] or 0:>7.4f}  {'passed' if r['audit_passed'] else 'FAILED':<6}  "

@@ -14,7 +14,7 @@ from deltalake import DeltaTable
 
 from bfpack_spark.config import load_config
 from bfpack_spark.faults import InjectedFault
-from bfpack_spark.io.delta import read_table
+from bfpack_spark.io.delta import read_table, snapshot_dataset
 from bfpack_spark.io.files import InputError
 from bfpack_spark.io.lock import LOCK_NAME, OutputLock, RunLockedError
 from bfpack_spark.spark.pipeline import AuditError, run
@@ -385,7 +385,7 @@ def test_incremental_runs_pack_only_new_files(spark, tmp_path, inject):
     inputs = pads.dataset(DeltaTable(str(out / "inputs")).file_uris(), format="parquet").to_table().to_pylist()
     assert sorted((r["source"], r["run_id"] == second.run_id) for r in inputs) == [
         ("a.jsonl", False), ("b.jsonl", False), ("c.jsonl", True)]
-    third = pack(spark, [corpus], out, **settings)
+    third = pack(spark, [os.path.relpath(corpus)], out, **settings)  # the same files, spelled otherwise
     assert third.nothing_new
     assert DeltaTable(str(out / "stats")).version() == 1  # nothing committed
     write_jsonl(corpus / "a.jsonl", [{"id": "a-0", "text": "changed"}])
@@ -400,16 +400,15 @@ def test_incremental_runs_pack_only_new_files(spark, tmp_path, inject):
     inject({})
     assert pack(spark, [corpus], out, **settings, **{"output.repack_changed": True}).nothing_new
 
-    def table(name):
-        return pads.dataset(DeltaTable(str(out / name)).file_uris(), format="parquet").to_table()
+    def table(name):  # the project's reader: a table without files still has its columns
+        return snapshot_dataset(str(out / name)).to_table()
 
     ids = table("documents").column("doc_id").to_pylist()
     assert sorted(ids) == sorted(["a-0"] + [f"b-{i}" for i in range(20)] + [f"c-{i}" for i in range(7)])
     runs = set(table("stats").column("run_id").to_pylist())
     assert first.run_id not in runs and len(runs) == 2
     for name in ("sequences", "documents", "inputs", "rejects"):
-        rows = table(name)
-        assert rows.num_rows == 0 or first.run_id not in set(rows.column("run_id").to_pylist())
+        assert first.run_id not in set(table(name).column("run_id").to_pylist())
     inputs = {r["source"]: r for r in table("inputs").to_pylist()}
     assert {k: r["replaces"] for k, r in inputs.items()} == {"a.jsonl": first.run_id, "b.jsonl": first.run_id,
                                                            "c.jsonl": None}

@@ -43,6 +43,15 @@ def test_report_exits_cleanly_ten_times_out_of_ten(root):
         assert "passed" in proc.stdout and "run-" in proc.stdout
 
 
+def test_report_of_a_run_without_rejects(spark, tmp_path):
+    """A clean run's rejects table has no file; the report reads it as empty, not as a crash."""
+    write_jsonl(tmp_path / "clean.jsonl", [{"id": f"c{i}", "text": "word " * (i + 1)} for i in range(20)])
+    run(load_config(None, {"input.paths": [str(tmp_path / "clean.jsonl")], "output.output": str(tmp_path / "out"),
+                           "packing.seq_len": 64}), spark)
+    proc = bfpack("report", str(tmp_path / "out"), "--html", str(tmp_path / "r.html"))
+    assert proc.returncode == 0 and "run-" in proc.stdout, proc.stderr[-2000:]
+
+
 def test_html_report_embeds_every_plot(root, tmp_path):
     page = tmp_path / "r.html"
     proc = bfpack("report", str(root), "--html", str(page))

@@ -25,6 +25,7 @@ def bfpack(*args: str, cwd=None) -> subprocess.CompletedProcess:
     (["--seq-len", ""], "expected an integer, got ''"),
     (["--seq-len", "0"], "at least 1"),
     (["--max-document-bytes", "3000000000"], "below 2 GiB"),
+    (["--id-colum", "url"], "unrecognized arguments: --id-colum"),  # a typo is not taken for --id-column
 ])
 def test_out_of_range_settings_stop_before_reading(tmp_path, flags, words):
     (tmp_path / "in.jsonl").write_text('{"text": "x"}\n')

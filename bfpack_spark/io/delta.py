@@ -299,11 +299,12 @@ def snapshot_dataset(uri: str, version: int | None = None) -> ds.Dataset | None:
 
 
 def table_dataset(table) -> ds.Dataset:
-    """The files of an opened Delta table's snapshot as a pyarrow dataset."""
+    """The files of an opened Delta table's snapshot as a pyarrow dataset (with the table's
+    columns, also when it has no file: a clean run's rejects)."""
     files = table.file_uris()
     fs = filesystem(files[0])[0] if files else pafs.LocalFileSystem()
     return ds.dataset([filesystem(f)[1] for f in files], filesystem=fs, format="parquet",
-                      schema=None if files else pa.schema([]))
+                      schema=None if files else pa.schema(table.schema().to_arrow()))
 
 
 def _shape(schema):

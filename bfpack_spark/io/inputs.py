@@ -19,7 +19,7 @@ import re
 import sysconfig
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -223,6 +223,8 @@ def list_inputs(paths: Iterable[str], fmt: str = "auto") -> list[InputFile]:
             raise InputError(f"cannot list input {spec!r}: {exc}") from None
     if not files:
         raise InputError(f"no .jsonl, .json[.gz|.zst] or .parquet file found in {', '.join(paths)}")
+    # a local file is the same file however its path was typed (and wherever an executor runs)
+    files = [f if "://" in f.uri else replace(f, uri=os.path.abspath(f.uri)) for f in files]
     sources = [f.source for f in files]
     if len(set(sources)) != len(sources):  # the same relative name under two roots: use full paths
         files = [InputFile(f.uri, f.uri, f.size, f.format, f.compression) for f in files]

@@ -170,6 +170,8 @@ def run(config: PackConfig, spark=None) -> RunResult:
             result = _pack(spark, config, inputs, output, timer, started)
         except BaseException:
             output.discard()
+            if config.output.work_dir is None:
+                remove_if_empty(workspace_root(root, None))
             raise
         if appending:
             _remove_replaced(output)
@@ -228,11 +230,13 @@ def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, tim
         tokens_by_group = np.array([g["tokens"] - dups.tokens_by_group.get(i, 0) for i, g in enumerate(read.groups)],
                                    np.int64)
         tokens = int(tokens_by_group.sum())
-        log.info("read %d documents (%d tokens packable), %d rejected", documents_read, tokens, rejected)
+        log.info("read %s documents (%s tokens packable), %s rejected", f"{documents_read:,}", f"{tokens:,}",
+                 f"{rejected:,}")
         if documents_read and rejected / documents_read > config.quality.max_reject_fraction:
-            raise AuditError(f"{rejected} of {documents_read} documents rejected, more than "
-                             f"quality.max_reject_fraction={config.quality.max_reject_fraction}; see the "
-                             f"reasons with --max-reject-fraction 1 and the rejects table")
+            raise AuditError(f"{rejected:,} of {documents_read:,} documents rejected ({dups.count:,} of them "
+                             f"duplicate ids), more than quality.max_reject_fraction="
+                             f"{config.quality.max_reject_fraction}; to see why, run with --max-reject-fraction 1 "
+                             f"into a scratch --output and `bfpack report` it")
 
         with timer("plan"):
             faults.check("plan")
