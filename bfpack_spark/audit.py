@@ -16,7 +16,7 @@ collisions.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import zip_longest
 
@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from bfpack_spark.io.files import filesystem, join
 from bfpack_spark.packing._jit import jit
+from bfpack_spark.spark.partitioning import map_slices
 
 MOD = 2**64
 _CHECKSUMS = ("doc_lengths", "doc_starts", "id_sum", "id_square_sum")
@@ -232,14 +233,11 @@ def read_footers(spark, staging, files: list) -> dict[tuple[str, str], tuple[int
         return {}
     rows = [(f.table, f.path, join(staging.table_uri(f.table), f.path)) for f in files]
 
-    def read(batches):
-        for batch in batches:
-            tables, paths, uris = (batch.column(i).to_pylist() for i in range(3))
-            figures = [footer_figures(uri, table) for table, uri in zip(tables, uris)]
-            yield pa.RecordBatch.from_pydict({"table": tables, "path": paths, "rows": [f[0] for f in figures],
-                                              "tokens": [f[1] for f in figures]})
+    def read(_, mine: list) -> Iterator[pa.RecordBatch]:
+        figures = [footer_figures(uri, table) for table, _, uri in mine]
+        yield pa.RecordBatch.from_pydict({"table": [r[0] for r in mine], "path": [r[1] for r in mine],
+                                          "rows": [f[0] for f in figures], "tokens": [f[1] for f in figures]})
 
-    n = min(len(rows), 4 * spark.sparkContext.defaultParallelism)
-    found = (spark.createDataFrame(rows, "table string, path string, uri string").repartition(n)
-             .mapInArrow(read, "table string, path string, rows bigint, tokens bigint").collect())
+    n = min(len(rows), spark.sparkContext.defaultParallelism)
+    found = map_slices(spark, rows, n, read, "table string, path string, rows bigint, tokens bigint").collect()
     return {(r["table"], r["path"]): (r["rows"], r["tokens"]) for r in found}

@@ -188,3 +188,20 @@ def test_exact_partitions_put_key_p_in_partition_p(spark, n):
     got = exact_partitions(df, n, "key").select("key", F.spark_partition_id().alias("p"), "id").toPandas()
     assert len(got) == 50 * n and (got["key"] == got["p"]).all()
     assert sorted(got["id"]) == list(range(50 * n))
+
+
+def test_stand_in_keys_come_from_sparks_own_hash_without_a_job(spark):
+    import numpy as np
+    import pyarrow as pa
+    from pyspark.sql import functions as F
+
+    from bfpack_spark.spark import partitioning
+
+    values = np.concatenate([np.arange(-500, 500), np.random.default_rng(3).integers(-2**63, 2**63 - 1, 500)])
+    spark_says = spark.createDataFrame(pa.table({"k": values})).select(F.expr("hash(k)").alias("h")).collect()
+    assert partitioning.spark_hash_long(values).tolist() == [r["h"] for r in spark_says]
+    partitioning._KEYS.pop(13, None)
+    jobs = len(spark.sparkContext.statusTracker().getJobIdsForGroup())
+    keys = partitioning._stand_in_keys(spark, 13)
+    assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs  # found on the driver
+    assert np.mod(partitioning.spark_hash_long(np.array(keys)), 13).tolist() == list(range(13))

@@ -27,7 +27,7 @@ from bfpack_spark.io.delta import delta_table
 from bfpack_spark.io.files import read_parquet
 from bfpack_spark.packing.plan import item_histogram
 from bfpack_spark.schemas import spark_ddl
-from bfpack_spark.spark.partitioning import exact_partitions
+from bfpack_spark.spark.partitioning import exact_partitions, map_slices
 
 _SUMMARY = pa.schema([("group", pa.int32()), ("n", pa.int64()), ("tokens", pa.int64()),
                       ("items", pa.list_(pa.int64()))])
@@ -64,29 +64,28 @@ def earlier_documents(spark, documents_uri: str, runs: list[str]) -> DataFrame |
         return None
     wanted = pa.array(runs, pa.string())
 
-    def read(batches):
-        for batch in batches:
-            for uri in batch.column(0).to_pylist():
-                rows = read_parquet(uri, ["doc_id", "source", "row", "run_id"])
-                yield from rows.filter(pc.is_in(rows.column("run_id"), wanted)).to_batches()
+    def read(_, uris: list[str]):
+        for uri in uris:
+            rows = read_parquet(uri, ["doc_id", "source", "row", "run_id"])
+            yield from rows.filter(pc.is_in(rows.column("run_id"), wanted)).to_batches()
 
     n = min(len(files), spark.sparkContext.defaultParallelism)
-    uris = spark.createDataFrame([(f,) for f in files], "uri string").repartition(n)
-    rows = uris.mapInArrow(read, "doc_id string, source string, row bigint, run_id string")
+    rows = map_slices(spark, files, n, read, "doc_id string, source string, row bigint, run_id string")
     first = F.min(F.struct("run_id", "source", "row")).alias("first")
     return rows.groupBy("doc_id").agg(first).select(
         "doc_id", F.col("first.source").alias("first_source"), F.col("first.row").alias("first_row"),
         F.col("first.run_id").alias("first_run"))
 
 
-def _within_run(hashed: DataFrame) -> tuple[DataFrame | None, DataFrame]:
+def _within_run(hashed: DataFrame) -> tuple[DataFrame | None, DataFrame | None]:
     """Later copies of an id within this run (None when one aggregation over hashes finds none),
     and that aggregation's repeated hashes, cached: the copies read them again, so the caller
     unpersists them only once the copies are computed."""
-    repeated = hashed.groupBy("h").count().filter("count > 1").select("h").persist(StorageLevel.MEMORY_AND_DISK)
+    repeated = hashed.groupBy("h").count().filter("count > 1").select("h")
+    if repeated.isEmpty():  # the usual case: one aggregation over 64-bit hashes (two Spark jobs), nothing else
+        return None, None
+    repeated = repeated.persist(StorageLevel.MEMORY_AND_DISK)
     n_repeated = repeated.count()
-    if n_repeated == 0:  # the usual case: one aggregation over 64-bit hashes, nothing else
-        return None, repeated
     copies = (hashed.join(F.broadcast(repeated) if n_repeated <= _BROADCAST else repeated, "h")
               .withColumn("position", F.col("group").cast("bigint") * (1 << 40) + F.col("doc_index")))
     copies = copies.join(copies.groupBy("doc_id").agg(F.min("position").alias("first")), "doc_id")
@@ -113,7 +112,8 @@ def find_duplicates(docs: DataFrame, policy: str, seq_len: int, length_buckets: 
             return Duplicates(None)
         return _counted(drops.persist(StorageLevel.MEMORY_AND_DISK), seq_len, length_buckets)
     finally:
-        repeated.unpersist()
+        if repeated is not None:
+            repeated.unpersist()
 
 
 def _counted(drops: DataFrame, seq_len: int, length_buckets: int) -> Duplicates:

@@ -27,6 +27,7 @@ from bfpack_spark.io.workspace import Workspace
 from bfpack_spark.packing import flatten_token_lists
 from bfpack_spark.packing.plan import item_histogram
 from bfpack_spark.schemas import DOC, FILE, GROUP, READ, REJECTS, STORED, spark_ddl
+from bfpack_spark.spark.partitioning import map_slices
 from bfpack_spark.tokenize import Tokenizer, encode_texts, load_tokenizer
 
 
@@ -209,15 +210,9 @@ class ReadResult:
 def read_corpus(spark: SparkSession, groups: list[list[Split]], settings: ReadSettings, staging: Staging,
                 workspace: Workspace) -> ReadResult:
     """Run the read stage: one task per group (partition ``g`` reads group ``g``)."""
-    splits = spark.sparkContext.broadcast(groups)
-
-    def read(batches):
-        for batch in batches:
-            for g in batch.column(0).to_pylist():
-                yield from read_group(g, splits.value[g], settings, staging, workspace)
-
     n = len(groups)
-    rows = spark.range(0, n, 1, n).mapInArrow(read, spark_ddl(READ)).persist(StorageLevel.MEMORY_AND_DISK)
+    rows = map_slices(spark, groups, n, lambda g, mine: read_group(g, mine[0], settings, staging, workspace),
+                      spark_ddl(READ)).persist(StorageLevel.MEMORY_AND_DISK)
     info = rows.filter(F.col("kind") != DOC).select("kind", "group", "info").collect()
     counts: list[dict] = [{} for _ in range(n)]
     files = []
