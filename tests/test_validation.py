@@ -100,5 +100,12 @@ def test_the_driver_class_archive_is_dumped_once_then_shared(tmp_path, monkeypat
     shared = class_archive_options(str(tmp_path))
     assert shared[0] == f"-XX:SharedArchiveFile={written.rsplit('.', 2)[0]}" and not os.path.exists(written)
     assert class_archive_options(str(tmp_path)) == shared
+    # a second run that raced to dump the same archive, and the archive of an install long gone: removed
+    raced, gone = f"{written.rsplit('.', 2)[0]}.0123abcd.tmp", str(tmp_path / "spark-driver-0000000000000000.jsa")
+    for path in (raced, gone):
+        open(path, "wb").close()
+        os.utime(path, (time.time() - 40 * 86400, time.time() - 40 * 86400))
+    assert class_archive_options(str(tmp_path)) == shared
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(written.rsplit(".", 2)[0])]
     monkeypatch.setenv("BFPACK_CLASS_CACHE", "0")
     assert class_archive_options(str(tmp_path)) == []

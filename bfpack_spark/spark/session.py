@@ -71,6 +71,8 @@ def first_line(exc: BaseException) -> str:
 CLASS_CACHE_ENV = "BFPACK_CLASS_CACHE"
 #: a finished archive dump is older than this (a dump takes seconds, after the JVM's work)
 _DUMP_SECONDS = 60
+#: an archive no run has used for this long belongs to an install that is gone
+_UNUSED_DAYS = 30
 #: the JVM's own notices about the archive stay out of the console
 _QUIET_CDS = ["-Xlog:cds=off", "-Xlog:cds+dynamic=off"]
 
@@ -95,20 +97,35 @@ def class_archive_options(cache_dir: str | None = None) -> list[str]:
     root = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bfpack")
     archive = os.path.join(root, f"spark-driver-{key.hexdigest()[:16]}.jsa")
     try:
+        dumps = [os.path.join(root, f) for f in os.listdir(root) if f.startswith(os.path.basename(archive) + ".")] \
+            if os.path.isdir(root) else []
+        done = sorted((d for d in dumps if time.time() - os.path.getmtime(d) > _DUMP_SECONDS), key=os.path.getmtime)
         if not os.path.exists(archive):
-            dumps = [os.path.join(root, f) for f in os.listdir(root) if f.startswith(os.path.basename(archive) + ".")] \
-                if os.path.isdir(root) else []
-            done = [d for d in dumps if time.time() - os.path.getmtime(d) > _DUMP_SECONDS]
             if done:
-                os.replace(max(done, key=os.path.getmtime), archive)
+                os.replace(done.pop(), archive)
             elif dumps:  # another run's dump may be under way
                 return []
             else:
                 os.makedirs(root, exist_ok=True)
                 return [f"-XX:ArchiveClassesAtExit={archive}.{uuid.uuid4().hex[:8]}.tmp", *_QUIET_CDS]
+        _prune(root, archive, done)
         return [f"-XX:SharedArchiveFile={archive}", *_QUIET_CDS]
     except OSError:  # a cache that cannot be written or read only costs the speed-up
         return []
+
+
+def _prune(root: str, archive: str, extra_dumps: list[str]) -> None:
+    """Keep the cache to one archive per install in use: remove the dumps of runs that raced to
+    write the same archive, and the archives (and dumps) of installs unused for ``_UNUSED_DAYS``
+    (a removed virtualenv, an older pyspark). The archive in use is touched to mark it used."""
+    os.utime(archive)
+    for path in extra_dumps:
+        os.remove(path)
+    stale = time.time() - _UNUSED_DAYS * 86400
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith("spark-driver-") and not path.startswith(archive) and os.path.getmtime(path) < stale:
+            os.remove(path)
 
 
 def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[str, str] | None = None) -> SparkSession:
