@@ -233,11 +233,13 @@ def read_footers(spark, staging, files: list) -> dict[tuple[str, str], tuple[int
         return {}
     rows = [(f.table, f.path, join(staging.table_uri(f.table), f.path)) for f in files]
 
-    def read(_, mine: list) -> Iterator[pa.RecordBatch]:
-        figures = [footer_figures(uri, table) for table, _, uri in mine]
+    def read(_task: int, mine: list) -> Iterator[pa.RecordBatch]:
+        if not mine:
+            return
+        figures = [footer_figures(uri, table) for table, _path, uri in mine]
         yield pa.RecordBatch.from_pydict({"table": [r[0] for r in mine], "path": [r[1] for r in mine],
                                           "rows": [f[0] for f in figures], "tokens": [f[1] for f in figures]})
 
-    n = min(len(rows), spark.sparkContext.defaultParallelism)
+    n = min(len(rows), 4 * spark.sparkContext.defaultParallelism)  # footers on S3 wait on the network
     found = map_slices(spark, rows, n, read, "table string, path string, rows bigint, tokens bigint").collect()
     return {(r["table"], r["path"]): (r["rows"], r["tokens"]) for r in found}

@@ -192,16 +192,36 @@ def test_exact_partitions_put_key_p_in_partition_p(spark, n):
 
 def test_stand_in_keys_come_from_sparks_own_hash_without_a_job(spark):
     import numpy as np
-    import pyarrow as pa
-    from pyspark.sql import functions as F
 
     from bfpack_spark.spark import partitioning
 
     values = np.concatenate([np.arange(-500, 500), np.random.default_rng(3).integers(-2**63, 2**63 - 1, 500)])
-    spark_says = spark.createDataFrame(pa.table({"k": values})).select(F.expr("hash(k)").alias("h")).collect()
+    listed = ",".join(f"({v}L)" for v in values.tolist())
+    spark_says = spark.sql(f"SELECT hash(k) AS h FROM VALUES {listed} AS t(k)").collect()
     assert partitioning.spark_hash_long(values).tolist() == [r["h"] for r in spark_says]
+
+    sc = spark.sparkContext
     partitioning._KEYS.pop(13, None)
-    jobs = len(spark.sparkContext.statusTracker().getJobIdsForGroup())
-    keys = partitioning._stand_in_keys(spark, 13)
-    assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs  # found on the driver
+    partitioning._HASH_AGREES.clear()
+    sc.setJobGroup("stand-in-keys", "finding stand-in keys")
+    try:
+        keys = partitioning._stand_in_keys(spark, 13)
+        sc._jsc.sc().listenerBus().waitUntilEmpty()
+        assert sc.statusTracker().getJobIdsForGroup("stand-in-keys") == []  # found on the driver
+        spark.range(1).count()  # the same probe does see a job
+        sc._jsc.sc().listenerBus().waitUntilEmpty()
+        assert len(sc.statusTracker().getJobIdsForGroup("stand-in-keys")) >= 1
+    finally:
+        sc.setJobGroup(None, None)
     assert np.mod(partitioning.spark_hash_long(np.array(keys)), 13).tolist() == list(range(13))
+    assert partitioning._searched_by_spark(spark, 13).tolist() == keys  # what a Spark job finds
+
+
+def test_exact_partitions_fail_on_a_key_outside_the_partitions(spark):
+    from pyspark.sql import functions as F
+
+    from bfpack_spark.spark.partitioning import exact_partitions
+
+    df = spark.range(0, 20).select((F.col("id") % 5).cast("int").alias("key"))
+    with pytest.raises(Exception, match="key 4 is not a partition of 0..3"):
+        exact_partitions(df, 4, "key").collect()

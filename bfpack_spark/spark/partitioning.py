@@ -7,10 +7,9 @@ Spark's own ``hash`` sends to partition ``p``, and rows are repartitioned by tha
 (looked up in an array literal: no join, no broadcast). Spark's own partitioner does the
 work; adaptive execution keeps an explicit partition count as it is.
 
-The stand-in keys are found with numpy's copy of Spark's hash (Murmur3, x86 32-bit, seed 42)
-and then checked by Spark itself, on the driver without a Spark job (a projection over a
-local relation is evaluated by the optimizer), so they hold for any Spark version: a
-Spark whose hash differed would be searched directly instead.
+The stand-in keys are found with numpy's copy of Spark's hash (Murmur3, x86 32-bit, seed 42),
+once checked against Spark's own on a few values, on the driver without a Spark job; a
+Spark whose hash differed would have its keys searched by a Spark job instead.
 """
 
 from __future__ import annotations
@@ -55,20 +54,41 @@ def _first_keys(candidates: np.ndarray, targets: np.ndarray, n: int) -> np.ndarr
     return keys
 
 
-def _spark_targets(spark: SparkSession, keys: np.ndarray, n: int) -> np.ndarray:
-    """``pmod(hash(key), n)`` as Spark computes it, without a Spark job."""
-    local = spark.createDataFrame(pa.table({"_key": pa.array(keys, pa.int64())}))
-    rows = local.select(F.expr(f"pmod(hash(_key), {n})").cast("int").alias("_t")).collect()
-    return np.array([r["_t"] for r in rows], np.int64)
+#: values on which numpy's hash is checked against Spark's: small, negative, and both words set
+_CHECKED = np.array([*range(-64, 64), 2**31 - 1, 2**31, -2**31, 2**32 + 5, 2**62 + 3, -2**63, 2**63 - 1],
+                    np.int64)
+_HASH_AGREES: list[bool] = []  # once per process
+
+
+def _hash_agrees(spark: SparkSession) -> bool:
+    """Whether :func:`spark_hash_long` is this Spark's ``hash``, asked of Spark on the driver:
+    an inline table is a local relation, whose projection the optimizer evaluates (no job)."""
+    if not _HASH_AGREES:
+        values = ",".join(f"({v}L)" for v in _CHECKED.tolist())
+        rows = spark.sql(f"SELECT hash(k) AS h FROM VALUES {values} AS t(k)").collect()
+        _HASH_AGREES.append([r["h"] for r in rows] == spark_hash_long(_CHECKED).tolist())
+    return _HASH_AGREES[0]
+
+
+def _searched_by_spark(spark: SparkSession, n: int) -> np.ndarray:
+    """The stand-in keys found by a Spark job (for a Spark whose hash is not numpy's copy)."""
+    found = (spark.range(0, 64 * n)
+             .select(F.expr(f"pmod(hash(id), {n})").cast("int").alias("_target"), F.col("id").alias("_key"))
+             .groupBy("_target").agg(F.min("_key").alias("_key")).collect())
+    keys = np.full(n, -1, np.int64)
+    for r in found:
+        keys[r["_target"]] = r["_key"]
+    return keys
 
 
 def _stand_in_keys(spark: SparkSession, n: int) -> list[int]:
     """The key of every target: ``pmod(hash(keys[p]), n) == p`` for p in 0..n-1."""
     if n not in _KEYS:
-        candidates = np.arange(64 * n, dtype=np.int64)
-        keys = _first_keys(candidates, np.mod(spark_hash_long(candidates), n), n)
-        if (keys < 0).any() or not np.array_equal(_spark_targets(spark, keys, n), np.arange(n)):
-            keys = _first_keys(candidates, _spark_targets(spark, candidates, n), n)  # Spark hashes otherwise
+        if _hash_agrees(spark):
+            candidates = np.arange(64 * n, dtype=np.int64)
+            keys = _first_keys(candidates, np.mod(spark_hash_long(candidates), n), n)
+        else:
+            keys = _searched_by_spark(spark, n)
         if (keys < 0).any():
             raise RuntimeError(f"no stand-in partition key for {int((keys < 0).sum())} of {n} partitions")
         _KEYS[n] = keys.tolist()
@@ -76,21 +96,31 @@ def _stand_in_keys(spark: SparkSession, n: int) -> list[int]:
 
 
 def exact_partitions(df: DataFrame, n: int, column: str) -> DataFrame:
-    """``df`` in ``n`` partitions, the rows with ``column == p`` (0 <= p < n) in partition ``p``.
+    """``df`` in ``n`` partitions, the rows with ``column == p`` in partition ``p``; every
+    ``column`` value must be in 0..n-1 (a task fails on any other, null included).
 
     One partition (a small input, the last merge round) needs no shuffle: the rows are
-    coalesced into one task, which saves a Spark job and a shuffle per use."""
+    coalesced into one task, which saves a Spark job and a shuffle per use. The keys are one
+    SQL array literal (one call into the JVM, whatever ``n``); bigint, as Spark hashes an int
+    otherwise."""
     if n == 1:
         return df.coalesce(1)
-    keys = F.lit(_stand_in_keys(df.sparkSession, n)).cast("array<bigint>")
-    return df.repartition(n, F.element_at(keys, F.col(column).cast("int") + 1))
+    keys = ",".join(map(str, _stand_in_keys(df.sparkSession, n)))
+    return df.repartition(n, F.expr(
+        f"CASE WHEN `{column}` >= 0 AND `{column}` < {n} "
+        f"THEN element_at(cast(array({keys}) AS array<bigint>), cast(`{column}` AS int) + 1) "
+        f"ELSE raise_error(concat('{column} ', coalesce(cast(`{column}` AS string), 'null'), "
+        f"' is not a partition of 0..{n - 1}')) END"))
 
 
 def map_slices(spark: SparkSession, items: list, n: int, fn: Callable[[int, list], Iterator[pa.RecordBatch]],
                schema: str) -> DataFrame:
-    """``fn(i, items[i::n])`` in task ``i`` of ``n``: work over a list the driver holds (input
-    groups, written files) in one Spark job. The list is broadcast; a DataFrame made from a
-    Python list would instead cost a Python task to unpickle it and a shuffle to spread it."""
+    """``fn(i, items[i::n])`` in task ``i`` of ``n`` (1 <= n; strided slices, empty where
+    ``n > len(items)``): work over a list the driver holds (input groups, written files) in one
+    Spark job. The list is broadcast; a DataFrame made from a Python list would instead cost a
+    Python task to unpickle it and a shuffle to spread it."""
+    if n < 1:
+        raise ValueError(f"map_slices needs at least one task, not {n}")
     shared = spark.sparkContext.broadcast(items)
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import suppress
 
 import pyspark
 from pyspark import SparkConf, SparkContext
@@ -97,9 +98,10 @@ def class_archive_options(cache_dir: str | None = None) -> list[str]:
     root = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bfpack")
     archive = os.path.join(root, f"spark-driver-{key.hexdigest()[:16]}.jsa")
     try:
-        dumps = [os.path.join(root, f) for f in os.listdir(root) if f.startswith(os.path.basename(archive) + ".")] \
-            if os.path.isdir(root) else []
-        done = sorted((d for d in dumps if time.time() - os.path.getmtime(d) > _DUMP_SECONDS), key=os.path.getmtime)
+        names = os.listdir(root) if os.path.isdir(root) else []
+        dumps = {path: mtime for f in names if f.startswith(os.path.basename(archive) + ".")
+                 if (mtime := _mtime(path := os.path.join(root, f))) is not None}
+        done = sorted((d for d, mtime in dumps.items() if time.time() - mtime > _DUMP_SECONDS), key=dumps.get)
         if not os.path.exists(archive):
             if done:
                 os.replace(done.pop(), archive)
@@ -114,18 +116,25 @@ def class_archive_options(cache_dir: str | None = None) -> list[str]:
         return []
 
 
+def _mtime(path: str) -> float | None:
+    """A file's modification time, or None once another run has removed it."""
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return None
+
+
 def _prune(root: str, archive: str, extra_dumps: list[str]) -> None:
     """Keep the cache to one archive per install in use: remove the dumps of runs that raced to
     write the same archive, and the archives (and dumps) of installs unused for ``_UNUSED_DAYS``
-    (a removed virtualenv, an older pyspark). The archive in use is touched to mark it used."""
-    os.utime(archive)
-    for path in extra_dumps:
-        os.remove(path)
+    (a removed virtualenv, an older pyspark). The archive in use is touched to mark it used.
+    Best effort: a file another run removed first, or one this user may not remove, stays."""
     stale = time.time() - _UNUSED_DAYS * 86400
-    for name in os.listdir(root):
-        path = os.path.join(root, name)
-        if name.startswith("spark-driver-") and not path.startswith(archive) and os.path.getmtime(path) < stale:
-            os.remove(path)
+    old = [os.path.join(root, name) for name in os.listdir(root) if name.startswith("spark-driver-")]
+    old = [path for path in old if not path.startswith(archive) and (_mtime(path) or stale) < stale]
+    for path, action in [(archive, os.utime)] + [(path, os.remove) for path in extra_dumps + old]:
+        with suppress(OSError):
+            action(path)
 
 
 def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[str, str] | None = None) -> SparkSession:

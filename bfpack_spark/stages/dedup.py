@@ -14,6 +14,7 @@ list of ids is collected).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,7 +65,7 @@ def earlier_documents(spark, documents_uri: str, runs: list[str]) -> DataFrame |
         return None
     wanted = pa.array(runs, pa.string())
 
-    def read(_, uris: list[str]):
+    def read(_, uris: list[str]) -> Iterator[pa.RecordBatch]:
         for uri in uris:
             rows = read_parquet(uri, ["doc_id", "source", "row", "run_id"])
             yield from rows.filter(pc.is_in(rows.column("run_id"), wanted)).to_batches()
@@ -78,14 +79,14 @@ def earlier_documents(spark, documents_uri: str, runs: list[str]) -> DataFrame |
 
 
 def _within_run(hashed: DataFrame) -> tuple[DataFrame | None, DataFrame | None]:
-    """Later copies of an id within this run (None when one aggregation over hashes finds none),
-    and that aggregation's repeated hashes, cached: the copies read them again, so the caller
-    unpersists them only once the copies are computed."""
-    repeated = hashed.groupBy("h").count().filter("count > 1").select("h")
+    """Later copies of an id within this run, and the repeated hashes they were found from,
+    cached (the copies read them again, so the caller unpersists them once the copies are
+    computed); both None when one aggregation over hashes finds no repeat."""
+    repeated = hashed.groupBy("h").count().filter("count > 1").select("h").persist(StorageLevel.MEMORY_AND_DISK)
     if repeated.isEmpty():  # the usual case: one aggregation over 64-bit hashes (two Spark jobs), nothing else
+        repeated.unpersist()
         return None, None
-    repeated = repeated.persist(StorageLevel.MEMORY_AND_DISK)
-    n_repeated = repeated.count()
+    n_repeated = repeated.count()  # from the cache
     copies = (hashed.join(F.broadcast(repeated) if n_repeated <= _BROADCAST else repeated, "h")
               .withColumn("position", F.col("group").cast("bigint") * (1 << 40) + F.col("doc_index")))
     copies = copies.join(copies.groupBy("doc_id").agg(F.min("position").alias("first")), "doc_id")
