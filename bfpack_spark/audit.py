@@ -17,6 +17,7 @@ collisions.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import zip_longest
 
@@ -227,6 +228,10 @@ def footer_figures(uri: str, table: str) -> tuple[int, int]:
     return meta.num_rows, tokens
 
 
+#: footers each audit task reads at once
+_FOOTER_THREADS = 8
+
+
 def read_footers(spark, staging, files: list) -> dict[tuple[str, str], tuple[int, int]]:
     """(rows, token values) from the footer of every written file, read in Spark tasks."""
     if not files:
@@ -236,10 +241,11 @@ def read_footers(spark, staging, files: list) -> dict[tuple[str, str], tuple[int
     def read(_task: int, mine: list) -> Iterator[pa.RecordBatch]:
         if not mine:
             return
-        figures = [footer_figures(uri, table) for table, _path, uri in mine]
+        with ThreadPoolExecutor(_FOOTER_THREADS) as pool:  # footers on an object store wait on the network
+            figures = list(pool.map(lambda row: footer_figures(row[2], row[0]), mine))
         yield pa.RecordBatch.from_pydict({"table": [r[0] for r in mine], "path": [r[1] for r in mine],
                                           "rows": [f[0] for f in figures], "tokens": [f[1] for f in figures]})
 
-    n = min(len(rows), 4 * spark.sparkContext.defaultParallelism)  # footers on S3 wait on the network
+    n = min(len(rows), spark.sparkContext.defaultParallelism)
     found = map_slices(spark, rows, n, read, "table string, path string, rows bigint, tokens bigint").collect()
     return {(r["table"], r["path"]): (r["rows"], r["tokens"]) for r in found}
