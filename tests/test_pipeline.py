@@ -202,7 +202,7 @@ def test_stand_in_keys_come_from_sparks_own_hash_without_a_job(spark):
 
     sc = spark.sparkContext
     partitioning._KEYS.pop(13, None)
-    partitioning._HASH_AGREES.clear()
+    partitioning._hash_agrees.cache_clear()
     sc.setJobGroup("stand-in-keys", "finding stand-in keys")
     try:
         keys = partitioning._stand_in_keys(spark, 13)

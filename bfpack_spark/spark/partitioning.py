@@ -14,6 +14,7 @@ Spark whose hash differed would have its keys searched by a Spark job instead.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -57,17 +58,14 @@ def _first_keys(candidates: np.ndarray, targets: np.ndarray, n: int) -> np.ndarr
 #: values on which numpy's hash is checked against Spark's: small, negative, and both words set
 _CHECKED = np.array([*range(-64, 64), 2**31 - 1, 2**31, -2**31, 2**32 + 5, 2**62 + 3, -2**63, 2**63 - 1],
                     np.int64)
-_HASH_AGREES: list[bool] = []  # once per process
-
-
+@functools.lru_cache(maxsize=1)
 def _hash_agrees(spark: SparkSession) -> bool:
-    """Whether :func:`spark_hash_long` is this Spark's ``hash``, asked of Spark on the driver:
-    an inline table is a local relation, whose projection the optimizer evaluates (no job)."""
-    if not _HASH_AGREES:
-        values = ",".join(f"({v}L)" for v in _CHECKED.tolist())
-        rows = spark.sql(f"SELECT hash(k) AS h FROM VALUES {values} AS t(k)").collect()
-        _HASH_AGREES.append([r["h"] for r in rows] == spark_hash_long(_CHECKED).tolist())
-    return _HASH_AGREES[0]
+    """Whether :func:`spark_hash_long` is this Spark's ``hash``, asked of Spark on the driver
+    once per session: an inline table is a local relation, whose projection the optimizer
+    evaluates (no job)."""
+    values = ",".join(f"({v}L)" for v in _CHECKED.tolist())
+    rows = spark.sql(f"SELECT hash(k) AS h FROM VALUES {values} AS t(k)").collect()
+    return [r["h"] for r in rows] == spark_hash_long(_CHECKED).tolist()
 
 
 def _searched_by_spark(spark: SparkSession, n: int) -> np.ndarray:
