@@ -148,7 +148,7 @@ def run(config: PackConfig, spark=None) -> RunResult:
     if not inputs.files:
         if unfinished_replacements(root):
             _finish_replacements(spark, config)
-        log.info("no input file is new since the last run into %s; nothing to do", root)
+        log.debug("no input file is new since the last run into %s", root)  # RunResult.nothing_new says it
         return RunResult("", root, {}, nothing_new=True)
     run_id = config.output.run_id or default_run_id(config, inputs.listing())
     log.info("run %s: %d input files in %d groups", run_id, len(inputs.files), len(inputs.groups))
