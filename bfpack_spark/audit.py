@@ -11,7 +11,9 @@ audit without reading the data again.
 Per-document conservation uses order-free checksums (sums modulo 2^64 of a 64-bit hash):
 of (document id x its token count) on both sides, and of (document id, chunk start) on
 both sides, so every document's tokens and every chunk appear exactly once, up to hash
-collisions.
+collisions. Loss masks, where a run has them, are checked the same way, token by token: a
+sum over every (document id, token position) whose mask is 1, from the documents' masks as
+read and from the masks the sequences carry.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from bfpack_spark.packing._jit import jit
 from bfpack_spark.spark.partitioning import map_slices
 
 MOD = 2**64
-_CHECKSUMS = ("doc_lengths", "doc_starts", "id_sum", "id_square_sum")
+_CHECKSUMS = ("doc_lengths", "doc_starts", "id_sum", "id_square_sum", "loss_positions")
+_POSITION = np.uint64(0xD6E8FEB86659FD93)
 
 
 class AuditError(RuntimeError):
@@ -84,6 +87,31 @@ def _chunk_start_sum(hashes, n_chunks, seq_len):
 
 
 @jit
+def _document_loss_positions(hashes, offsets, masks):
+    """Checksum of every (document, position) whose mask is 1; ``offsets`` index ``masks`` per document."""
+    total = np.uint64(0)
+    for i in range(hashes.shape[0]):
+        for j in range(offsets[i + 1] - offsets[i]):
+            if masks[offsets[i] + j]:
+                total += _mix(hashes[i] ^ (np.uint64(j) * _POSITION))
+    return total
+
+
+@jit
+def _segment_loss_positions(hashes, starts, lengths, masks):
+    """The same checksum from segments (document hash, start in the document, length) laid end to end
+    over ``masks``."""
+    total = np.uint64(0)
+    pos = 0
+    for i in range(hashes.shape[0]):
+        for j in range(lengths[i]):
+            if masks[pos + j]:
+                total += _mix(hashes[i] ^ (np.uint64(starts[i] + j) * _POSITION))
+        pos += lengths[i]
+    return total
+
+
+@jit
 def _id_sums(ids):
     total = np.uint64(0)
     squares = np.uint64(0)
@@ -112,9 +140,15 @@ def _list_lengths(column) -> np.ndarray:
 MAX_SEGMENTS_BIN = 64
 
 
-def sequence_figures(table: pa.Table, seq_len: int) -> dict:
+def segment_bins(max_segments: int | None) -> int:
+    """The last entry of ``segments_histogram`` (it counts this many segments or more): 64, or the cap."""
+    return max(MAX_SEGMENTS_BIN, max_segments or 0)
+
+
+def sequence_figures(table: pa.Table, seq_len: int, max_bin: int = MAX_SEGMENTS_BIN) -> dict:
     """Figures of a sequences table as written (columns of :data:`~bfpack_spark.schemas.SEQUENCES`);
-    with the fill (percent of ``seq_len``, 0..100) and segment-count histograms the report draws."""
+    with the fill (percent of ``seq_len``, 0..100) and segment-count histograms the report draws,
+    and, where the sequences carry loss masks, the tokens with loss and their positions' checksum."""
     n_tokens = table.column("n_tokens").to_numpy()
     lists = table.column("seg_lengths").combine_chunks()
     seg_lengths = pc.list_flatten(lists).to_numpy()
@@ -126,23 +160,40 @@ def sequence_figures(table: pa.Table, seq_len: int) -> dict:
     hashes = id_hashes(pc.list_flatten(table.column("doc_ids")))
     starts = pc.list_flatten(table.column("seg_starts")).to_numpy()
     total, squares = _id_sums(table.column("seq_id").to_numpy())
-    return {
+    segments = np.diff(offsets)
+    figures = {
         "rows": table.num_rows, "tokens": int(n_tokens.sum()), "segments": int(seg_lengths.shape[0]),
-        "max_tokens": int(n_tokens.max(initial=0)), "inconsistent_rows": int(inconsistent.sum()),
+        "max_tokens": int(n_tokens.max(initial=0)), "max_segments": int(segments.max(initial=0)),
+        "inconsistent_rows": int(inconsistent.sum()),
         "id_sum": int(total), "id_square_sum": int(squares),
         "doc_lengths": int(_weighted_sum(hashes, seg_lengths)), "doc_starts": int(_start_sum(hashes, starts)),
         "fill_histogram": np.bincount(n_tokens * 100 // seq_len, minlength=101).tolist(),
-        "segments_histogram": np.bincount(np.minimum(np.diff(offsets), MAX_SEGMENTS_BIN),
-                                          minlength=MAX_SEGMENTS_BIN + 1).tolist(),
+        "segments_histogram": np.bincount(np.minimum(segments, max_bin), minlength=max_bin + 1).tolist(),
     }
+    masks = table.column("loss_mask") if "loss_mask" in table.column_names else None
+    if masks is not None and masks.null_count < len(masks):
+        masks = masks.combine_chunks()
+        inconsistent |= _list_lengths(masks) != n_tokens
+        values = pc.list_flatten(masks).to_numpy(zero_copy_only=False)
+        figures.update(inconsistent_rows=int(inconsistent.sum()), loss_tokens=int(values.sum(dtype=np.int64)),
+                       loss_positions=int(_segment_loss_positions(hashes, starts.astype(np.int64),
+                                                                  seg_lengths.astype(np.int64), values)))
+    return figures
 
 
-def document_figures(doc_ids: pa.Array, n_tokens: np.ndarray, n_chunks: np.ndarray, seq_len: int) -> dict:
-    """Figures of a documents table as written: each document's length and its chunk starts."""
+def document_figures(doc_ids: pa.Array, n_tokens: np.ndarray, n_chunks: np.ndarray, seq_len: int,
+                     masks: np.ndarray | None = None) -> dict:
+    """Figures of a documents table as written: each document's length and its chunk starts; with
+    ``masks`` (the documents' loss masks laid end to end), the tokens with loss and their positions."""
     hashes = id_hashes(doc_ids)
-    return {"rows": len(doc_ids), "tokens": int(n_tokens.sum()),
-            "doc_lengths": int(_weighted_sum(hashes, n_tokens)),
-            "doc_starts": int(_chunk_start_sum(hashes, n_chunks.astype(np.int64), seq_len))}
+    figures = {"rows": len(doc_ids), "tokens": int(n_tokens.sum()),
+               "doc_lengths": int(_weighted_sum(hashes, n_tokens)),
+               "doc_starts": int(_chunk_start_sum(hashes, n_chunks.astype(np.int64), seq_len))}
+    if masks is not None:
+        offsets = np.concatenate(([0], np.cumsum(n_tokens, dtype=np.int64)))
+        figures.update(loss_tokens=int(masks.sum(dtype=np.int64)),
+                       loss_positions=int(_document_loss_positions(hashes, offsets, masks)))
+    return figures
 
 
 def add_figures(figures: Iterable[dict]) -> dict:
@@ -177,10 +228,11 @@ class AuditResult:
 
 
 def check(files_by_table: dict[str, list], footers: dict[tuple[str, str], tuple[int, int]], expected: dict,
-          seq_len: int, chunked: bool) -> AuditResult:
+          seq_len: int, chunked: bool, loss_masks: bool = False, max_segments: int | None = None) -> AuditResult:
     """The audit's checks. ``files_by_table``: the StagedFiles of each table; ``footers``: per
     (table, file path), (rows, token values) read from its Parquet footer; ``expected``: the read stage's and the
-    plan's counts (sequences, tokens, segments, documents, documents_read, documents_rejected)."""
+    plan's counts (sequences, tokens, segments, documents, documents_read, documents_rejected); ``loss_masks``:
+    the run carries them; ``max_segments``: the cap on segments per sequence."""
     seqs = add_figures(f.figures for f in files_by_table["sequences"])
     docs = add_figures(f.figures for f in files_by_table["documents"])
     k = expected["sequences"]
@@ -210,6 +262,14 @@ def check(files_by_table: dict[str, list], footers: dict[tuple[str, str], tuple[
     }
     if chunked:
         checks["every chunk in exactly one sequence"] = seqs.get("doc_starts", 0) == docs.get("doc_starts", 0)
+    if loss_masks:
+        found["loss_tokens"] = seqs.get("loss_tokens", 0)
+        checks["loss masks carried token by token"] = (
+            seqs.get("loss_tokens", -1) == docs.get("loss_tokens", -2)
+            and seqs.get("loss_positions", -1) == docs.get("loss_positions", -2))
+    if max_segments is not None:
+        found["max_segments"] = seqs.get("max_segments", 0)
+        checks["no sequence above max_segments_per_sequence"] = found["max_segments"] <= max_segments
     return AuditResult(all(checks.values()), checks, found, expected)
 
 

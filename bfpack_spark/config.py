@@ -56,6 +56,12 @@ class InputConfig:
     text_column: str = _f("text", "column holding the raw text to tokenize")
     token_column: str | None = _f(None, "column holding already tokenized documents (list of int); "
                                         "when set, tokenization is skipped")
+    loss_mask_column: str | None = _f(None, "tokenized input: column holding each document's loss mask, a list "
+                                            "of 0/1 (int or bool) as long as its tokens; 0: never a training "
+                                            "target. Wrong length or values: a reject (bad_loss_mask)")
+    prompt_column: str | None = _f(None, "text input: column holding a prompt; the document is the prompt's "
+                                         "tokens, then the text's, and only the text's tokens are targets "
+                                         "(loss mask 0 on the prompt)")
     target_items_per_partition: int = _f(100_000, "input groups (one read task and one packing "
                                                   "partition each) hold about this many items "
                                                   "(chunks of at most seq_len tokens)")
@@ -70,6 +76,12 @@ class TokenizerConfig:
                                        "(default: yes for text, no for already tokenized input)")
     eos_token: str | None = _f(None, "end-of-document token (default: the tokenizer's own, "
                                      "<|endoftext|> for cl100k_base)")
+    bos_token: str | None = _f(None, "beginning-of-document token, a special token of the tokenizer, put before "
+                                     "every document's first token (never before the continuation chunks of a "
+                                     "long document). Default: the BOS a tokenizer.json's template adds "
+                                     "(<|begin_of_text|>, <s>, ...); none for tiktoken encodings")
+    prepend_bos: bool | None = _f(None, "put the BOS token before every document (default: yes when bos_token is "
+                                        "set or the tokenizer.json's template adds one); --no-prepend-bos: never")
 
 
 @dataclass
@@ -86,6 +98,9 @@ class PackingConfig:
     length_buckets: int = _f(256, "packing partitions get an equal share of each of this many length "
                                   "buckets (linear over 1..seq_len); more: tighter on length-sorted "
                                   "input, more tokens move")
+    max_segments_per_sequence: int | None = _f(None, "no sequence holds more segments (documents or chunks) "
+                                                     "than this (default: no cap); per-document attention "
+                                                     "kernels cost per segment")
 
 
 @dataclass
@@ -168,6 +183,11 @@ class PackConfig:
         return self.input.token_column is not None
 
     @property
+    def loss_masks(self) -> bool:
+        """Whether the run carries per-token loss masks (a mask column, or prompts)."""
+        return self.input.loss_mask_column is not None or self.input.prompt_column is not None
+
+    @property
     def append_eos(self) -> bool:
         """The EOS setting in effect: explicit, or on for text and off for given token ids."""
         if self.tokenizer.append_eos is None:
@@ -212,6 +232,17 @@ class PackConfig:
         if self.input.format == "text" and self.tokenized:
             raise ConfigError("input.token_column: text files hold text; drop --token-column or "
                               "choose another --input-format")
+        if self.input.loss_mask_column is not None and not self.tokenized:
+            raise ConfigError("input.loss_mask_column: loss masks come with tokenized input (--token-column); "
+                              "for text, give the prompt with --prompt-column")
+        if self.input.prompt_column is not None and (self.tokenized or self.input.format == "text"):
+            raise ConfigError("input.prompt_column: prompts are text in JSON lines or Parquet; for tokenized "
+                              "input give a --loss-mask-column")
+        if p.max_segments_per_sequence is not None:
+            _positive("packing.max_segments_per_sequence", p.max_segments_per_sequence)
+            if p.strategy != "bfd":
+                raise ConfigError("packing.max_segments_per_sequence: the cap applies to best-fit packing; "
+                                  "the concat baseline cuts one stream and has none")
         if q.empty_documents == "keep" and not self.append_eos:
             raise ConfigError("quality.empty_documents: 'keep' packs an empty document as its "
                               "end-of-document token, so it needs tokenizer.append_eos: true")

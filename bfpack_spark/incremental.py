@@ -99,12 +99,19 @@ def select_files(listed: list[tuple[InputFile, str]], packed: dict[str, PackedFi
 
 #: Settings every run appended to one output root must share: the tables' sequences must be alike.
 SHARED = {"packing.seq_len": ("packing", "seq_len"), "packing.strategy": ("packing", "strategy"),
-          "tokenizer.tokenizer": ("tokenizer", "tokenizer"), "tokenizer.eos_token": ("tokenizer", "eos_token")}
+          "packing.max_segments_per_sequence": ("packing", "max_segments_per_sequence"),
+          "tokenizer.tokenizer": ("tokenizer", "tokenizer"), "tokenizer.eos_token": ("tokenizer", "eos_token"),
+          "tokenizer.bos_token": ("tokenizer", "bos_token"), "tokenizer.prepend_bos": ("tokenizer", "prepend_bos")}
 
 
 def _effective_eos(config: dict) -> bool:
     explicit = config["tokenizer"].get("append_eos")
     return explicit if explicit is not None else config["input"].get("token_column") is None
+
+
+def _loss_masks(config: dict) -> bool:
+    """Whether a run's sequences carry loss masks (settings of runs older than masks have neither key)."""
+    return config["input"].get("loss_mask_column") is not None or config["input"].get("prompt_column") is not None
 
 
 def check_compatible(root: str, config: dict) -> None:
@@ -116,10 +123,13 @@ def check_compatible(root: str, config: dict) -> None:
         if not row["config"]:  # a row without its settings (not written by bfpack) binds nothing
             continue
         theirs = json.loads(row["config"])
-        differ = [f"{name} {theirs[a][b]!r} (theirs) != {config[a][b]!r}" for name, (a, b) in SHARED.items()
+        differ = [f"{name} {theirs[a].get(b)!r} (theirs) != {config[a][b]!r}" for name, (a, b) in SHARED.items()
                   if theirs[a].get(b) != config[a].get(b)]
         if _effective_eos(theirs) != _effective_eos(config):
             differ.append(f"tokenizer.append_eos {_effective_eos(theirs)} (theirs) != {_effective_eos(config)}")
+        if _loss_masks(theirs) != _loss_masks(config):
+            differ.append(f"loss masks {_loss_masks(theirs)} (theirs) != {_loss_masks(config)} "
+                          "(input.loss_mask_column / input.prompt_column)")
         if differ:
             raise InputError(f"{root} holds run {row['run_id']} packed with other settings: {'; '.join(differ)}; "
                              "use the same settings, --mode overwrite, or another output root")

@@ -30,6 +30,7 @@ STORED = pa.schema([
     ("source", pa.string()),
     ("row", pa.int64()),
     ("tokens", pa.list_(pa.int32())),
+    ("loss_mask", pa.list_(pa.int8())),  # aligned with tokens; null for runs without loss masks
 ])
 
 #: Items (chunks, lengths only) through the packing rounds, in bundles: Spark moves a few rows of
@@ -89,6 +90,7 @@ ASSEMBLED = pa.schema([
     ("doc_id", pa.string()),
     ("seg_start", pa.int32()),
     ("tokens", pa.list_(pa.int32())),
+    ("loss_mask", pa.list_(pa.int8())),
     ("info", pa.string()),
 ])
 
@@ -100,6 +102,7 @@ SEQUENCES = pa.schema([
     ("seg_lengths", pa.list_(pa.int32())),
     ("n_tokens", pa.int32()),
     ("run_id", pa.string()),
+    ("loss_mask", pa.list_(pa.int8())),  # aligned with input_ids, 0: not a target; null for runs without masks
 ])
 
 DOCUMENTS = pa.schema([
@@ -109,6 +112,7 @@ DOCUMENTS = pa.schema([
     ("source", pa.string()),
     ("row", pa.int64()),
     ("run_id", pa.string()),
+    ("loss_tokens", pa.int64()),  # tokens whose loss mask is 1; null for runs without masks
 ])
 
 REJECTS = pa.schema([
@@ -169,6 +173,10 @@ STATS = pa.schema([
     ("audit_found", pa.map_(pa.string(), pa.int64())),
     ("audit_expected", pa.map_(pa.string(), pa.int64())),
     ("stage_seconds", pa.map_(pa.string(), pa.float64())),
+    ("max_segments_per_sequence", pa.int32()),  # the cap (null: none)
+    ("most_segments", pa.int64()),               # the most segments one sequence holds
+    ("loss_tokens", pa.int64()),                 # tokens that are targets (loss mask 1); null without masks
+    ("no_loss_tokens", pa.int64()),              # tokens that are not (loss mask 0)
 ])
 
 #: The input files of each run (what ``--mode incremental`` compares a new listing with).

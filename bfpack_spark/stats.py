@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from bfpack_spark.audit import MAX_SEGMENTS_BIN
+from bfpack_spark.audit import segment_bins
 from bfpack_spark.metrics import PackingStats, bucket_labels
 from bfpack_spark.schemas import STATS
 
@@ -35,8 +35,11 @@ def stats_row(*, run_id: str, started: str, config: Any, inputs: Any, documents_
               audit: Any, stage_seconds: dict[str, float], written: dict) -> dict:
     """One row of the ``stats`` table (columns of :data:`~bfpack_spark.schemas.STATS`).
 
-    ``written``: the figures the sequences' writers counted (their fill and segment histograms).
+    ``written``: the figures the sequences' writers counted (their fill and segment histograms, the
+    most segments in a sequence, the tokens with loss).
     """
+    cap = config.packing.max_segments_per_sequence
+    loss = written.get("loss_tokens", 0) if config.loss_masks else None
     by_length = [
         {"length": label, "documents": d, "truncations_per_document": (t / d) if d else 0.0,
          "concat_truncations_per_document": (c / d) if d else 0.0}
@@ -61,11 +64,13 @@ def stats_row(*, run_id: str, started: str, config: Any, inputs: Any, documents_
         "residual_sequences": plan.residual_sequences, "merge_rounds": plan.merge_rounds,
         "moved_segments": moved[0], "moved_tokens": moved[1],
         "fill_histogram": written.get("fill_histogram", [0] * 101),
-        "segments_histogram": written.get("segments_histogram", [0] * (MAX_SEGMENTS_BIN + 1)),
+        "segments_histogram": written.get("segments_histogram", [0] * (segment_bins(cap) + 1)),
         "audit_passed": audit.passed, "audit_checks": dict(audit.checks),
         "audit_found": {k: int(v) for k, v in audit.found.items()},
         "audit_expected": {k: int(v) for k, v in audit.expected.items()},
         "stage_seconds": dict(stage_seconds),
+        "max_segments_per_sequence": cap, "most_segments": written.get("max_segments", 0),
+        "loss_tokens": loss, "no_loss_tokens": None if loss is None else packing.n_tokens - loss,
     }
 
 

@@ -10,7 +10,10 @@ A tokenizer is named by one string:
 - a path to a Hugging Face ``tokenizers`` JSON file (``tokenizer.json``).
 
 Text is encoded as ordinary text: a document that contains the characters
-``<|endoftext|>`` gets them as text, never as the special token.
+``<|endoftext|>`` gets them as text, never as the special token. The only special
+tokens in a document are the ones the job puts there: the end-of-document token after
+it and, where asked (or where a ``tokenizer.json``'s template adds one), a
+beginning-of-document token before it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Tokenizer:
     name: str
     known_ids: np.ndarray  # bool per id 0..max: whether the vocabulary has it (vocabularies have gaps)
     eos_id: int | None
+    bos_id: int | None  # the named BOS token, or the one a tokenizer.json's template adds (None: neither)
     encode_batch: Callable[..., list[np.ndarray]]  # (texts, threads=1): token ids of each text
     decode: Callable[[Sequence[int]], str]  # invalid byte sequences become U+FFFD
 
@@ -88,7 +92,7 @@ def _tiktoken_from_file(path: str):
                              special_tokens=spec["special_tokens"])
 
 
-def _tiktoken_tokenizer(spec: str, eos_token: str | None) -> Tokenizer:
+def _tiktoken_tokenizer(spec: str, eos_token: str | None, bos_token: str | None) -> Tokenizer:
     import tiktoken
 
     if spec.endswith(".tiktoken") or os.path.isfile(spec):
@@ -111,6 +115,13 @@ def _tiktoken_tokenizer(spec: str, eos_token: str | None) -> Tokenizer:
         eos_id = enc.encode_single_token(eos_token)
     else:
         raise TokenizerError(f"eos_token {eos_token!r} is not a special token of {enc.name}")
+    bos_id = None
+    if bos_token is not None:
+        if bos_token not in enc.special_tokens_set:
+            raise TokenizerError(f"bos_token {bos_token!r} is not a special token of {enc.name} "
+                                 f"({', '.join(sorted(enc.special_tokens_set))})")
+        bos_id = enc.encode_single_token(bos_token)
+
     def encode_batch(texts: Sequence[str], threads: int = 1) -> list[np.ndarray]:
         # One thread (a Spark task's core): each text straight into numpy, no Python int objects
         # (converting tiktoken's lists cost as much as encoding). Several: tiktoken's threads,
@@ -124,7 +135,8 @@ def _tiktoken_tokenizer(spec: str, eos_token: str | None) -> Tokenizer:
     def decode(ids: Sequence[int]) -> str:
         return enc.decode([int(i) for i in ids], errors="replace")
 
-    return Tokenizer(name=enc.name, known_ids=known, eos_id=eos_id, encode_batch=encode_batch, decode=decode)
+    return Tokenizer(name=enc.name, known_ids=known, eos_id=eos_id, bos_id=bos_id, encode_batch=encode_batch,
+                     decode=decode)
 
 
 def _decodes(enc, token_id: int) -> bool:
@@ -135,7 +147,17 @@ def _decodes(enc, token_id: int) -> bool:
     return True
 
 
-def _hf_tokenizer(path: str, eos_token: str | None) -> Tokenizer:
+def _template_bos(tok) -> int | None:
+    """The token a tokenizer.json's post-processor template puts before a text (Llama 3's
+    ``<|begin_of_text|>``, Llama 2's ``<s>``), found by encoding one text with and without it."""
+    bare = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a", add_special_tokens=True).ids
+    if len(full) > len(bare) and full[1:1 + len(bare)] == bare:
+        return full[0]
+    return None
+
+
+def _hf_tokenizer(path: str, eos_token: str | None, bos_token: str | None) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
     if not os.path.isfile(path):
@@ -148,6 +170,12 @@ def _hf_tokenizer(path: str, eos_token: str | None) -> Tokenizer:
     eos_id = next((tok.token_to_id(t) for t in candidates if tok.token_to_id(t) is not None), None)
     if eos_token and eos_id is None:
         raise TokenizerError(f"eos_token {eos_token!r} is not in the vocabulary of {path!r}")
+    if bos_token is None:
+        bos_id = _template_bos(tok)
+    else:
+        bos_id = tok.token_to_id(bos_token)
+        if bos_id is None:
+            raise TokenizerError(f"bos_token {bos_token!r} is not in the vocabulary of {path!r}")
 
     def encode_batch(texts: Sequence[str], threads: int = 1) -> list[np.ndarray]:  # Rust threads of its own
         return [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch_fast(list(texts), add_special_tokens=False)]
@@ -156,37 +184,40 @@ def _hf_tokenizer(path: str, eos_token: str | None) -> Tokenizer:
         return tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     return Tokenizer(name=os.path.basename(path), known_ids=_id_mask(tok.get_vocab(with_added_tokens=True).values()),
-                     eos_id=eos_id, encode_batch=encode_batch, decode=decode)
+                     eos_id=eos_id, bos_id=bos_id, encode_batch=encode_batch, decode=decode)
 
 
 @functools.lru_cache(maxsize=8)
-def load_tokenizer(spec: str = DEFAULT_TOKENIZER, eos_token: str | None = None) -> Tokenizer:
+def load_tokenizer(spec: str = DEFAULT_TOKENIZER, eos_token: str | None = None,
+                   bos_token: str | None = None) -> Tokenizer:
     """The tokenizer named by ``spec``, loaded once per process (Spark reuses Python workers).
 
     ``eos_token`` overrides the end-of-document token (default: the tokenizer's own,
-    ``<|endoftext|>`` for cl100k_base). Raises :class:`TokenizerError` with a message
-    that says what to change.
+    ``<|endoftext|>`` for cl100k_base); ``bos_token`` names a beginning-of-document token
+    (default: the one a tokenizer.json's template adds, none for tiktoken). Raises
+    :class:`TokenizerError` with a message that says what to change.
     """
     if spec.endswith(".json"):
-        return _hf_tokenizer(spec, eos_token)
-    return _tiktoken_tokenizer(spec, eos_token)
+        return _hf_tokenizer(spec, eos_token, bos_token)
+    return _tiktoken_tokenizer(spec, eos_token, bos_token)
 
 
-def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], append_eos: bool, threads: int = 1) -> pa.ListArray:
-    """Token ids of each text as an Arrow ``list<int32>``, the EOS id appended when asked;
-    ``threads``: the cores the calling task may use."""
-    if append_eos and tokenizer.eos_id is None:
-        raise TokenizerError(f"{tokenizer.name} has no end-of-document token; set eos_token or append_eos: false")
-    eos = np.array([tokenizer.eos_id] if append_eos else [], dtype=np.int32)
-    pieces: list[np.ndarray] = []
-    lengths = np.empty(len(texts), dtype=np.int64)
-    for i, ids in enumerate(tokenizer.encode_batch(texts, threads)):
-        arr = ids.astype(np.int32, copy=False)
-        pieces.append(arr)
-        if eos.size:
-            pieces.append(eos)
-        lengths[i] = arr.shape[0] + eos.shape[0]
+def document_bos(tokenizer: Tokenizer, prepend_bos: bool | None) -> int | None:
+    """The id put before every document, or None: ``prepend_bos`` as set, by default the
+    tokenizer's BOS where it has one (named, or from a tokenizer.json's template)."""
+    if prepend_bos is False:
+        return None
+    if prepend_bos and tokenizer.bos_id is None:
+        raise TokenizerError(f"{tokenizer.name} has no beginning-of-document token; name one with --bos-token, "
+                             f"or drop --prepend-bos")
+    return tokenizer.bos_id
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], threads: int = 1) -> pa.ListArray:
+    """Token ids of each text as an Arrow ``list<int32>`` (no special token added); ``threads``:
+    the cores the calling task may use."""
+    pieces = [ids.astype(np.int32, copy=False) for ids in tokenizer.encode_batch(texts, threads)]
     offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    np.cumsum([p.shape[0] for p in pieces], out=offsets[1:])
     flat = np.concatenate(pieces) if pieces else np.empty(0, np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat))

@@ -334,30 +334,34 @@ def _columns(f: InputFile) -> list[str]:
     return []
 
 
-def check_id_column(files: list[InputFile], id_column: str) -> None:
-    """An id column named explicitly must be in some input file (a typo would silently give
-    every document a file:row id); the error lists the columns the first file has."""
+def check_named_column(files: list[InputFile], column: str, flag: str, way_out: str) -> None:
+    """A column named explicitly must be in some input file (a typo would silently give every
+    document a file:row id, or no loss mask); the error lists the columns the first file has."""
     first = _columns(files[0])
-    if id_column in first or any(id_column in _columns(f) for f in files[1:]):
+    if column in first or any(column in _columns(f) for f in files[1:]):
         return
-    raise InputError(f"--id-column {id_column!r} is in no input file (columns of {files[0].source}: "
-                     f"{', '.join(first) or 'none'}); name an existing column, or drop the flag for file:row ids")
+    raise InputError(f"{flag} {column!r} is in no input file (columns of {files[0].source}: "
+                     f"{', '.join(first) or 'none'}); name an existing column, or {way_out}")
 
 
 def plan_inputs(paths: list[str], fmt: str, payload: str, tokenized: bool, seq_len: int,
                 target_items: int, min_groups: int = 1, id_column: str | None = None,
                 select: Callable[[list[InputFile]], list[InputFile]] | None = None,
-                id_required: bool = False) -> InputPlan:
+                id_required: bool = False, extra_column: str | None = None) -> InputPlan:
     """List, split and group the input; ``payload`` is the text or token column Parquet must have.
 
     Groups hold about ``target_items`` items each, and there are at least
     ``min_groups`` of them where the files can be cut that finely. ``select`` keeps some of
     the listed files (an incremental run: the new ones). ``id_required``: the id column was
-    named explicitly, so some file must have it.
+    named explicitly, so some file must have it; so must ``extra_column`` (a loss mask or a prompt).
     """
     files = list_inputs(paths, fmt)
-    if id_required and id_column and any(f.format in ("parquet", "jsonl") for f in files):
-        check_id_column(files, id_column)
+    columnar = any(f.format in ("parquet", "jsonl") for f in files)
+    if id_required and id_column and columnar:
+        check_named_column(files, id_column, "--id-column", "drop the flag for file:row ids")
+    if extra_column and columnar:
+        flag = "--loss-mask-column" if tokenized else "--prompt-column"
+        check_named_column(files, extra_column, flag, f"drop {flag}")
     if select is not None:
         files = select(files)
         if not files:

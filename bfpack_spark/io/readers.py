@@ -47,12 +47,15 @@ class Reject:
 
 @dataclass
 class RawBatch:
-    """Documents of one batch: positions, ids, and texts (str) or token lists (Arrow)."""
+    """Documents of one batch: positions, ids, and texts (str) or token lists (Arrow); with an
+    extra column, each text's prompt (str) or each token list's loss mask (Arrow)."""
 
     rows: list[int] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     tokens: pa.Array | None = None
+    prompts: list[str] = field(default_factory=list)
+    masks: pa.Array | None = None
     rejects: list[Reject] = field(default_factory=list)
     n_records: int = 0  # records the reader consumed: documents, or rejects it made itself
 
@@ -81,7 +84,8 @@ REASON_CODES: list[tuple[str, str]] = [
     (r"malformed JSON", "invalid_json"), (r"not a JSON object", "not_object"),
     (r"id (field|column) .* is (missing|null or empty)", "missing_id"), (r"id (field|column)", "bad_id"),
     (r"(text|tokens) (field|column) .* is (null|missing)", "missing_text"),
-    (r"text holds an unpaired surrogate", "invalid_unicode"),
+    (r"(text|prompt) holds an unpaired surrogate", "invalid_unicode"),
+    (r"loss mask (field|column)", "bad_loss_mask"), (r"prompt (field|column)", "bad_prompt"),
     (r"(text|token|tokens) (field|column)", "bad_text_type"), (r"token id .* outside the vocabulary", "bad_tokens"),
     (r"empty document", "empty"), (r"no tokens", "no_tokens"), (r"duplicate id", "duplicate_id"),
     (r"corrupt or truncated", "corrupt_file"), (r"unreadable Parquet data", "corrupt_row_group"),
@@ -328,10 +332,31 @@ def first_record(split: Split, max_lines: int = 1000) -> dict | None:
     return None
 
 
+def _extra_kind(tokenized: bool) -> str:
+    """What the extra column holds: a loss mask beside tokens, a prompt beside text."""
+    return "loss mask" if tokenized else "prompt"
+
+
+def _json_extra(obj: dict, name: str, tokenized: bool) -> tuple[object, str | None]:
+    """The extra field of a JSON record (a loss mask or a prompt) and, when it is wrong, why."""
+    what = _extra_kind(tokenized)
+    value = obj.get(name)
+    if value is None:
+        return None, f"{what} field {name!r} is {'null' if name in obj else 'missing'}"
+    if tokenized:
+        if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+            return None, f"{what} field {name!r} is not a list of 0/1 (integers or booleans)"
+        return [int(v) for v in value], None
+    if not isinstance(value, str):
+        return None, f"{what} field {name!r} is {_json_kind(value)}, not a string"
+    return value, None
+
+
 def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: bool,
-               limits: Limits) -> Iterator[RawBatch]:
+               limits: Limits, extra: str | None = None) -> Iterator[RawBatch]:
     batch = RawBatch()
     token_lists: list[list[int]] = []
+    mask_lists: list[list[int]] = []
     has_ids = split.has_ids and id_column is not None
     kind = "tokens" if tokenized else "text"
 
@@ -376,53 +401,80 @@ def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: 
                 reject(row, f"{kind} field {field_name!r} is {'null' if field_name in obj else 'missing'}",
                        raw, doc_id)
                 continue
+            side = None
+            if extra is not None:
+                side, problem = _json_extra(obj, extra, tokenized)
+                if problem:
+                    reject(row, problem, raw, doc_id)
+                    continue
             if tokenized:
                 if not isinstance(value, list) or not all(
                         isinstance(t, int) and not isinstance(t, bool) for t in value):
                     reject(row, f"{kind} field {field_name!r} is not a list of integers", raw, doc_id)
                     continue
                 token_lists.append(value)
+                if side is not None:
+                    mask_lists.append(side)
             else:
                 if not isinstance(value, str):
                     reject(row, f"{kind} field {field_name!r} is {_json_kind(value)}, not a string",
                            raw, doc_id)
                     continue
                 try:
-                    size = len(value.encode("utf-8"))
+                    size = len(value.encode("utf-8")) + (len(side.encode("utf-8")) if side is not None else 0)
                 except UnicodeEncodeError:
-                    reject(row, "text holds an unpaired surrogate escape (invalid Unicode)", raw, doc_id)
+                    what = "text" if side is None or _encodes(value) else "prompt"
+                    reject(row, f"{what} holds an unpaired surrogate escape (invalid Unicode)", raw, doc_id)
                     continue
                 if size > limits.document_bytes:
                     reject(row, _too_large(limits.document_bytes), raw, doc_id)
                     continue
                 batch.texts.append(value)
+                if side is not None:
+                    batch.prompts.append(side)
             batch.rows.append(row)
             batch.ids.append(doc_id)
             if len(batch) >= BATCH_DOCS:
-                yield _finish_jsonl(batch, token_lists, tokenized)
-                batch, token_lists = RawBatch(), []
+                yield _finish_jsonl(batch, token_lists, mask_lists, tokenized, extra)
+                batch, token_lists, mask_lists = RawBatch(), [], []
     except _Corrupt as exc:
         reject(exc.offset, f"corrupt or truncated {split.compression or ''} file; reading stopped here "
                            f"({exc})".replace("  ", " "), "")
     if len(batch) or batch.rejects:
-        yield _finish_jsonl(batch, token_lists, tokenized)
+        yield _finish_jsonl(batch, token_lists, mask_lists, tokenized, extra)
 
 
-def _finish_jsonl(batch: RawBatch, token_lists: list[list[int]], tokenized: bool) -> RawBatch:
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _int64_lists(lists: list[list[int]]) -> pa.Array:
+    """Python integer lists as Arrow ``list<int64>``; a value beyond int64 becomes -1 (rejected later as
+    out of range)."""
+    try:
+        return pa.array(lists, type=pa.list_(pa.int64()))
+    except (pa.ArrowInvalid, OverflowError):
+        return pa.array([[t if -2**63 <= t < 2**63 else -1 for t in x] for x in lists], type=pa.list_(pa.int64()))
+
+
+def _finish_jsonl(batch: RawBatch, token_lists: list[list[int]], mask_lists: list[list[int]], tokenized: bool,
+                  extra: str | None) -> RawBatch:
     batch.n_records = len(batch.rows) + len(batch.rejects)
     if tokenized:
-        try:
-            batch.tokens = pa.array(token_lists, type=pa.list_(pa.int64()))
-        except (pa.ArrowInvalid, OverflowError):  # an id beyond int64: reject per document below
-            batch.tokens = pa.array([[t if -2**63 <= t < 2**63 else -1 for t in x] for x in token_lists],
-                                    type=pa.list_(pa.int64()))
+        batch.tokens = _int64_lists(token_lists)
+        if extra is not None:
+            batch.masks = _int64_lists(mask_lists)
     return batch
 
 
 # -- Parquet ------------------------------------------------------------------------
 
 def read_parquet(split: Split, id_column: str | None, column: str, tokenized: bool,
-                 limits: Limits) -> Iterator[RawBatch]:
+                 limits: Limits, extra: str | None = None) -> Iterator[RawBatch]:
     """Row group by row group, so damage in one costs only its own rows."""
     fs, path = filesystem(split.uri)
     row = split.first_row
@@ -439,10 +491,13 @@ def read_parquet(split: Split, id_column: str | None, column: str, tokenized: bo
             yield RawBatch(rejects=[Reject(split.source, row, reason)], n_records=1)
             return
         groups = range(pf.metadata.num_row_groups) if split.row_groups is None else split.row_groups
-        has_ids = id_column is not None and id_column in pf.schema_arrow.names
-        columns = [column] + ([id_column] if has_ids else [])
+        names = pf.schema_arrow.names
+        has_ids = id_column is not None and id_column in names
+        columns = [column] + ([id_column] if has_ids else []) + ([extra] if extra in names else [])
         # checked at planning, unless the footer was unreadable then
-        missing = None if column in pf.schema_arrow.names else f"no column {column!r} in this file"
+        missing = None if column in names else f"no column {column!r} in this file"
+        if extra is not None and extra not in names and not missing:
+            missing = f"{_extra_kind(tokenized)} column {extra!r} is missing in this file"
         for g in groups:
             group_end = row + pf.metadata.row_group(g).num_rows
             problem = missing
@@ -456,7 +511,7 @@ def read_parquet(split: Split, id_column: str | None, column: str, tokenized: bo
                                    f"{exc or 'the file holds fewer rows than its footer says'}")
                         break
                     yield _parquet_batch(split, rb, row, id_column if has_ids else None, column, tokenized,
-                                         limits.document_bytes)
+                                         limits.document_bytes, extra)
                     row += rb.num_rows
             if problem:  # every row not read is a reject
                 yield RawBatch(rejects=[Reject(split.source, r, problem) for r in range(row, group_end)],
@@ -464,8 +519,29 @@ def read_parquet(split: Split, id_column: str | None, column: str, tokenized: bo
             row = group_end
 
 
+def _utf8_texts(values: pa.Array, n: int, what: str, bad: Callable[[np.ndarray, str], None]) -> list[str | None]:
+    """A string column as Python strings; a value that is not valid UTF-8 is marked bad (None)."""
+    try:
+        return values.to_pylist()
+    except UnicodeDecodeError:
+        texts: list[str | None] = []
+        for i, b in enumerate(values.cast(pa.binary()).to_pylist()):
+            try:
+                texts.append(None if b is None else b.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                one = np.zeros(n, bool)
+                one[i] = True
+                bad(one, f"invalid UTF-8 at byte {exc.start} of the {what}")
+                texts.append(None)
+        return texts
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
 def _parquet_batch(split: Split, rb: pa.RecordBatch, first_row: int, id_column: str | None,
-                   column: str, tokenized: bool, max_bytes: int) -> RawBatch:
+                   column: str, tokenized: bool, max_bytes: int, extra: str | None = None) -> RawBatch:
     n = rb.num_rows
     rows = np.arange(first_row, first_row + n)
     batch = RawBatch(n_records=n)
@@ -491,6 +567,21 @@ def _parquet_batch(split: Split, rb: pa.RecordBatch, first_row: int, id_column: 
     else:
         ids = [f"{split.source}:{r}" for r in rows]
     bad(np.asarray(values.is_null()), f"{'tokens' if tokenized else 'text'} column {column!r} is null")
+    side = rb.column(extra) if extra is not None else None
+    if side is not None:
+        what = _extra_kind(tokenized)
+        bad(np.asarray(side.is_null()), f"{what} column {extra!r} is null")
+        wanted = (((pa.types.is_list(side.type) or pa.types.is_large_list(side.type))
+                   and (pa.types.is_integer(side.type.value_type) or pa.types.is_boolean(side.type.value_type)))
+                  if tokenized else _is_string(side.type))
+        if not wanted:
+            bad(np.ones(n, bool), f"{what} column {extra!r} has type {side.type}, not "
+                                  f"{'a list of 0/1 (integers or booleans)' if tokenized else 'string'}")
+        elif tokenized and pc.list_flatten(side).null_count:
+            flat_nulls = pc.is_null(pc.list_flatten(side)).to_numpy(zero_copy_only=False)
+            mask = np.zeros(n, bool)
+            mask[pc.list_parent_indices(side).to_numpy()[flat_nulls]] = True
+            bad(mask, f"{what} column {extra!r} holds a null")
 
     if tokenized:
         if not ((pa.types.is_list(values.type) or pa.types.is_large_list(values.type))
@@ -504,34 +595,32 @@ def _parquet_batch(split: Split, rb: pa.RecordBatch, first_row: int, id_column: 
                 bad(mask, f"token column {column!r} holds a null token id")
             batch.tokens = values
     else:
-        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        prompts: list[str | None] = []
+        if not _is_string(values.type):
             bad(np.ones(n, bool), f"text column {column!r} has type {values.type}, not string")
-            texts = [None] * n
+            texts: list[str | None] = [None] * n
         else:
             sizes = pc.fill_null(pc.binary_length(values), 0).to_numpy(zero_copy_only=False)
+            if side is not None and _is_string(side.type):
+                sizes = sizes + pc.fill_null(pc.binary_length(side), 0).to_numpy(zero_copy_only=False)
             bad(sizes > max_bytes, _too_large(max_bytes))
-            try:
-                texts = values.to_pylist()
-            except UnicodeDecodeError:
-                texts = []
-                for i, b in enumerate(values.cast(pa.binary()).to_pylist()):
-                    try:
-                        texts.append(None if b is None else b.decode("utf-8"))
-                    except UnicodeDecodeError as exc:
-                        one = np.zeros(n, bool)
-                        one[i] = True
-                        bad(one, f"invalid UTF-8 at byte {exc.start} of the text")
-                        texts.append(None)
+            texts = _utf8_texts(values, n, "text", bad)
+        if side is not None and _is_string(side.type):
+            prompts = _utf8_texts(side, n, "prompt", bad)
     for i in range(n):
         if ok[i]:
             batch.rows.append(int(rows[i]))
             batch.ids.append(ids[i])
             if not tokenized:
                 batch.texts.append(texts[i])
+                if side is not None:
+                    batch.prompts.append(prompts[i])
         else:
             batch.rejects.append(Reject(split.source, int(rows[i]), reasons[i], _value_excerpt(values, i), ids[i]))
     if tokenized and batch.tokens is not None:
         batch.tokens = batch.tokens.filter(pa.array(ok))
+        if side is not None:
+            batch.masks = side.filter(pa.array(ok))
     return batch
 
 
@@ -550,7 +639,7 @@ def _value_excerpt(values: pa.Array, i: int) -> str:
 # -- plain text files -----------------------------------------------------------------
 
 def read_text_file(split: Split, id_column: str | None, column: str, tokenized: bool,
-                   limits: Limits) -> Iterator[RawBatch]:
+                   limits: Limits, extra: str | None = None) -> Iterator[RawBatch]:
     """The whole file is one document, its id the file's source name."""
     batch = RawBatch(n_records=1)
     fs, path = filesystem(split.uri)
@@ -583,6 +672,7 @@ _READERS = {"parquet": read_parquet, "jsonl": read_jsonl, "text": read_text_file
 
 
 def read_split(split: Split, id_column: str | None, column: str, tokenized: bool,
-               limits: Limits) -> Iterator[RawBatch]:
-    """Batches of documents and rejects of one split, in file order."""
-    yield from _READERS[split.format](split, id_column, column, tokenized, limits)
+               limits: Limits, extra: str | None = None) -> Iterator[RawBatch]:
+    """Batches of documents and rejects of one split, in file order; ``extra`` names the column
+    of each document's loss mask (tokenized input) or prompt (text)."""
+    yield from _READERS[split.format](split, id_column, column, tokenized, limits, extra)

@@ -97,7 +97,7 @@ class ChunkedTokens:
     def gather(self, doc: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
         """The tokens of the given segments (document, start, length), one after the other."""
         length = np.asarray(length, np.int64)
-        out = np.empty(int(length.sum()), np.int32)
+        out = np.empty(int(length.sum()), self._parts[0][0].dtype if self._parts else np.int32)
         at = np.cumsum(length) - length
         part = np.searchsorted(self._first, doc, side="right") - 1
         order = np.argsort(part, kind="stable")
@@ -117,6 +117,82 @@ class ChunkedTokens:
         return values[at:min(at + n, offsets[doc - self._first[p] + 1])]
 
 
+@jit
+def _frame(values, offsets, mask_values, new_offsets, bos, eos, out, mask_out):
+    """Each document's tokens between ``bos`` and ``eos`` (-1: none); with masks (``mask_out``
+    not empty), BOS gets 0 and EOS the mask of the document's last token (1 when it has none)."""
+    with_masks = mask_out.shape[0] > 0
+    given = mask_values.shape[0] > 0
+    for i in range(offsets.shape[0] - 1):
+        pos = new_offsets[i]
+        n = offsets[i + 1] - offsets[i]
+        if bos >= 0:
+            out[pos] = bos
+            if with_masks:
+                mask_out[pos] = 0
+            pos += 1
+        copy_range(out, pos, values, offsets[i], n)
+        if with_masks:
+            if given:
+                copy_range(mask_out, pos, mask_values, offsets[i], n)
+            else:
+                mask_out[pos:pos + n] = 1
+        pos += n
+        if eos >= 0:
+            out[pos] = eos
+            if with_masks:
+                mask_out[pos] = mask_values[offsets[i + 1] - 1] if given and n > 0 else 1
+
+
+def frame_documents(tokens: pa.Array, masks: pa.Array | None, bos: int | None, eos: int | None,
+                    with_masks: bool = False) -> tuple[pa.ListArray, pa.ListArray | None]:
+    """Documents with ``bos`` put before and ``eos`` after each (either may be None), and their
+    loss masks (``list<int8>``: given, or all 1 when ``with_masks`` and none given; BOS 0, EOS the
+    mask of the document's last token). Tokens become ``list<int32>``; every token is copied once."""
+    values, offsets = flatten_token_lists(tokens)
+    values, offsets = values[offsets[0]:offsets[-1]].astype(np.int32, copy=False), offsets - offsets[0]
+    extra = (bos is not None) + (eos is not None)
+    new_offsets = offsets + extra * np.arange(offsets.shape[0], dtype=np.int64)
+    out = np.empty(int(new_offsets[-1]), np.int32)
+    mask_values = np.empty(0, np.int8)
+    if masks is not None:
+        mask_values, mask_offsets = flatten_token_lists(masks)
+        mask_values = mask_values[mask_offsets[0]:mask_offsets[-1]].astype(np.int8, copy=False)
+        if not np.array_equal(mask_offsets - mask_offsets[0], offsets):
+            raise ValueError("every loss mask must be as long as its document's tokens")
+    with_masks = with_masks or masks is not None
+    mask_out = np.empty(out.shape[0] if with_masks else 0, np.int8)
+    _frame(values, offsets, mask_values, new_offsets, -1 if bos is None else bos, -1 if eos is None else eos,
+           out, mask_out)
+    framed_masks = list_array(new_offsets, pa.array(mask_out)) if with_masks else None
+    return list_array(new_offsets, pa.array(out)), framed_masks
+
+
+@jit
+def _join_pairs(a_values, a_offsets, b_values, b_offsets, out, mask_out):
+    pos = 0
+    for i in range(a_offsets.shape[0] - 1):
+        n = a_offsets[i + 1] - a_offsets[i]
+        copy_range(out, pos, a_values, a_offsets[i], n)
+        mask_out[pos:pos + n] = 0
+        pos += n
+        n = b_offsets[i + 1] - b_offsets[i]
+        copy_range(out, pos, b_values, b_offsets[i], n)
+        mask_out[pos:pos + n] = 1
+        pos += n
+
+
+def prompt_and_text(prompts: pa.Array, texts: pa.Array) -> tuple[pa.ListArray, pa.ListArray]:
+    """Each document as its prompt's tokens, then its text's; the loss mask is 0 on the prompt."""
+    a_values, a_offsets = flatten_token_lists(prompts)
+    b_values, b_offsets = flatten_token_lists(texts)
+    offsets = (a_offsets - a_offsets[0]) + (b_offsets - b_offsets[0])
+    out = np.empty(int(offsets[-1]), np.int32)
+    mask_out = np.empty(out.shape[0], np.int8)
+    _join_pairs(a_values, a_offsets, b_values, b_offsets, out, mask_out)
+    return list_array(offsets, pa.array(out)), list_array(offsets, pa.array(mask_out))
+
+
 def gather_segments(values: np.ndarray, doc_offsets: np.ndarray, doc: np.ndarray, start: np.ndarray,
                     length: np.ndarray) -> np.ndarray:
     """The tokens of the given segments, one after the other (one copy of each token)."""
@@ -126,20 +202,25 @@ def gather_segments(values: np.ndarray, doc_offsets: np.ndarray, doc: np.ndarray
 
 
 def sequences_table(seg_offsets: np.ndarray, tokens: np.ndarray, seg_docs: pa.Array,
-                    seg_starts: np.ndarray, seg_lengths: np.ndarray, docs_column: str = "seg_docs") -> pa.Table:
+                    seg_starts: np.ndarray, seg_lengths: np.ndarray, docs_column: str = "seg_docs",
+                    loss_mask: np.ndarray | None = None) -> pa.Table:
     """One row per sequence from its segments (in order) and their concatenated tokens.
 
     Columns: ``input_ids``, ``docs_column`` (each segment's document), ``seg_starts``
-    (its token offset in the document), ``seg_lengths``, ``n_tokens``.
+    (its token offset in the document), ``seg_lengths``, ``n_tokens``; and ``loss_mask``
+    (int8, aligned with ``input_ids``) when the segments' masks are given, laid out as ``tokens``.
     """
     token_offsets = np.concatenate(([0], np.cumsum(seg_lengths)))[seg_offsets]
-    return pa.table({
+    columns = {
         "input_ids": list_array(token_offsets, pa.array(tokens)),
         docs_column: list_array(seg_offsets, seg_docs),
         "seg_starts": list_array(seg_offsets, pa.array(np.asarray(seg_starts).astype(np.int32))),
         "seg_lengths": list_array(seg_offsets, pa.array(np.asarray(seg_lengths).astype(np.int32))),
         "n_tokens": pa.array(np.diff(token_offsets).astype(np.int32)),
-    })
+    }
+    if loss_mask is not None:
+        columns["loss_mask"] = list_array(token_offsets, pa.array(loss_mask.astype(np.int8, copy=False)))
+    return pa.table(columns)
 
 
 def assemble(tokens: TokenLists, layout: Layout) -> pa.Table:
@@ -157,13 +238,15 @@ def _assemble_flat(values: np.ndarray, doc_offsets: np.ndarray, layout: Layout) 
     return sequences_table(layout.seg_offsets, out, pa.array(layout.doc), layout.start, layout.length)
 
 
-def pack_token_lists(tokens: TokenLists, seq_len: int, strategy: str = "bfd") -> pa.Table:
-    """Pack tokenized documents into sequences of at most ``seq_len`` tokens.
+def pack_token_lists(tokens: TokenLists, seq_len: int, strategy: str = "bfd",
+                     max_segments: int | None = None) -> pa.Table:
+    """Pack tokenized documents into sequences of at most ``seq_len`` tokens (and at most
+    ``max_segments`` segments, when given).
 
     ``strategy="bfd"`` is best-fit packing; ``"concat"`` is the concatenate-and-cut
     baseline. Returns the table described in :func:`assemble`, sequences in the
     order the strategy opened them.
     """
     values, doc_offsets = flatten_token_lists(tokens)
-    layout = make_layout(np.diff(doc_offsets), seq_len, strategy)
+    layout = make_layout(np.diff(doc_offsets), seq_len, strategy, max_segments)
     return _assemble_flat(values, doc_offsets, layout)

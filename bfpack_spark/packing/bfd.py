@@ -12,6 +12,10 @@ O(log seq_len); the whole pass is O(N log L) with O(N + L) memory.
 Among several sequences with the same remaining capacity the one that reached
 that capacity last is chosen (the top of its stack). Any rule gives the same
 number of sequences; this one is O(1) and makes the result fully determined.
+
+A cap on items per sequence (``max_items``) closes a sequence once it holds that many
+items, whatever room it has left: it leaves the tree as a full one would. Per-document
+attention kernels cost per segment, so trainers bound segments per sequence.
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ def longest_first(lengths, seq_len):
 
 
 @jit
-def _bfd_kernel(lengths, seq_len):
+def _bfd_kernel(lengths, seq_len, max_items=0):
+    """Sequence of each item (opened in order), and the number of sequences; ``max_items`` > 0
+    closes a sequence once it holds that many items."""
     n = lengths.shape[0]
     order, start, counts = longest_first(lengths, seq_len)
 
@@ -56,6 +62,7 @@ def _bfd_kernel(lengths, seq_len):
     head = np.full(seq_len + 1, -1, np.int64)  # capacity -> top of its stack of sequences
     below = np.empty(n, np.int64)             # sequence -> next sequence in the same stack
     assignment = np.empty(n, np.int64)
+    items = np.zeros(n if max_items > 0 else 0, np.int64)  # items per sequence, when capped
     n_seqs = 0
 
     for x in range(seq_len, 0, -1):
@@ -91,6 +98,10 @@ def _bfd_kernel(lengths, seq_len):
                 n_seqs += 1
                 free = seq_len - x
             assignment[order[k]] = seq
+            if max_items > 0:
+                items[seq] += 1
+                if items[seq] >= max_items:
+                    free = 0  # closed: it takes no more items
             if free > 0:
                 below[seq] = head[free]
                 head[free] = seq
@@ -133,14 +144,24 @@ def _validate_lengths(lengths: npt.ArrayLike, seq_len: int) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def best_fit_decreasing(lengths: npt.ArrayLike, seq_len: int) -> npt.NDArray[np.int64]:
+def validate_max_items(max_items: int | None) -> int:
+    """A cap on items per sequence as the kernel takes it: 0 for none."""
+    if max_items is None:
+        return 0
+    if isinstance(max_items, bool) or not isinstance(max_items, (int, np.integer)) or max_items < 1:
+        raise ValueError(f"max_items must be a positive integer or None, got {max_items!r}")
+    return int(max_items)
+
+
+def best_fit_decreasing(lengths: npt.ArrayLike, seq_len: int, max_items: int | None = None) -> npt.NDArray[np.int64]:
     """Assign each item to a sequence of capacity ``seq_len`` by best-fit-decreasing.
 
     Returns, for each item, the index of its sequence; sequences are numbered
-    0, 1, 2, ... in the order they are opened. Raises ``ValueError`` for a length
-    outside ``1..seq_len``, a non-integer dtype, or ``seq_len < 1``.
+    0, 1, 2, ... in the order they are opened. ``max_items``: no sequence holds more
+    items. Raises ``ValueError`` for a length outside ``1..seq_len``, a non-integer
+    dtype, ``seq_len < 1`` or a cap below 1.
     """
     seq_len = _validate_seq_len(seq_len)
     arr = _validate_lengths(lengths, seq_len)
-    assignment, _ = _bfd_kernel(arr, seq_len)
+    assignment, _ = _bfd_kernel(arr, seq_len, validate_max_items(max_items))
     return assignment

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bfpack_spark.packing._jit import jit
-from bfpack_spark.packing.bfd import _bfd_kernel, _validate_lengths, _validate_seq_len
+from bfpack_spark.packing.bfd import _bfd_kernel, _validate_lengths, _validate_seq_len, validate_max_items
 from bfpack_spark.packing.chunking import chunk_documents
 
 STRATEGIES = ("bfd", "concat")
@@ -67,15 +67,16 @@ def _group_by_sequence(assignment, n_seqs):
     return offsets, order
 
 
-def bfd_layout(doc_lengths: npt.ArrayLike, seq_len: int) -> Layout:
-    """Best-fit packing: chunk documents longer than ``seq_len``, then pack chunks by BFD.
+def bfd_layout(doc_lengths: npt.ArrayLike, seq_len: int, max_segments: int | None = None) -> Layout:
+    """Best-fit packing: chunk documents longer than ``seq_len``, then pack chunks by BFD
+    (at most ``max_segments`` per sequence, when given).
 
     Segments of a sequence appear in document order.
     """
     seq_len = _validate_seq_len(seq_len)
     chunks = chunk_documents(doc_lengths, seq_len)
     lengths = _validate_lengths(chunks.length, seq_len)
-    assignment, n_seqs = _bfd_kernel(lengths, seq_len)
+    assignment, n_seqs = _bfd_kernel(lengths, seq_len, validate_max_items(max_segments))
     seg_offsets, order = _group_by_sequence(assignment, n_seqs)
     return Layout(seg_offsets, chunks.doc[order], chunks.start[order], chunks.length[order])
 
@@ -109,10 +110,14 @@ def concat_layout(doc_lengths: npt.ArrayLike, seq_len: int) -> Layout:
     return Layout(seg_offsets, doc, start, length)
 
 
-def make_layout(doc_lengths: npt.ArrayLike, seq_len: int, strategy: str = "bfd") -> Layout:
-    """The layout of ``strategy`` ("bfd" or "concat") for documents of these lengths."""
+def make_layout(doc_lengths: npt.ArrayLike, seq_len: int, strategy: str = "bfd",
+                max_segments: int | None = None) -> Layout:
+    """The layout of ``strategy`` ("bfd" or "concat") for documents of these lengths; ``max_segments``
+    caps segments per sequence (best-fit only)."""
     if strategy == "bfd":
-        return bfd_layout(doc_lengths, seq_len)
+        return bfd_layout(doc_lengths, seq_len, max_segments)
+    if max_segments is not None:
+        raise ValueError("max_segments caps best-fit packing; the concat baseline cuts a stream and has no cap")
     if strategy == "concat":
         return concat_layout(doc_lengths, seq_len)
     raise ValueError(f"unknown packing strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")

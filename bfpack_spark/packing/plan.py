@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from bfpack_spark.packing.bfd import _bfd_kernel, _validate_seq_len
+from bfpack_spark.packing.bfd import _bfd_kernel, _validate_seq_len, validate_max_items
 from bfpack_spark.packing.chunking import chunk_documents
 from bfpack_spark.packing.layout import Layout, _group_by_sequence, concat_layout
 
@@ -147,17 +147,22 @@ class Packed:
     n_final: int
 
 
-def pack_partition(lengths: npt.ArrayLike, groups: npt.ArrayLike, seq_len: int, threshold: float) -> Packed:
-    """BFD over one partition's items (given in canonical order); sequences filled to at least
-    ``threshold * seq_len`` are final."""
+def pack_partition(lengths: npt.ArrayLike, groups: npt.ArrayLike, seq_len: int, threshold: float,
+                   max_segments: int | None = None) -> Packed:
+    """BFD over one partition's items (given in canonical order), at most ``max_segments`` per
+    sequence when given; sequences filled to at least ``threshold * seq_len``, or holding
+    ``max_segments`` items, are final (no later round could add to them)."""
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
     groups = np.asarray(groups, dtype=np.int64)
     if lengths.shape[0] == 0:
         empty = np.empty(0, np.int64)
         return Packed(empty, np.empty(0, np.bool_), empty, empty, np.empty(0, np.bool_), 0)
-    bins, n_bins = _bfd_kernel(lengths, seq_len)
+    cap = validate_max_items(max_segments)
+    bins, n_bins = _bfd_kernel(lengths, seq_len, cap)
     fill = np.bincount(bins, weights=lengths, minlength=n_bins)
     final_bin = fill >= threshold * seq_len
+    if cap:
+        final_bin |= np.bincount(bins, minlength=n_bins) >= cap
     rank_of_bin = np.where(final_bin, np.cumsum(final_bin) - 1, -1)
     offsets, order = _group_by_sequence(bins, n_bins)
     slot = np.empty(bins.shape[0], np.int64)
@@ -220,12 +225,14 @@ class Plan:
 
 def plan_bfd(doc_lengths: npt.ArrayLike, doc_group: npt.ArrayLike, n_groups: int, seq_len: int,
              n_partitions: int, fill_threshold: float = 0.99, merge_items: int = 200_000,
-             n_buckets: int = DEFAULT_BUCKETS, *, interleave: bool = True, route: bool = True) -> Plan:
+             n_buckets: int = DEFAULT_BUCKETS, *, max_segments: int | None = None, interleave: bool = True,
+             route: bool = True) -> Plan:
     """Best-fit packing as Spark runs it, in one process.
 
     ``doc_lengths`` and ``doc_group`` list every document in canonical order (groups
-    ascending). ``interleave=False`` and ``route=False`` (stage 0 keeps every item at
-    home) exist to measure what they buy (``benchmarks/bench_plan.py``).
+    ascending). ``max_segments`` caps segments per sequence in every round.
+    ``interleave=False`` and ``route=False`` (stage 0 keeps every item at home) exist to
+    measure what they buy (``benchmarks/bench_plan.py``).
     """
     seq_len = _validate_seq_len(seq_len)
     if n_partitions < 1:
@@ -255,7 +262,7 @@ def plan_bfd(doc_lengths: npt.ArrayLike, doc_group: npt.ArrayLike, n_groups: int
         left, left_source = [], []
         for p in range(n_targets):
             part = items[target == p]  # canonical order
-            packed = pack_partition(chunks.length[part], group[part], seq_len, threshold)
+            packed = pack_partition(chunks.length[part], group[part], seq_len, threshold, max_segments)
             done = part[packed.final]
             seq[done] = next_id + packed.rank[packed.final]
             slot[done], local[done] = packed.slot[packed.final], packed.local[packed.final]

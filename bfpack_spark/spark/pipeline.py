@@ -52,7 +52,7 @@ from bfpack_spark.stages.dedup import earlier_documents, find_duplicates, withou
 from bfpack_spark.stages.plan import PlanResult, plan_bfd
 from bfpack_spark.stages.read import ReadSettings, read_corpus
 from bfpack_spark.stats import packing_stats, stats_row, stats_table
-from bfpack_spark.tokenize import TokenizerError, load_tokenizer
+from bfpack_spark.tokenize import TokenizerError, document_bos, load_tokenizer
 
 __all__ = ["AuditError", "RunResult", "run"]
 
@@ -98,10 +98,11 @@ class RunResult:
 
 def _plan_inputs(config: PackConfig) -> InputPlan:
     """Everything that can go wrong before Spark starts: tokenizer, inputs, output root."""
-    tokenizer = load_tokenizer(config.tokenizer.tokenizer, config.tokenizer.eos_token)
+    tokenizer = load_tokenizer(config.tokenizer.tokenizer, config.tokenizer.eos_token, config.tokenizer.bos_token)
     if config.append_eos and tokenizer.eos_id is None:
         raise TokenizerError(f"{tokenizer.name} has no end-of-document token; name one with --eos-token "
                              f"or turn it off with --no-append-eos")
+    document_bos(tokenizer, config.tokenizer.prepend_bos)
     check_output(config.output.output)
     select, digests, replaces = None, {}, {}
     if config.output.mode != "overwrite":
@@ -120,10 +121,16 @@ def _plan_inputs(config: PackConfig) -> InputPlan:
                        config.input.token_column or config.input.text_column, config.tokenized,
                        config.packing.seq_len, config.input.target_items_per_partition,
                        config.input.min_partitions, config.input.id_column or None, select,
-                       id_required=config.input.id_column not in (None, "", DEFAULT_ID_COLUMN))
+                       id_required=config.input.id_column not in (None, "", DEFAULT_ID_COLUMN),
+                       extra_column=_extra_column(config))
     plan.digests.update(digests)
     plan.replaces.update(replaces)
     return plan
+
+
+def _extra_column(config: PackConfig) -> str | None:
+    """The column beside the tokens or text: a loss mask, or a prompt."""
+    return config.input.loss_mask_column if config.tokenized else config.input.prompt_column
 
 
 def _read_settings(config: PackConfig) -> ReadSettings:
@@ -133,7 +140,9 @@ def _read_settings(config: PackConfig) -> ReadSettings:
         tokenized=config.tokenized, tokenizer=config.tokenizer.tokenizer, eos_token=config.tokenizer.eos_token,
         append_eos=config.append_eos, seq_len=config.packing.seq_len, length_buckets=config.packing.length_buckets,
         keep_empty=config.quality.empty_documents == "keep",
-        limits=Limits(config.quality.max_document_bytes, config.quality.max_line_bytes))
+        limits=Limits(config.quality.max_document_bytes, config.quality.max_line_bytes),
+        bos_token=config.tokenizer.bos_token, prepend_bos=config.tokenizer.prepend_bos,
+        extra_column=_extra_column(config), loss_masks=config.loss_masks)
 
 
 def run(config: PackConfig, spark=None) -> RunResult:
@@ -247,7 +256,7 @@ def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, tim
                 for g, dropped in dups.items_by_group.items():
                     items[g] -= dropped
                 plan = plan_bfd(kept, items, L, p.partitions or n_groups, p.residual_fill,
-                                p.merge_items_per_partition, p.length_buckets)
+                                p.merge_items_per_partition, p.length_buckets, p.max_segments_per_sequence)
                 release.callback(plan.unpersist)
             else:
                 plan = PlanResult(None, -(-tokens // L), n_groups)
@@ -256,7 +265,8 @@ def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, tim
 
         with timer("assemble and write"):
             ctx = Assembly(L, p.strategy, staging, workspace, config.tokenizer.tokenizer, config.tokenizer.eos_token,
-                           np.cumsum(tokens_by_group) - tokens_by_group, tokens, tuple(plan.first_ids))
+                           np.cumsum(tokens_by_group) - tokens_by_group, tokens, tuple(plan.first_ids),
+                           config.tokenizer.bos_token, config.loss_masks, p.max_segments_per_sequence)
             assembled = assemble(spark, plan.orders, dups.drops, n_groups, ctx,
                                  reduce_partitions(plan.moved_segments, plan.moved_tokens, p.merge_items_per_partition))
         faults.check("staged")
@@ -269,7 +279,8 @@ def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, tim
                 "sequences": plan.n_sequences, "tokens": tokens,
                 "segments": plan.n_items if p.strategy == "bfd" else concat.n_segments,
                 "documents": read.total("documents") - dups.count, "documents_read": documents_read,
-                "documents_rejected": rejected}, L, chunked=p.strategy == "bfd")
+                "documents_rejected": rejected}, L, chunked=p.strategy == "bfd", loss_masks=config.loss_masks,
+                max_segments=p.max_segments_per_sequence)
             audit.raise_if_failed()
 
         moved = (sum(f["moved_segments"] for f in assembled.figures), sum(f["moved_tokens"] for f in assembled.figures))

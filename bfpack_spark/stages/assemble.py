@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +23,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from bfpack_spark import faults
-from bfpack_spark.audit import document_figures, sequence_figures
+from bfpack_spark.audit import document_figures, segment_bins, sequence_figures
 from bfpack_spark.io.readers import Reject, position
 from bfpack_spark.io.staging import StagedFile, Staging
 from bfpack_spark.io.workspace import Workspace
@@ -78,6 +77,13 @@ class Assembly:
     concat_offsets: np.ndarray  # first token of each group in the concatenated stream (packable documents)
     concat_total: int
     first_ids: tuple[np.ndarray, ...] = ()  # best-fit: first sequence id of each partition, per round
+    bos_token: str | None = None
+    loss_masks: bool = False                # the documents carry loss masks, and so do the sequences
+    max_segments: int | None = None         # the cap on segments per sequence (for the histogram's range)
+
+    def figures(self, table: pa.Table) -> dict:
+        """The audit's figures of a sequences file part."""
+        return sequence_figures(table, self.seq_len, segment_bins(self.max_segments))
 
     def sequence_ids(self, stage: np.ndarray, part: np.ndarray, rank: np.ndarray) -> np.ndarray:
         """Sequence id of an item whose sequence became final in round ``stage``, partition ``part``."""
@@ -110,7 +116,10 @@ def _slices(order: np.ndarray, firsts: np.ndarray, lengths: np.ndarray) -> Itera
 
 def _with_run(table: pa.Table, seq_ids: np.ndarray, run_id: str) -> pa.Table:
     table = table.append_column("seq_id", pa.array(seq_ids, pa.int64()))
-    return table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string())).select(SEQUENCES.names)
+    table = table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string()))
+    if "loss_mask" not in table.column_names:
+        table = table.append_column("loss_mask", pa.nulls(table.num_rows, SEQUENCES.field("loss_mask").type))
+    return table.select(SEQUENCES.names)
 
 
 @dataclass
@@ -161,8 +170,9 @@ def _plan_segments(lengths: np.ndarray, kept: np.ndarray, bundles: pa.Table, ctx
 def _excerpts(tokens: ChunkedTokens, docs: np.ndarray, ctx: Assembly) -> list[str]:
     """The start of each document's text (decoded from its first tokens, without the
     end-of-document token a short one ends with), for a reject row."""
-    tokenizer = load_tokenizer(ctx.tokenizer, ctx.eos_token)
+    tokenizer = load_tokenizer(ctx.tokenizer, ctx.eos_token, ctx.bos_token)
     heads = [tokens.head(int(d), EXCERPT_TOKENS) for d in docs]
+    heads = [h[1:] if len(h) and h[0] == tokenizer.bos_id else h for h in heads]
     return [tokenizer.decode(h[:-1] if len(h) and h[-1] == tokenizer.eos_id else h) for h in heads]
 
 
@@ -176,6 +186,7 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
     drops = drops.take(pa.array(order))
     dropped = pc.list_flatten(drops.column("doc_index")).to_numpy()
     tokens = ChunkedTokens(stored.column("tokens"))
+    masks = ChunkedTokens(stored.column("loss_mask")) if ctx.loss_masks else None
     lengths = tokens.lengths
     kept = np.setdiff1d(np.arange(stored.num_rows), dropped)
     L = ctx.seq_len
@@ -193,27 +204,31 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
     if local.size:
         order = local[np.lexsort((segs.slot[local], segs.seq[local]))]
         firsts = np.flatnonzero(np.diff(segs.seq[order], prepend=-1) != 0)
-        with ctx.staging.writer("sequences", name, SEQUENCES, partial(sequence_figures, seq_len=L)) as out:
+        with ctx.staging.writer("sequences", name, SEQUENCES, ctx.figures) as out:
             for part in _slices(order, firsts, segs.length):  # a row group's worth at a time
                 seq = segs.seq[part]
                 starts = np.flatnonzero(np.diff(seq, prepend=-1) != 0)
                 doc, start, length = segs.doc[part], segs.start[part], segs.length[part]
-                out.write(_with_run(sequences_table(np.append(starts, len(part)), tokens.gather(doc, start, length),
-                                                    doc_ids.take(pa.array(doc)), start, length,
-                                                    docs_column="doc_ids"), seq[starts], run_id))
+                out.write(_with_run(sequences_table(
+                    np.append(starts, len(part)), tokens.gather(doc, start, length), doc_ids.take(pa.array(doc)),
+                    start, length, docs_column="doc_ids",
+                    loss_mask=masks.gather(doc, start, length) if masks else None), seq[starts], run_id))
         yield _info(FILE, out.staged.to_json())
 
     moving = np.flatnonzero(~segs.local)
     if moving.size:
         lengths_m = segs.length[moving]
         moved = tokens.gather(segs.doc[moving], segs.start[moving], lengths_m)
+        offsets_m = np.concatenate(([0], np.cumsum(lengths_m)))
         frags = pa.table({
             "kind": pa.array(np.full(moving.shape[0], FRAGMENT, np.int8)),
             "seq_id": pa.array(segs.seq[moving]),
             "slot": pa.array(segs.slot[moving].astype(np.int32)),
             "doc_id": doc_ids.take(pa.array(segs.doc[moving])),
             "seg_start": pa.array(segs.start[moving].astype(np.int32)),
-            "tokens": list_array(np.concatenate(([0], np.cumsum(lengths_m))), pa.array(moved)),
+            "tokens": list_array(offsets_m, pa.array(moved)),
+            "loss_mask": (list_array(offsets_m, pa.array(masks.gather(segs.doc[moving], segs.start[moving], lengths_m)))
+                          if masks else pa.nulls(moving.shape[0], ASSEMBLED.field("loss_mask").type)),
             "info": pa.nulls(moving.shape[0], pa.string()),
         })
         yield from _batches(frags, ASSEMBLED)
@@ -221,13 +236,19 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
     if kept.size:
         n_tokens = lengths[kept]
         n_chunks = -(-n_tokens // L)
+        kept_masks = masks.gather(kept, np.zeros_like(kept), n_tokens) if masks else None
+        if kept_masks is not None:
+            ends = np.cumsum(kept_masks, dtype=np.int64)[np.cumsum(n_tokens) - 1]
+            loss_tokens = pa.array(np.diff(ends, prepend=0))
+        else:
+            loss_tokens = pa.nulls(kept.size, pa.int64())
         documents = pa.table({
             "doc_id": doc_ids.take(pa.array(kept)), "n_tokens": pa.array(n_tokens, pa.int64()),
             "n_chunks": pa.array(n_chunks.astype(np.int32)),
             "source": stored.column("source").combine_chunks().take(pa.array(kept)),
             "row": stored.column("row").combine_chunks().take(pa.array(kept)),
-            "run_id": pa.array([run_id] * kept.size, pa.string())}, schema=DOCUMENTS)
-        figures = document_figures(documents.column("doc_id").combine_chunks(), n_tokens, n_chunks, L)
+            "run_id": pa.array([run_id] * kept.size, pa.string()), "loss_tokens": loss_tokens}, schema=DOCUMENTS)
+        figures = document_figures(documents.column("doc_id").combine_chunks(), n_tokens, n_chunks, L, kept_masks)
         yield _info(FILE, ctx.staging.write("documents", name, documents, figures).to_json())
     if dropped.size:
         excerpts = _excerpts(tokens, dropped, ctx)
@@ -261,7 +282,7 @@ def _figures(kept_lengths: np.ndarray, segs: _Segments, first_token: int, seq_le
             "moved_tokens": int(segs.length[moved].sum())}
 
 
-def join_fragments(batches, staging: Staging, seq_len: int) -> Iterator[pa.RecordBatch]:
+def join_fragments(batches, ctx: Assembly) -> Iterator[pa.RecordBatch]:
     """The final reduce: sequences from their fragments (those of a sequence arrive together);
     file descriptions and figures pass through."""
     batches = list(batches)
@@ -277,13 +298,17 @@ def join_fragments(batches, staging: Staging, seq_len: int) -> Iterator[pa.Recor
     seq = frags.column("seq_id").to_numpy()
     firsts = np.flatnonzero(np.diff(seq, prepend=-1) != 0)
     values, offsets = flatten_token_lists(frags.column("tokens"))
+    masks = None
+    if ctx.loss_masks:
+        mask_values, mask_offsets = flatten_token_lists(frags.column("loss_mask"))
+        masks = mask_values[mask_offsets[0]:mask_offsets[-1]]
     sequences = _with_run(sequences_table(np.append(firsts, len(seq)), values[offsets[0]:offsets[-1]],
                                           frags.column("doc_id").combine_chunks(),
                                           frags.column("seg_start").to_numpy(), np.diff(offsets),
-                                          docs_column="doc_ids"),
-                          seq[firsts], staging.run_id)
+                                          docs_column="doc_ids", loss_mask=masks),
+                          seq[firsts], ctx.staging.run_id)
     name = f"merged-{TaskContext.get().partitionId():05d}"
-    yield _info(FILE, staging.write("sequences", name, sequences, sequence_figures(sequences, seq_len)).to_json())
+    yield _info(FILE, ctx.staging.write("sequences", name, sequences, ctx.figures(sequences)).to_json())
 
 
 @dataclass
@@ -325,11 +350,10 @@ def assemble(spark, plan_orders: DataFrame | None, drops: DataFrame | None, n_gr
         for g in np.unique(groups):
             yield from assemble_group(int(g), table.filter(pa.array(groups == g)), ctx)
 
-    staging, seq_len = ctx.staging, ctx.seq_len
     orders = exact_partitions(_orders(spark, plan_orders, drops, n_groups), n_groups, "group")
     rows = (orders.mapInArrow(by_group, spark_ddl(ASSEMBLED))
             .repartition(n_reduce, "seq_id")
-            .mapInArrow(lambda batches: join_fragments(batches, staging, seq_len), spark_ddl(ASSEMBLED))
+            .mapInArrow(lambda batches: join_fragments(batches, ctx), spark_ddl(ASSEMBLED))
             .select("kind", "info").collect())
     return Assembled([StagedFile.from_json(r["info"]) for r in rows if r["kind"] == FILE],
                      [json.loads(r["info"]) for r in rows if r["kind"] == FIGURES])

@@ -99,8 +99,8 @@ def _bundles(items: dict[str, np.ndarray], key: np.ndarray, key_name: str, schem
 class _Round:
     """The tasks of a packing round: route, pack (pickled into Spark tasks)."""
 
-    def __init__(self, seq_len: int, n_buckets: int):
-        self.seq_len, self.n_buckets = seq_len, n_buckets
+    def __init__(self, seq_len: int, n_buckets: int, max_segments: int | None = None):
+        self.seq_len, self.n_buckets, self.max_segments = seq_len, n_buckets, max_segments
 
     def route_documents(self, routing: Routing):
         """Stage 0: cut each group's documents into items and deal them to the partitions."""
@@ -141,7 +141,7 @@ class _Round:
         return pa.RecordBatch.from_pydict(_bundles(items, target, "target", BUNDLE), schema=BUNDLE)
 
     def pack(self, threshold: float):
-        seq_len, n_buckets = self.seq_len, self.n_buckets
+        seq_len, n_buckets, max_segments = self.seq_len, self.n_buckets, self.max_segments
 
         def pack(batches) -> Iterator[pa.RecordBatch]:
             table = _table(batches)
@@ -150,7 +150,7 @@ class _Round:
             for p in np.unique(table.column("target").to_numpy()):
                 items = _canonical(_flat(table.filter(pc.equal(table.column("target"), p)),
                                          ("group", "doc_index", "chunk", "length")))
-                packed = pack_partition(items["length"], items["group"], seq_len, threshold)
+                packed = pack_partition(items["length"], items["group"], seq_len, threshold, max_segments)
                 moved = packed.final & ~packed.local
                 left = np.bincount(length_buckets(items["length"][~packed.final], seq_len, n_buckets),
                                    minlength=min(n_buckets, seq_len))
@@ -191,10 +191,11 @@ def _counts_matrix(counts: dict, n_sources: int, n_buckets: int) -> np.ndarray:
 
 
 def plan_bfd(kept: DataFrame, counts: np.ndarray, seq_len: int, n_partitions: int, fill_threshold: float,
-             merge_items: int, n_buckets: int) -> PlanResult:
+             merge_items: int, n_buckets: int, max_segments: int | None = None) -> PlanResult:
     """Best-fit plan of the packable documents ``kept`` (DOC rows, each group's in one partition);
-    ``counts[g, b]``: the chunks of group ``g``'s documents in length bucket ``b``."""
-    rnd = _Round(seq_len, n_buckets)
+    ``counts[g, b]``: the chunks of group ``g``'s documents in length bucket ``b``; ``max_segments``:
+    the cap on segments per sequence, in every round."""
+    rnd = _Round(seq_len, n_buckets, max_segments)
     width = min(n_buckets, seq_len)
     n_groups = counts.shape[0]
     routing = Routing.from_counts(counts, n_partitions, home_targets(n_groups, n_partitions))

@@ -25,10 +25,11 @@ from bfpack_spark.io.readers import Limits, RawBatch, Reject, read_split, reason
 from bfpack_spark.io.staging import StagedFile, Staging
 from bfpack_spark.io.workspace import Workspace
 from bfpack_spark.packing import flatten_token_lists
+from bfpack_spark.packing.arrow import frame_documents, prompt_and_text
 from bfpack_spark.packing.plan import item_histogram
 from bfpack_spark.schemas import DOC, FILE, GROUP, READ, REJECTS, STORED, spark_ddl
 from bfpack_spark.spark.partitioning import map_slices
-from bfpack_spark.tokenize import Tokenizer, encode_texts, load_tokenizer
+from bfpack_spark.tokenize import Tokenizer, document_bos, encode_texts, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -45,18 +46,10 @@ class ReadSettings:
     length_buckets: int
     keep_empty: bool
     limits: Limits
-
-
-def _append_token(tokens: pa.Array, token: int) -> pa.ListArray:
-    """Each list with ``token`` added at its end."""
-    values, offsets = _flat(tokens)
-    n = offsets.shape[0] - 1
-    lengths = np.diff(offsets)
-    out = np.empty(values.shape[0] + n, dtype=np.int32)
-    new_offsets = np.concatenate(([0], np.cumsum(lengths + 1)))
-    out[np.arange(values.shape[0]) + np.repeat(np.arange(n), lengths)] = values
-    out[new_offsets[1:] - 1] = token
-    return pa.ListArray.from_arrays(pa.array(new_offsets.astype(np.int32)), pa.array(out))
+    bos_token: str | None = None
+    prepend_bos: bool | None = None
+    extra_column: str | None = None  # each document's loss mask (tokenized input) or prompt (text)
+    loss_masks: bool = False
 
 
 def _flat(tokens: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -90,6 +83,31 @@ def _check_token_ids(raw: RawBatch, tokenizer: Tokenizer) -> None:
     values, offsets = _flat(raw.tokens)
     raw.tokens = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
                                           pa.array(values.astype(np.int32, copy=False)))
+
+
+def _check_masks(raw: RawBatch, column: str) -> None:
+    """Reject documents whose loss mask is not one 0 or 1 per token; the rest become list<int8>."""
+    if not raw.rows:
+        return
+    if pa.types.is_boolean(raw.masks.type.value_type):
+        raw.masks = raw.masks.cast(pa.list_(pa.int8()))
+    values, offsets = _flat(raw.masks)
+    lengths = np.diff(offsets)
+    n_tokens = np.diff(_flat(raw.tokens)[1])
+    reasons: dict[int, str] = {}
+    for d in np.flatnonzero(lengths != n_tokens):
+        reasons[int(d)] = f"loss mask column {column!r} has {lengths[d]} values for {n_tokens[d]} tokens"
+    wrong = (values != 0) & (values != 1)
+    if wrong.any():
+        positions = np.flatnonzero(wrong)
+        for pos, d in zip(positions, np.searchsorted(offsets, positions, side="right") - 1):
+            reasons.setdefault(int(d), f"loss mask column {column!r} holds {values[pos]} (0 or 1 expected)")
+    if reasons:
+        mask = np.zeros(len(raw.rows), bool)
+        mask[list(reasons)] = True
+        _reject_where(raw, mask, [reasons[d] for d in sorted(reasons)])
+        values, offsets = _flat(raw.masks)
+    raw.masks = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int8)))
 
 
 def _doc_rows(group: int, first_doc: int, source: str, raw: RawBatch, lengths: np.ndarray) -> pa.RecordBatch:
@@ -131,7 +149,9 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
     kind DOC, in canonical order); its rejects to a file of the rejects table (a FILE row); and a
     GROUP row counts the records the readers consumed, for the audit."""
     faults.check("read")
-    tokenizer = load_tokenizer(settings.tokenizer, settings.eos_token)
+    tokenizer = load_tokenizer(settings.tokenizer, settings.eos_token, settings.bos_token)
+    bos = document_bos(tokenizer, settings.prepend_bos)
+    eos = tokenizer.eos_id if settings.append_eos else None
     context = TaskContext.get()
     threads = context.cpus() if context is not None else 1  # spark.task.cpus: the cores this task may use
     doc_index = n_records = n_tokens = 0
@@ -140,26 +160,34 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
     with workspace.group_writer(group, STORED) as store:
         for split in splits:
             for raw in read_split(split, settings.id_column, settings.column, settings.tokenized,
-                                  settings.limits):
+                                  settings.limits, settings.extra_column):
                 n_records += raw.n_records
                 if not settings.keep_empty:
                     _reject_where(raw, _lengths(raw) == 0, "empty document (quality.empty_documents: skip)")
                 if settings.tokenized:
                     _check_token_ids(raw, tokenizer)
-                    if settings.append_eos and raw.rows:
-                        raw.tokens = _append_token(raw.tokens, tokenizer.eos_id)
+                    if settings.extra_column is not None:
+                        _check_masks(raw, settings.extra_column)
                 elif raw.rows:
-                    raw.tokens, raw.texts = encode_texts(tokenizer, raw.texts, settings.append_eos, threads), []
+                    raw.tokens = encode_texts(tokenizer, raw.texts, threads)
+                    if raw.prompts:
+                        raw.tokens, raw.masks = prompt_and_text(encode_texts(tokenizer, raw.prompts, threads),
+                                                                raw.tokens)
+                    raw.texts, raw.prompts = [], []
+                if raw.rows and (bos is not None or eos is not None or settings.loss_masks):
+                    raw.tokens, raw.masks = frame_documents(raw.tokens, raw.masks, bos, eos, settings.loss_masks)
                 _reject_where(raw, _lengths(raw) == 0, "no tokens: the tokenizer made nothing of this text")
                 for r in raw.rejects:
                     r.source = split.source
                 rejects.extend(raw.rejects)
                 if raw.rows:
                     lengths = _lengths(raw)
+                    masks = raw.masks if raw.masks is not None else pa.nulls(len(raw.rows), pa.list_(pa.int8()))
                     store.write_batch(pa.RecordBatch.from_pydict({
                         "doc_id": pa.array(raw.ids, pa.string()),
                         "source": pa.array([split.source] * len(raw.rows), pa.string()),
-                        "row": pa.array(raw.rows, pa.int64()), "tokens": raw.tokens}, schema=STORED))
+                        "row": pa.array(raw.rows, pa.int64()), "tokens": raw.tokens, "loss_mask": masks},
+                        schema=STORED))
                     yield _doc_rows(group, doc_index, split.source, raw, lengths)
                     doc_index += len(raw.rows)
                     n_tokens += int(lengths.sum())
@@ -172,9 +200,13 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
 
 
 def _lengths(raw: RawBatch) -> np.ndarray:
+    """Each document's tokens, or (not yet tokenized) its characters, prompt included."""
     if raw.tokens is not None:
         return pc.list_value_length(raw.tokens).to_numpy(zero_copy_only=False)
-    return np.fromiter((len(t) for t in raw.texts), np.int64, len(raw.texts))
+    lengths = np.fromiter((len(t) for t in raw.texts), np.int64, len(raw.texts))
+    if raw.prompts:
+        lengths += np.fromiter((len(p) for p in raw.prompts), np.int64, len(raw.prompts))
+    return lengths
 
 
 def _reject_where(raw: RawBatch, mask: np.ndarray, reason: str | list[str]) -> None:
@@ -190,8 +222,12 @@ def _reject_where(raw: RawBatch, mask: np.ndarray, reason: str | list[str]) -> N
     raw.ids = [d for d, k in zip(raw.ids, keep) if k]
     if raw.tokens is not None:
         raw.tokens = raw.tokens.filter(pa.array(keep))
+    if raw.masks is not None:
+        raw.masks = raw.masks.filter(pa.array(keep))
     if raw.texts:
         raw.texts = [t for t, k in zip(raw.texts, keep) if k]
+    if raw.prompts:
+        raw.prompts = [p for p, k in zip(raw.prompts, keep) if k]
 
 
 @dataclass
