@@ -380,6 +380,18 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     return config
 
 
+def recorded_append_eos(settings: dict) -> bool:
+    """Whether a run appended EOS, from the settings its ``stats`` row records (``to_dict()``)."""
+    explicit = settings["tokenizer"].get("append_eos")
+    return explicit if explicit is not None else settings["input"].get("token_column") is None
+
+
+def recorded_loss_masks(settings: dict) -> bool:
+    """Whether a run's sequences carry loss masks, from its recorded settings (runs older than masks
+    record neither column)."""
+    return settings["input"].get("loss_mask_column") is not None or settings["input"].get("prompt_column") is not None
+
+
 def default_run_id(config: PackConfig, input_listing: list[tuple[str, int, str]]) -> str:
     """``run-<hash>`` of the config's fingerprint and the input files (name, size, content digest):
     the same files, however their location is spelled, with the same settings, are the same run."""

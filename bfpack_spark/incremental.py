@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from bfpack_spark.config import recorded_append_eos, recorded_loss_masks
 from bfpack_spark.io.delta import snapshot_dataset
 from bfpack_spark.io.files import InputError, InputFile, join
 
@@ -104,14 +105,6 @@ SHARED = {"packing.seq_len": ("packing", "seq_len"), "packing.strategy": ("packi
           "tokenizer.bos_token": ("tokenizer", "bos_token"), "tokenizer.prepend_bos": ("tokenizer", "prepend_bos")}
 
 
-def _effective_eos(config: dict) -> bool:
-    explicit = config["tokenizer"].get("append_eos")
-    return explicit if explicit is not None else config["input"].get("token_column") is None
-
-
-def _loss_masks(config: dict) -> bool:
-    """Whether a run's sequences carry loss masks (settings of runs older than masks have neither key)."""
-    return config["input"].get("loss_mask_column") is not None or config["input"].get("prompt_column") is not None
 
 
 def check_compatible(root: str, config: dict) -> None:
@@ -125,10 +118,11 @@ def check_compatible(root: str, config: dict) -> None:
         theirs = json.loads(row["config"])
         differ = [f"{name} {theirs[a].get(b)!r} (theirs) != {config[a][b]!r}" for name, (a, b) in SHARED.items()
                   if theirs[a].get(b) != config[a].get(b)]
-        if _effective_eos(theirs) != _effective_eos(config):
-            differ.append(f"tokenizer.append_eos {_effective_eos(theirs)} (theirs) != {_effective_eos(config)}")
-        if _loss_masks(theirs) != _loss_masks(config):
-            differ.append(f"loss masks {_loss_masks(theirs)} (theirs) != {_loss_masks(config)} "
+        if recorded_append_eos(theirs) != recorded_append_eos(config):
+            differ.append(f"tokenizer.append_eos {recorded_append_eos(theirs)} (theirs) != "
+                          f"{recorded_append_eos(config)}")
+        if recorded_loss_masks(theirs) != recorded_loss_masks(config):
+            differ.append(f"loss masks {recorded_loss_masks(theirs)} (theirs) != {recorded_loss_masks(config)} "
                           "(input.loss_mask_column / input.prompt_column)")
         if differ:
             raise InputError(f"{root} holds run {row['run_id']} packed with other settings: {'; '.join(differ)}; "

@@ -27,9 +27,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from bfpack_spark import masks
+from bfpack_spark import masks as masking
 from bfpack_spark.io.files import read_parquet
 from bfpack_spark.io.snapshot import SequencesSnapshot, open_sequences
+from bfpack_spark.masks import labels, pad, position_ids
 
 try:
     import torch
@@ -37,7 +38,7 @@ try:
 except ImportError as exc:  # torch is an optional extra
     raise ImportError("bfpack_spark.loader needs PyTorch: pip install 'bfpack-spark[torch]'") from exc
 
-COLUMNS = ["seq_id", "input_ids", "seg_lengths", "run_id"]
+COLUMNS = ["seq_id", "input_ids", "seg_lengths", "run_id", "loss_mask"]
 
 
 def shard(n: int, index: int, count: int) -> tuple[int, int]:
@@ -150,10 +151,11 @@ class PackedSequences(IterableDataset):
             yield from self._examples(files[index].uri, rows)
 
     def _examples(self, uri: str, rows: np.ndarray) -> Iterator[dict[str, Any]]:
-        table = read_parquet(uri, COLUMNS).take(rows)
+        table = read_parquet(uri, COLUMNS if self.snapshot.loss_masks else COLUMNS[:-1]).take(rows)
         seq_ids = table["seq_id"].to_numpy()
         run_ids = table["run_id"].to_pylist()
         ids, segs = table["input_ids"].combine_chunks(), table["seg_lengths"].combine_chunks()
+        masks = table["loss_mask"].combine_chunks().values.to_numpy() if self.snapshot.loss_masks else None
         id_values, id_offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
         seg_values, seg_offsets = segs.values.to_numpy(), segs.offsets.to_numpy()
         L = self.seq_len
@@ -164,9 +166,10 @@ class PackedSequences(IterableDataset):
             yield {
                 "seq_id": int(seq_ids[i]),
                 "run_id": run_ids[i],
-                "input_ids": torch.from_numpy(masks.pad(tokens, L, self.pad_id)),
-                "labels": torch.from_numpy(masks.labels(tokens, seg_lengths, L)),
-                "position_ids": torch.from_numpy(masks.position_ids(seg_lengths, L, self.restart)),
+                "input_ids": torch.from_numpy(pad(tokens, L, self.pad_id)),
+                "labels": torch.from_numpy(labels(tokens, seg_lengths, L, None if masks is None
+                                                  else masks[id_offsets[i]:id_offsets[i + 1]])),
+                "position_ids": torch.from_numpy(position_ids(seg_lengths, L, self.restart)),
                 "seq_lens": torch.from_numpy(seg_lengths.astype(np.int64)),
             }
 
@@ -201,7 +204,7 @@ def collate(examples: list[dict[str, Any]], sdpa_mask: bool = False) -> dict[str
     costs more than building it: so it holds few tensors (measured in ``bench_loader.py``).
     """
     L = examples[0]["input_ids"].shape[0]
-    cu = masks.cu_seqlens([e["seq_lens"].numpy() for e in examples], L)
+    cu = masking.cu_seqlens([e["seq_lens"].numpy() for e in examples], L)
     seq_lens = torch.nn.utils.rnn.pad_sequence([e["seq_lens"] for e in examples], batch_first=True)
     batch: dict[str, Any] = {
         "seq_id": torch.tensor([e["seq_id"] for e in examples]),

@@ -25,12 +25,16 @@ def padded_segments(seg_lengths: npt.ArrayLike, seq_len: int) -> np.ndarray:
     return np.append(lengths, pad) if pad else lengths
 
 
-def labels(input_ids: npt.ArrayLike, seg_lengths: npt.ArrayLike, seq_len: int) -> np.ndarray:
-    """``labels[i] = input_ids[i + 1]`` when tokens i and i+1 are in the same segment, else -100."""
+def labels(input_ids: npt.ArrayLike, seg_lengths: npt.ArrayLike, seq_len: int,
+           loss_mask: npt.ArrayLike | None = None) -> np.ndarray:
+    """``labels[i] = input_ids[i + 1]`` when tokens i and i+1 are in the same segment and token i+1
+    is a target (its loss mask, when given, is 1), else -100."""
     ids = np.asarray(input_ids, dtype=np.int64)
     out = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
     n = len(ids)
     out[: n - 1] = ids[1:n]
+    if loss_mask is not None:
+        out[: n - 1][np.asarray(loss_mask)[1:n] == 0] = IGNORE_INDEX
     ends = np.cumsum(np.asarray(seg_lengths, dtype=np.int64)) - 1  # last token of each segment
     out[ends[ends < seq_len]] = IGNORE_INDEX
     return out

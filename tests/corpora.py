@@ -35,3 +35,42 @@ def write_jsonl(path: Path, records: list[dict | str]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for rec in records:
             fh.write((rec if isinstance(rec, str) else json.dumps(rec)) + "\n")
+
+
+def bos_tokenizer(path: Path, texts: list[str]) -> Path:
+    """A small byte-level BPE tokenizer.json whose template puts ``<s>`` before every text (as Llama's
+    do), with ``</s>`` as its end-of-document token; ids 0..2 are [UNK], <s>, </s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(path))
+    return path
+
+
+def write_masked(root: Path, n_files: int = 3, docs_per_file: int = 300, median: float = 60, sigma: float = 1.4,
+                 seed: int = 0, vocab: tuple[int, int] = (3, 400)) -> dict[str, tuple[list[int], list[int]]]:
+    """Parquet files with columns id, tokens (list<int32>), loss_mask (a prompt-like run of 0s, then 1s with a
+    few 0s among them; list<int8> in even files, list<bool> in odd ones); returns {id: (tokens, mask)}."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    docs: dict[str, tuple[list[int], list[int]]] = {}
+    for f in range(n_files):
+        lengths = lognormal_lengths(docs_per_file, median, sigma, rng)
+        ids = [f"m{f}-{i}" for i in range(docs_per_file)]
+        tokens = [rng.integers(vocab[0], vocab[1], n, dtype=np.int32) for n in lengths]
+        masks = []
+        for n in lengths:
+            mask = (rng.random(n) > 0.1).astype(np.int8)
+            mask[: int(rng.integers(0, n + 1))] = 0
+            masks.append(mask)
+        mask_type = pa.list_(pa.int8()) if f % 2 == 0 else pa.list_(pa.bool_())
+        table = pa.table({"id": ids, "tokens": pa.array(tokens, type=pa.list_(pa.int32())),
+                          "loss_mask": pa.array([m.astype(bool) if f % 2 else m for m in masks], type=mask_type)})
+        pq.write_table(table, root / f"part-{f:03d}.parquet", row_group_size=100)
+        docs.update({i: (t.tolist(), m.tolist()) for i, t, m in zip(ids, tokens, masks)})
+    return docs

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from bfpack_spark.config import recorded_append_eos, recorded_loss_masks
 from bfpack_spark.io.delta import DeltaError, output_table, table_dataset
 from bfpack_spark.io.files import join
 
@@ -37,6 +38,10 @@ class SequencesSnapshot:
     eos_id: int | None
     pad_id: int
     run_ids: tuple[str, ...]
+    bos_id: int | None = None    # put before every document (None: no BOS)
+    loss_masks: bool = False     # the sequences carry loss masks
+    append_eos: bool = False     # every document ends with eos_id
+    vocab_size: int = 0          # ids of the tokenizer: 0 .. vocab_size - 1
 
     @property
     def rows(self) -> int:
@@ -50,11 +55,11 @@ def _runs(root: str) -> dict[str, dict]:
     return {r["run_id"]: {"seq_len": r["seq_len"], **json.loads(r["config"])} for r in rows}
 
 
-def _eos_id(config: dict) -> int | None:
+def _tokenizer(config: dict):
     from bfpack_spark.tokenize import load_tokenizer
 
     tok = config["tokenizer"]
-    return load_tokenizer(tok["tokenizer"], tok.get("eos_token")).eos_id
+    return load_tokenizer(tok["tokenizer"], tok.get("eos_token"), tok.get("bos_token"))
 
 
 def open_sequences(root: str, run_id: str | None = None, version: int | None = None,
@@ -85,16 +90,22 @@ def open_sequences(root: str, run_id: str | None = None, version: int | None = N
     missing = [r for r in run_ids if r not in runs]
     if missing:
         raise DeltaError(f"run {missing[0]} is in {root}/sequences but not in its stats table")
-    settings = {(runs[r]["seq_len"], runs[r]["tokenizer"]["tokenizer"], runs[r]["tokenizer"].get("eos_token"))
-                for r in run_ids}
+    settings = {(runs[r]["seq_len"], runs[r]["tokenizer"]["tokenizer"], runs[r]["tokenizer"].get("eos_token"),
+                 runs[r]["tokenizer"].get("bos_token"), runs[r]["tokenizer"].get("prepend_bos"),
+                 recorded_append_eos(runs[r]), recorded_loss_masks(runs[r])) for r in run_ids}
     if len(settings) > 1:
-        raise DeltaError(f"{root}/sequences holds runs with different sequence lengths or tokenizers "
-                         f"({sorted(settings, key=str)}); read one run at a time (run_id=...)")
+        raise DeltaError(f"{root}/sequences holds runs with different sequence lengths, tokenizers, BOS, EOS or "
+                         f"loss-mask settings ({sorted(settings, key=str)}); read one run at a time (run_id=...)")
     config = runs[run_ids[0]]
-    eos = _eos_id(config)
-    uses_tokenizer = config["input"].get("token_column") is None or config["tokenizer"].get("append_eos")
+    tokenizer = _tokenizer(config)
+    eos, append_eos = tokenizer.eos_id, recorded_append_eos(config)
+    uses_tokenizer = config["input"].get("token_column") is None or append_eos
     if pad_id is None:
         pad_id = eos if uses_tokenizer and eos is not None else 0
+    from bfpack_spark.tokenize import document_bos
+
     return SequencesSnapshot(root=root, version=table.version(), files=tuple(files), seq_len=config["seq_len"],
                              tokenizer=config["tokenizer"]["tokenizer"], eos_id=eos, pad_id=pad_id,
-                             run_ids=run_ids)
+                             run_ids=run_ids, bos_id=document_bos(tokenizer, config["tokenizer"].get("prepend_bos")),
+                             loss_masks=recorded_loss_masks(config), append_eos=bool(append_eos),
+                             vocab_size=int(tokenizer.known_ids.shape[0]))
