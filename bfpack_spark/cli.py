@@ -3,7 +3,7 @@
     bfpack pack --config conf/local.yaml [--input ...] [--output ...] [--seq-len ...]
     bfpack pack-tokenized --input tokens.parquet --output out/
     bfpack demo
-    bfpack export out/ --format npy --to train-npy/
+    bfpack export out/ --format megatron --to train-megatron/
     bfpack report out/ [--html report.html]
 
 Every config field has a flag (``bfpack pack --help`` lists them). A user mistake
@@ -121,14 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
                                       "cl100k_base at L=2048 into out/demo; under a minute on 2 cores.")
     _add_config_flags(demo)
     export = sub.add_parser("export", parents=[common],
-                            help="export the sequences table for trainers (hf datasets or npy memmaps)",
-                            description="Export the sequences table under ROOT (its current Delta snapshot) "
-                                        "to a new directory: --format hf for datasets.load_from_disk, "
-                                        "--format npy for fixed-length memmaps (layout in the README).")
-    export.add_argument("root", metavar="ROOT", help="output root of a bfpack run")
-    export.add_argument("--format", required=True, choices=["hf", "npy"], dest="fmt")
-    export.add_argument("--to", required=True, metavar="DIR", help="directory to create (must not exist)")
+                            help="export the sequences table for trainers (megatron, olmo, hf)",
+                            description="Export the sequences table under ROOT (its current Delta snapshot) to "
+                                        "DIR, one shard per table file, written by Spark tasks on any store: "
+                                        "--format megatron (.bin/.idx for Megatron-LM / NeMo), olmo (token and "
+                                        "label-mask files for OLMo-core), hf (datasets.load_from_disk, TRL's "
+                                        "padding-free columns). DIR/manifest.json, written last, lists the files "
+                                        "and the settings to train with.", epilog=EXIT_STATUS)
+    export.add_argument("root", metavar="ROOT", help="output root of a bfpack run (local path or s3://...)")
+    export.add_argument("--format", required=True, choices=["megatron", "olmo", "hf", "npy"], dest="fmt",
+                        help="npy is retired (use olmo)")
+    export.add_argument("--to", required=True, metavar="DIR",
+                        help="directory to write (new, or an unfinished export of the same table)")
     export.add_argument("--run-id", metavar="R", help="only this run's sequences (default: all runs)")
+    export.add_argument("--seq-length", type=int, metavar="N",
+                        help="megatron, olmo: rows of N tokens (default: the packed L; pack at L-1 and export "
+                             "at L to end every row with EOS)")
+    export.add_argument("--master", metavar="URL", help="Spark master (default: local[*])")
+    export.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="object-store settings, as for pack (AWS_ENDPOINT_URL, AWS_REGION, ...)")
     rep = sub.add_parser("report", parents=[common], help="the runs under an output root, with plots (--html)",
                          description="Print the run history of the output root ROOT; with --html, also write "
                                      "one self-contained page with the packing plots of a run (default: the latest).")
@@ -173,14 +184,29 @@ def _one_line(exc: BaseException) -> str:
 
 def _export(args: argparse.Namespace) -> int:
     from bfpack_spark.export import ExportError, export
+    from bfpack_spark.io.files import set_storage_options
 
     try:
-        summary = export(args.root, args.fmt, args.to, run_id=args.run_id)
-    except (DeltaError, ExportError) as exc:
+        options = _overrides(argparse.Namespace(**{"output.storage_options": args.storage_option}))
+        set_storage_options(options["output.storage_options"])
+        summary = export(args.root, args.fmt, args.to, run_id=args.run_id, seq_length=args.seq_length,
+                         master=args.master)
+    except (DeltaError, ExportError, ConfigError) as exc:
         print(f"bfpack: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    print(f"exported {summary['sequences']:,} sequences ({summary['tokens']:,} tokens, L={summary['seq_len']}) "
-          f"of {args.root} to {args.to} as {args.fmt}")
+    except Exception as exc:
+        if args.debug:
+            raise
+        from bfpack_spark.spark.session import first_line
+
+        print(f"bfpack: export failed: {type(exc).__name__}: {first_line(exc)}\n(nothing was published; rerun the "
+              f"same command to finish it, with --debug for the stack trace)", file=sys.stderr)
+        return 1
+    if summary.get("already_exported"):
+        print(f"{args.to} already holds this export of {args.root}; nothing written")
+        return 0
+    print(f"exported {summary['sequences']:,} sequences ({summary['tokens']:,} tokens, rows of {summary['seq_len']}) "
+          f"of {args.root} to {args.to} as {args.fmt}: {len(summary['shards'])} shards, {args.to}/manifest.json")
     return 0
 
 

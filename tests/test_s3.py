@@ -173,3 +173,26 @@ def test_the_cli_fails_on_a_wrong_endpoint_in_seconds_and_takes_storage_options(
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "cannot write to the output root 's3://corpus/out'" in proc.stderr
     assert time.perf_counter() - start < 20 and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("fmt", ["megatron", "hf"])
+def test_an_export_from_s3_to_s3_equals_the_local_export_byte_for_byte(spark, corpus, bucket, tmp_path, s3_server,
+                                                                        fmt):
+    from bfpack_spark.export import export
+
+    pack(spark, [str(corpus)], str(tmp_path / "local"))
+    pack(spark, ["s3://corpus/text/"], f"{bucket}/packed", **{"output.mode": "append"})
+    local = export(str(tmp_path / "local"), fmt, str(tmp_path / "export"), spark=spark)
+    remote = export(f"{bucket}/packed", fmt, f"{bucket}/export-{fmt}", spark=spark)
+    assert local["shards"] == remote["shards"] and len(local["shards"]) > 1
+    name = bucket.removeprefix("s3://")
+    prefix = f"export-{fmt}/"
+    keys = sorted(o["Key"] for o in s3_server.list_objects_v2(Bucket=name, Prefix=prefix)["Contents"])
+    assert [k.removeprefix(prefix) for k in keys] == sorted(p.name for p in (tmp_path / "export").iterdir())
+    for key in keys:
+        body = s3_server.get_object(Bucket=name, Key=key)["Body"].read()
+        if key.endswith(".json"):  # where the table and the export are differs
+            continue
+        assert body == (tmp_path / "export" / key.removeprefix(prefix)).read_bytes(), key
+    again = export(f"{bucket}/packed", fmt, f"{bucket}/export-{fmt}", spark=spark)
+    assert again["already_exported"]

@@ -231,41 +231,12 @@ def test_packed_attention_equals_each_document_alone(packed):
     assert rebuilt == docs[spanning] and len(rebuilt) == document["n_tokens"]
 
 
-def test_export_npy_matches_its_documented_layout(packed, tmp_path):
-    out, rows, _ = packed
-    dest = tmp_path / "npy"
-    proc = subprocess.run([sys.executable, "-m", "bfpack_spark.cli", "export", str(out), "--format", "npy",
-                           "--to", str(dest)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "export npy: file" in proc.stderr  # progress
-    manifest = json.loads((dest / "manifest.json").read_text())
-    tokens = np.load(dest / "tokens.npy", mmap_mode="r")
-    segments = np.load(dest / "seq_lens.npy")
-    assert tokens.dtype == np.uint32
-    assert tokens.shape == (len(rows), L) == tuple(manifest["files"]["tokens.npy"]["shape"])
-    assert segments.dtype == np.int64 and segments.shape == (manifest["segments"], 2)
-    assert manifest["seq_len"] == L and manifest["pad_id"] == 0 and manifest["sequences"] == len(rows)
-    assert manifest["tokens"] == sum(r["n_tokens"] for r in rows.values()) == int(segments[:, 1].sum())
-    by_sequence = {}
-    for offset, length in segments.tolist():
-        by_sequence.setdefault(offset // L, []).append((offset % L, length))
-    for seq_id, row in rows.items():  # a single run: row r is seq_id r
-        n = row["n_tokens"]
-        assert tokens[seq_id, :n].tolist() == row["input_ids"] and not tokens[seq_id, n:].any()
-        assert by_sequence[seq_id] == [(s, k) for s, k in zip(np.cumsum([0] + row["seg_lengths"][:-1]).tolist(),
-                                                              row["seg_lengths"])]
-    assert [p.name for p in tmp_path.iterdir()] == ["npy"], "no temporary directory left"
-    again = subprocess.run([sys.executable, "-m", "bfpack_spark.cli", "export", str(out), "--format", "npy",
-                            "--to", str(dest)], capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "already exists" in again.stderr and len(again.stderr.splitlines()) == 1
-
-
-def test_export_hf_opens_with_load_from_disk(packed, tmp_path, capfd):
+def test_export_hf_opens_with_load_from_disk(spark, packed, tmp_path, capfd):
     datasets = pytest.importorskip("datasets")
     from bfpack_spark.export import export
 
     out, rows, _ = packed
-    summary = export(str(out), "hf", str(tmp_path / "hf"))
+    summary = export(str(out), "hf", str(tmp_path / "hf"), spark=spark)
     assert "%|" not in capfd.readouterr().err and datasets.is_progress_bar_enabled()  # no bars, and restored
     dataset = datasets.load_from_disk(str(tmp_path / "hf"))
     assert dataset.num_rows == len(rows) == summary["sequences"]

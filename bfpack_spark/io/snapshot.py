@@ -42,6 +42,8 @@ class SequencesSnapshot:
     loss_masks: bool = False     # the sequences carry loss masks
     append_eos: bool = False     # every document ends with eos_id
     vocab_size: int = 0          # ids of the tokenizer: 0 .. vocab_size - 1
+    tokens: int = 0              # tokens of the runs' sequences, as their stats rows count them
+    sequences: int = 0           # their sequences, as the stats rows count them
 
     @property
     def rows(self) -> int:
@@ -51,8 +53,9 @@ class SequencesSnapshot:
 def _runs(root: str) -> dict[str, dict]:
     """Each committed run's settings, from the ``stats`` table (one small row per run)."""
     stats = table_dataset(output_table(join(root, "stats")))
-    rows = stats.to_table(columns=["run_id", "seq_len", "config"]).to_pylist()
-    return {r["run_id"]: {"seq_len": r["seq_len"], **json.loads(r["config"])} for r in rows}
+    rows = stats.to_table(columns=["run_id", "seq_len", "config", "tokens", "sequences"]).to_pylist()
+    return {r["run_id"]: {"seq_len": r["seq_len"], "counted": (r["tokens"], r["sequences"]), **json.loads(r["config"])}
+            for r in rows}
 
 
 def _tokenizer(config: dict):
@@ -108,4 +111,6 @@ def open_sequences(root: str, run_id: str | None = None, version: int | None = N
                              tokenizer=config["tokenizer"]["tokenizer"], eos_id=eos, pad_id=pad_id,
                              run_ids=run_ids, bos_id=document_bos(tokenizer, config["tokenizer"].get("prepend_bos")),
                              loss_masks=recorded_loss_masks(config), append_eos=bool(append_eos),
-                             vocab_size=int(tokenizer.known_ids.shape[0]))
+                             vocab_size=int(tokenizer.known_ids.shape[0]),
+                             tokens=sum(runs[r]["counted"][0] for r in run_ids),
+                             sequences=sum(runs[r]["counted"][1] for r in run_ids))

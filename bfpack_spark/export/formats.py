@@ -1,0 +1,167 @@
+"""What each trainer reads, built from one file of the ``sequences`` table: pure numpy and Arrow.
+
+Every export writes one *shard* per table file, so a Spark task holds one file and writes
+its shard, and the shards of a table are written in parallel. The functions here turn a
+file's rows (sorted by ``seq_id``) into the bytes of its shard:
+
+- ``megatron``: Megatron-LM's indexed dataset, ``.bin`` (raw tokens) and ``.idx`` (``MMIDIDX``
+  version 1). Every row is one sequence and one document of exactly ``seq_len`` tokens, padded
+  with the EOS id (Megatron's EOD), so ``GPTDataset`` with ``--seq-length seq_len`` gives
+  sample k = one row, and its ``--reset-position-ids`` / ``--reset-attention-mask`` /
+  ``--eod-mask-loss`` find document boundaries at the EOS each document ends with.
+- ``olmo``: OLMo-core's token files, raw little-endian ids with no header, rows of exactly
+  ``seq_len`` padded with a pad id that is not EOS; beside each, a label-mask file (one byte
+  per token, 0 where a token is never a target: padding, a segment's first token, and
+  wherever the run's loss mask is 0).
+- ``hf``: an Arrow stream file of a ``datasets`` dataset (``load_from_disk``) with what TRL's
+  padding-free collator reads: ``input_ids`` unpadded, ``seq_lengths``, ``position_ids``
+  restarting per segment and, for runs with loss masks, ``labels`` (the token, or -100 where
+  its mask is 0; the collator also sets -100 at every segment start).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from bfpack_spark.masks import IGNORE_INDEX
+
+FORMATS = ("megatron", "olmo", "hf")
+
+#: Megatron's token dtype codes (megatron.core.datasets.indexed_dataset.DType).
+MEGATRON_DTYPES = {"uint16": 8, "int32": 4}
+MEGATRON_HEADER = b"MMIDIDX\x00\x00"
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How every shard of one export is written (small; pickled into the tasks)."""
+
+    fmt: str
+    seq_len: int           # row length written (megatron, olmo): the packed L, or more
+    pad_id: int            # what fills a row: EOS for megatron, the pad id for olmo
+    dtype: str             # token dtype of megatron and olmo files
+    loss_masks: bool       # the run's sequences carry loss masks
+
+    def names(self, index: int, n_shards: int) -> list[str]:
+        """The file names of shard ``index`` (of ``n_shards``), in the order :func:`shard_files` gives them."""
+        if self.fmt == "megatron":
+            return [f"part-{index:05d}.bin", f"part-{index:05d}.idx"]
+        if self.fmt == "olmo":
+            return [f"part-{index:05d}.npy", f"part-{index:05d}.mask"]
+        return [f"data-{index:05d}-of-{n_shards:05d}.arrow"]
+
+
+def token_dtype(fmt: str, largest_id: int) -> str:
+    """The narrowest dtype a trainer takes for ids up to ``largest_id``: uint16 where they fit,
+    else int32 for Megatron (it has no uint32) and uint32 for OLMo-core."""
+    if largest_id < 2**16:
+        return "uint16"
+    return "int32" if fmt == "megatron" else "uint32"
+
+
+def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A list column's values and offsets (from 0) as numpy arrays."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.values.to_numpy(zero_copy_only=False)
+    return values[offsets[0]:offsets[-1]], offsets - offsets[0]
+
+
+def padded_rows(table: pa.Table, seq_len: int, pad_id: int, dtype: str) -> np.ndarray:
+    """``[rows, seq_len]``: each row's tokens, then ``pad_id``."""
+    values, offsets = _flat(table["input_ids"])
+    lengths = np.diff(offsets)
+    if lengths.size and lengths.max() > seq_len:
+        raise ValueError(f"a sequence holds {lengths.max()} tokens, more than the row length {seq_len}")
+    out = np.full((len(lengths), seq_len), pad_id, dtype=np.dtype(dtype))
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    out[row, np.arange(values.shape[0]) - np.repeat(offsets[:-1], lengths)] = values
+    return out
+
+
+def _segment_starts(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(row, position in the row) of every segment's first token (every row has a segment)."""
+    seg_values, seg_offsets = _flat(table["seg_lengths"])
+    counts = np.diff(seg_offsets)
+    starts = np.cumsum(seg_values, dtype=np.int64) - seg_values  # in the file's tokens laid end to end
+    return np.repeat(np.arange(len(counts)), counts), starts - np.repeat(starts[seg_offsets[:-1]], counts)
+
+
+def megatron_index(n_rows: int, seq_len: int, dtype: str) -> bytes:
+    """The ``.idx`` of ``n_rows`` sequences of ``seq_len`` tokens, each its own document."""
+    itemsize = np.dtype(dtype).itemsize
+    return b"".join([
+        MEGATRON_HEADER, struct.pack("<Q", 1), struct.pack("<B", MEGATRON_DTYPES[dtype]),
+        struct.pack("<Q", n_rows), struct.pack("<Q", n_rows + 1),
+        np.full(n_rows, seq_len, np.int32).tobytes(),
+        (np.arange(n_rows, dtype=np.int64) * seq_len * itemsize).tobytes(),
+        np.arange(n_rows + 1, dtype=np.int64).tobytes(),
+    ])
+
+
+def olmo_label_mask(table: pa.Table, seq_len: int, loss_masks: bool) -> np.ndarray:
+    """``[rows, seq_len]`` uint8: 1 where the token is a target. 0 on padding, on each segment's
+    first token (no target crosses a document boundary), and where the run's loss mask is 0."""
+    values, offsets = _flat(table["input_ids"])
+    lengths = np.diff(offsets)
+    out = np.zeros((len(lengths), seq_len), np.uint8)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    col = np.arange(values.shape[0]) - np.repeat(offsets[:-1], lengths)
+    out[row, col] = _flat(table["loss_mask"])[0] if loss_masks else 1
+    seg_row, seg_col = _segment_starts(table)
+    out[seg_row, seg_col] = 0
+    return out
+
+
+def hf_table(table: pa.Table, loss_masks: bool) -> pa.Table:
+    """The padding-free columns TRL reads: unpadded ``input_ids``, ``seq_lengths``, ``position_ids``
+    restarting per segment, ``labels`` where the run has loss masks; ``seq_id`` and ``run_id`` to trace."""
+    ids = table["input_ids"].combine_chunks()
+    seg_values, _ = _flat(table["seg_lengths"])
+    values, offsets = _flat(ids)
+    ends = np.cumsum(seg_values, dtype=np.int64)
+    positions = np.arange(values.shape[0], dtype=np.int64) - np.repeat(ends - seg_values, seg_values)
+    list_offsets = pa.array(offsets.astype(np.int32))
+    columns = {"input_ids": pa.ListArray.from_arrays(list_offsets, pa.array(values.astype(np.int32))),
+               "position_ids": pa.ListArray.from_arrays(list_offsets, pa.array(positions.astype(np.int32))),
+               "seq_lengths": table["seg_lengths"].combine_chunks()}
+    if loss_masks:
+        labels = np.where(_flat(table["loss_mask"])[0] == 1, values, IGNORE_INDEX).astype(np.int32)
+        columns["labels"] = pa.ListArray.from_arrays(list_offsets, pa.array(labels))
+    columns["seq_id"] = table["seq_id"].combine_chunks()
+    columns["run_id"] = table["run_id"].combine_chunks()
+    return pa.table(columns)
+
+
+def hf_schema(loss_masks: bool) -> pa.Schema:
+    """The schema of every ``hf`` shard (also of an export's ``dataset_info.json``)."""
+    lists = pa.list_(pa.int32())
+    fields = [("input_ids", lists), ("position_ids", lists), ("seq_lengths", lists)]
+    fields += [("labels", lists)] if loss_masks else []
+    return pa.schema(fields + [("seq_id", pa.int64()), ("run_id", pa.string())])
+
+
+def arrow_stream(table: pa.Table) -> bytes:
+    """A table as an Arrow IPC stream (the file format ``datasets`` memory-maps)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=1000)
+    return sink.getvalue().to_pybytes()
+
+
+def shard_files(table: pa.Table, spec: ShardSpec) -> list[bytes]:
+    """The bytes of the files of one shard (named by :meth:`ShardSpec.names`), from one table file's
+    rows sorted by ``seq_id``."""
+    if spec.fmt == "megatron":
+        rows = padded_rows(table, spec.seq_len, spec.pad_id, spec.dtype)
+        return [rows.tobytes(), megatron_index(rows.shape[0], spec.seq_len, spec.dtype)]
+    if spec.fmt == "olmo":
+        rows = padded_rows(table, spec.seq_len, spec.pad_id, spec.dtype).astype(np.dtype(spec.dtype).newbyteorder("<"))
+        return [rows.tobytes(), olmo_label_mask(table, spec.seq_len, spec.loss_masks).tobytes()]
+    if spec.fmt == "hf":
+        return [arrow_stream(hf_table(table, spec.loss_masks).cast(hf_schema(spec.loss_masks)))]
+    raise ValueError(f"unknown export format {spec.fmt!r}; one of {', '.join(FORMATS)}")
