@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from bfpack_spark.masks import IGNORE_INDEX
+from bfpack_spark.packing._jit import jit
 
 FORMATS = ("megatron", "olmo", "hf")
 
@@ -71,15 +72,24 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return values[offsets[0]:offsets[-1]], offsets - offsets[0]
 
 
+@jit
+def _pad_rows(values, offsets, pad_id, out):
+    for r in range(out.shape[0]):
+        start, n = offsets[r], offsets[r + 1] - offsets[r]
+        for j in range(n):
+            out[r, j] = values[start + j]
+        for j in range(n, out.shape[1]):
+            out[r, j] = pad_id
+
+
 def padded_rows(table: pa.Table, seq_len: int, pad_id: int, dtype: str) -> np.ndarray:
-    """``[rows, seq_len]``: each row's tokens, then ``pad_id``."""
+    """``[rows, seq_len]``: each row's tokens, then ``pad_id`` (little-endian ``dtype``)."""
     values, offsets = _flat(table["input_ids"])
     lengths = np.diff(offsets)
     if lengths.size and lengths.max() > seq_len:
         raise ValueError(f"a sequence holds {lengths.max()} tokens, more than the row length {seq_len}")
-    out = np.full((len(lengths), seq_len), pad_id, dtype=np.dtype(dtype))
-    row = np.repeat(np.arange(len(lengths)), lengths)
-    out[row, np.arange(values.shape[0]) - np.repeat(offsets[:-1], lengths)] = values
+    out = np.empty((len(lengths), seq_len), dtype=np.dtype(dtype).newbyteorder("<"))
+    _pad_rows(values, offsets, pad_id, out)
     return out
 
 
@@ -103,38 +113,57 @@ def megatron_index(n_rows: int, seq_len: int, dtype: str) -> bytes:
     ])
 
 
+@jit
+def _label_mask(offsets, seg_lengths, seg_offsets, masks, out):
+    for r in range(out.shape[0]):
+        start, n = offsets[r], offsets[r + 1] - offsets[r]
+        for j in range(n):
+            out[r, j] = masks[start + j] if masks.shape[0] else 1
+        for j in range(n, out.shape[1]):
+            out[r, j] = 0
+        at = 0
+        for k in range(seg_offsets[r], seg_offsets[r + 1]):
+            out[r, at] = 0
+            at += seg_lengths[k]
+
+
 def olmo_label_mask(table: pa.Table, seq_len: int, loss_masks: bool) -> np.ndarray:
     """``[rows, seq_len]`` uint8: 1 where the token is a target. 0 on padding, on each segment's
     first token (no target crosses a document boundary), and where the run's loss mask is 0."""
-    values, offsets = _flat(table["input_ids"])
-    lengths = np.diff(offsets)
-    out = np.zeros((len(lengths), seq_len), np.uint8)
-    row = np.repeat(np.arange(len(lengths)), lengths)
-    col = np.arange(values.shape[0]) - np.repeat(offsets[:-1], lengths)
-    out[row, col] = _flat(table["loss_mask"])[0] if loss_masks else 1
-    seg_row, seg_col = _segment_starts(table)
-    out[seg_row, seg_col] = 0
+    _, offsets = _flat(table["input_ids"])
+    seg_lengths, seg_offsets = _flat(table["seg_lengths"])
+    masks = _flat(table["loss_mask"])[0] if loss_masks else np.empty(0, np.int8)
+    out = np.empty((len(offsets) - 1, seq_len), np.uint8)
+    _label_mask(offsets, seg_lengths, seg_offsets, masks, out)
+    return out
+
+
+@jit
+def _restart_positions(seg_lengths, n_tokens):
+    out = np.empty(n_tokens, np.int32)
+    at = 0
+    for k in range(seg_lengths.shape[0]):
+        for j in range(seg_lengths[k]):
+            out[at + j] = j
+        at += seg_lengths[k]
     return out
 
 
 def hf_table(table: pa.Table, loss_masks: bool) -> pa.Table:
     """The padding-free columns TRL reads: unpadded ``input_ids``, ``seq_lengths``, ``position_ids``
     restarting per segment, ``labels`` where the run has loss masks; ``seq_id`` and ``run_id`` to trace."""
-    ids = table["input_ids"].combine_chunks()
-    seg_values, _ = _flat(table["seg_lengths"])
-    values, offsets = _flat(ids)
-    ends = np.cumsum(seg_values, dtype=np.int64)
-    positions = np.arange(values.shape[0], dtype=np.int64) - np.repeat(ends - seg_values, seg_values)
+    values, offsets = _flat(table["input_ids"])
+    positions = _restart_positions(_flat(table["seg_lengths"])[0], values.shape[0])
     list_offsets = pa.array(offsets.astype(np.int32))
-    columns = {"input_ids": pa.ListArray.from_arrays(list_offsets, pa.array(values.astype(np.int32))),
-               "position_ids": pa.ListArray.from_arrays(list_offsets, pa.array(positions.astype(np.int32))),
+    columns = {"input_ids": pa.ListArray.from_arrays(list_offsets, pa.array(values.astype(np.int32, copy=False))),
+               "position_ids": pa.ListArray.from_arrays(list_offsets, pa.array(positions)),
                "seq_lengths": table["seg_lengths"].combine_chunks()}
     if loss_masks:
         labels = np.where(_flat(table["loss_mask"])[0] == 1, values, IGNORE_INDEX).astype(np.int32)
         columns["labels"] = pa.ListArray.from_arrays(list_offsets, pa.array(labels))
     columns["seq_id"] = table["seq_id"].combine_chunks()
-    columns["run_id"] = table["run_id"].combine_chunks()
-    return pa.table(columns)
+    columns["run_id"] = table["run_id"].combine_chunks().cast(pa.string())
+    return pa.table(columns, schema=hf_schema(loss_masks))
 
 
 def hf_schema(loss_masks: bool) -> pa.Schema:
@@ -145,23 +174,19 @@ def hf_schema(loss_masks: bool) -> pa.Schema:
     return pa.schema(fields + [("seq_id", pa.int64()), ("run_id", pa.string())])
 
 
-def arrow_stream(table: pa.Table) -> bytes:
-    """A table as an Arrow IPC stream (the file format ``datasets`` memory-maps)."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=1000)
-    return sink.getvalue().to_pybytes()
-
-
-def shard_files(table: pa.Table, spec: ShardSpec) -> list[bytes]:
-    """The bytes of the files of one shard (named by :meth:`ShardSpec.names`), from one table file's
-    rows sorted by ``seq_id``."""
+def write_shard(table: pa.Table, spec: ShardSpec, outputs: list) -> None:
+    """Write the files of one shard (named by :meth:`ShardSpec.names`, one writable stream each) from one
+    table file's rows sorted by ``seq_id``. Arrays go to the streams as buffers, never copied to bytes."""
     if spec.fmt == "megatron":
         rows = padded_rows(table, spec.seq_len, spec.pad_id, spec.dtype)
-        return [rows.tobytes(), megatron_index(rows.shape[0], spec.seq_len, spec.dtype)]
-    if spec.fmt == "olmo":
-        rows = padded_rows(table, spec.seq_len, spec.pad_id, spec.dtype).astype(np.dtype(spec.dtype).newbyteorder("<"))
-        return [rows.tobytes(), olmo_label_mask(table, spec.seq_len, spec.loss_masks).tobytes()]
-    if spec.fmt == "hf":
-        return [arrow_stream(hf_table(table, spec.loss_masks).cast(hf_schema(spec.loss_masks)))]
-    raise ValueError(f"unknown export format {spec.fmt!r}; one of {', '.join(FORMATS)}")
+        outputs[0].write(pa.py_buffer(rows))
+        outputs[1].write(megatron_index(rows.shape[0], spec.seq_len, spec.dtype))
+    elif spec.fmt == "olmo":
+        outputs[0].write(pa.py_buffer(padded_rows(table, spec.seq_len, spec.pad_id, spec.dtype)))
+        outputs[1].write(pa.py_buffer(olmo_label_mask(table, spec.seq_len, spec.loss_masks)))
+    elif spec.fmt == "hf":
+        rows = hf_table(table, spec.loss_masks)
+        with pa.ipc.new_stream(outputs[0], hf_schema(spec.loss_masks)) as writer:  # what datasets memory-maps
+            writer.write_table(rows, max_chunksize=1000)
+    else:
+        raise ValueError(f"unknown export format {spec.fmt!r}; one of {', '.join(FORMATS)}")

@@ -23,13 +23,15 @@ import os
 import posixpath
 import tempfile
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from bfpack_spark.export.formats import FORMATS, ShardSpec, hf_schema, shard_files, token_dtype
+from bfpack_spark.export.formats import FORMATS, ShardSpec, hf_schema, token_dtype, write_shard
 from bfpack_spark.io.files import filesystem, join, read_parquet
 from bfpack_spark.io.snapshot import SequencesSnapshot, TableFile, open_sequences
 from bfpack_spark.io.workspace import atomic_output
@@ -83,15 +85,16 @@ class _Task:
 def _write_shard(task: _Task, spec: ShardSpec) -> dict:
     """Read one table file, write its shard, and count what was written."""
     table = read_parquet(task.file.uri, ["seq_id", "run_id", "input_ids", "seg_lengths"]
-                         + (["loss_mask"] if spec.loss_masks else [])).sort_by("seq_id")
+                         + (["loss_mask"] if spec.loss_masks else []))
+    seq_ids = table["seq_id"].to_numpy()
+    if (np.diff(seq_ids) < 0).any():  # the pipeline writes files in seq_id order; sorting lists costs a copy
+        table = table.take(np.argsort(seq_ids, kind="stable"))
     if table.num_rows != task.file.rows:
         raise ExportError(f"{task.file.uri} holds {table.num_rows} rows, the Delta log says {task.file.rows}")
-    sizes = []
-    for path, data in zip(task.paths, shard_files(table, spec)):
-        fs, p = filesystem(path)
-        with atomic_output(fs, p) as out:
-            out.write(data)
-        sizes.append(len(data))
+    with ExitStack() as stack:
+        outputs = [stack.enter_context(atomic_output(*filesystem(path))) for path in task.paths]
+        write_shard(table, spec, outputs)
+        sizes = [out.tell() for out in outputs]
     lengths = table["input_ids"].combine_chunks().value_lengths()
     return {"index": task.index, "rows": table.num_rows, "tokens": int(pc.sum(lengths).as_py() or 0),
             "bytes": sum(sizes), "first_seq_id": int(table["seq_id"][0].as_py()) if table.num_rows else 0}

@@ -1,0 +1,104 @@
+"""Export rate per core, each format against reading the same table with pyarrow, in one Spark session.
+
+    python benchmarks/bench_export.py                       # the 1M-document pipeline benchmark table
+    python benchmarks/bench_export.py --docs 200000 --repeat 3
+    python benchmarks/bench_export.py --workdir /work/bench-results/export   # keep (and reuse) the table
+
+Packs the synthetic corpus of ``bench_pipeline.py`` (1M documents, log-normal lengths, median 300
+tokens, L = 2048) once, then, ``--repeat`` rounds in one session on local[2]: a Spark job that reads
+every table file with pyarrow (the columns an export reads, one task per file, nothing written:
+the floor), and ``bfpack export`` to each format (one task per file, shards written to local
+disk). Prints seconds, tokens per second per core, and each format's time over the read's, the
+median of the rounds. The goal (issue 21): every format within 1.5x of the read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_pipeline import write_corpus  # noqa: E402
+
+from bfpack_spark.config import load_config  # noqa: E402
+from bfpack_spark.export import export  # noqa: E402
+from bfpack_spark.io.files import read_parquet  # noqa: E402
+from bfpack_spark.io.snapshot import open_sequences  # noqa: E402
+from bfpack_spark.spark.partitioning import map_slices  # noqa: E402
+from bfpack_spark.spark.pipeline import run  # noqa: E402
+from bfpack_spark.spark.session import get_spark  # noqa: E402
+
+COLUMNS = ["seq_id", "run_id", "input_ids", "seg_lengths"]
+
+
+def read_all(spark, root: str) -> tuple[float, int]:
+    """Seconds to read every file of the table's snapshot in Spark tasks (one per file), and its tokens."""
+    files = open_sequences(root).files
+
+    def read(_i: int, mine: list):
+        for f in mine:
+            table = read_parquet(f.uri, COLUMNS)
+            yield pa.RecordBatch.from_pylist([{"tokens": len(table["input_ids"].combine_chunks().values)}])
+
+    t0 = time.perf_counter()
+    rows = map_slices(spark, list(files), len(files), read, "tokens bigint").collect()
+    return time.perf_counter() - t0, sum(r["tokens"] for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=1_000_000)
+    parser.add_argument("--median", type=float, default=300)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--formats", default="megatron,olmo,hf")
+    parser.add_argument("--workdir", default=None, help="default: a temporary directory (removed)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bfpack-export-bench-"))
+    spark = get_spark(f"local[{args.cores}]", "bench-export")
+    packed = work / f"packed-{args.docs}"
+    if not (packed / "stats" / "_delta_log").is_dir():
+        write_corpus(work / "corpus", args.docs, args.median, 1.2, 16)
+        run(load_config(None, {"input.paths": [str(work / "corpus")], "input.token_column": "tokens",
+                               "output.output": str(packed), "packing.seq_len": args.seq_len}), spark)
+    snapshot = open_sequences(str(packed))
+    print(f"table: {packed} ({snapshot.rows:,} sequences, {snapshot.tokens:,} tokens, {len(snapshot.files)} files), "
+          f"local[{args.cores}]")
+    read_all(spark, str(packed))  # warm: the page cache holds the table for every contender alike
+    times: dict[str, list[float]] = {"read": []}
+    formats = args.formats.split(",")
+    for r in range(args.repeat):
+        seconds, tokens = read_all(spark, str(packed))
+        times["read"].append(seconds)
+        for fmt in formats:
+            dest = work / f"export-{fmt}"
+            shutil.rmtree(dest, ignore_errors=True)
+            t0 = time.perf_counter()
+            export(str(packed), fmt, str(dest), spark=spark)
+            times.setdefault(fmt, []).append(time.perf_counter() - t0)
+            shutil.rmtree(dest)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+    floor = statistics.median(times["read"])
+    print(f"\nmedian of {args.repeat} rounds ({snapshot.tokens:,} tokens):")
+    for name, values in times.items():
+        m = statistics.median(values)
+        rate = snapshot.tokens / m / args.cores
+        print(f"  {name:9s} {m:7.2f}s  {rate / 1e6:6.1f} M tokens/s per core  {m / floor:5.2f}x the read")
+    spark.stop()
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
