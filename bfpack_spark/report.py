@@ -24,7 +24,7 @@ from bfpack_spark.io.readers import reason_code
 _COLUMNS = ["run_id", "started_at", "mode", "strategy", "seq_len", "documents_read", "documents_packed",
             "documents_rejected", "tokens", "sequences", "lower_bound", "mean_fill", "truncations_per_document",
             "concat_truncations_per_document", "truncations_by_length", "fill_histogram", "segments_histogram",
-            "audit_passed"]
+            "audit_passed", "max_segments_per_sequence", "most_segments", "loss_tokens", "no_loss_tokens"]
 
 
 def _dataset(root: str, table: str) -> ds.Dataset:
@@ -32,9 +32,24 @@ def _dataset(root: str, table: str) -> ds.Dataset:
 
 
 def load_runs(root: str) -> list[dict[str, Any]]:
-    """Every run's stats row, oldest first."""
-    runs = _dataset(root, "stats").to_table(columns=_COLUMNS).to_pylist()
-    return sorted(runs, key=lambda r: r["started_at"] or "")
+    """Every run's stats row, oldest first (columns an older version did not write: None)."""
+    stats = _dataset(root, "stats")
+    present = [c for c in _COLUMNS if c in stats.schema.names]
+    runs = stats.to_table(columns=present).to_pylist()
+    return sorted(({c: r.get(c) for c in _COLUMNS} for r in runs), key=lambda r: r["started_at"] or "")
+
+
+def sequence_contents(run: dict) -> str:
+    """What the run's sequences hold besides tokens, in a line: the cap on segments against the most
+    one sequence holds, and the tokens with and without loss (runs with loss masks)."""
+    cap, most = run.get("max_segments_per_sequence"), run.get("most_segments")
+    parts = [f"segments per sequence: at most {cap:,} (cap), most in one {most or 0:,}" if cap
+             else f"segments per sequence: no cap, most in one {most:,}" if most else ""]
+    loss, no_loss = run.get("loss_tokens"), run.get("no_loss_tokens")
+    if loss is not None:
+        total = loss + (no_loss or 0)
+        parts.append(f"tokens with loss {loss:,} ({loss / max(total, 1):.1%}), without {no_loss or 0:,}")
+    return "; ".join(p for p in parts if p)
 
 
 def rejects_by_reason(root: str, run_id: str | None = None) -> dict[str, int]:
@@ -112,11 +127,16 @@ def plot_fill(fill_histogram: Sequence[int]):
     return fig
 
 
-def plot_segments(segments_histogram: Sequence[int]):
+def plot_segments(segments_histogram: Sequence[int], cap: int | None = None):
+    """Sequences by segment count (the last bar counts that many or more), and the cap where one is set."""
     last = max((i for i, n in enumerate(segments_histogram) if n), default=1)
-    fig, ax = _axes("Segments per sequence", "documents or chunks in the sequence", "sequences")
+    fig, ax = _axes("Segments per sequence" + (f" (cap {cap})" if cap else ""), "documents or chunks in the sequence",
+                    "sequences")
     ax.bar(range(last + 1), segments_histogram[:last + 1], color="#8172b2")
     ax.set_yscale("symlog")
+    if cap:
+        ax.axvline(cap + 0.5, color="#c44e52", linestyle="--", label=f"max_segments_per_sequence = {cap}")
+        ax.legend()
     fig.tight_layout()
     return fig
 
@@ -150,7 +170,7 @@ def figures(runs: Sequence[dict], run: dict, by_reason: dict[str, int]) -> list[
     if run["fill_histogram"]:
         out.append(("fill", plot_fill(run["fill_histogram"])))
     if run["segments_histogram"]:
-        out.append(("segments", plot_segments(run["segments_histogram"])))
+        out.append(("segments", plot_segments(run["segments_histogram"], run.get("max_segments_per_sequence"))))
     out += [("rejects", plot_rejects(by_reason)), ("runs", plot_runs(runs))]
     return out
 
@@ -173,6 +193,8 @@ def render_html(root: str, runs: Sequence[dict], run: dict, by_reason: dict[str,
                f"sequences of L={run['seq_len']} (lower bound {run['lower_bound'] or 0:,}); truncations per "
                f"document {run['truncations_per_document'] or 0:.4f} with best-fit packing against "
                f"{run['concat_truncations_per_document'] or 0:.4f} with concatenation")
+    if sequence_contents(run):
+        summary += f"; {sequence_contents(run)}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1500px}}pre{{background:#f6f6f6;padding:1em;overflow-x:auto}}
@@ -195,6 +217,8 @@ def report(root: str, html_path: str | None = None, run_id: str | None = None) -
     run = chosen[-1]
     by_reason = rejects_by_reason(root, run["run_id"])
     text = history(runs)
+    if sequence_contents(run):
+        text += f"\n\n{run['run_id']}: {sequence_contents(run)}"
     if by_reason:
         text += f"\n\nrejects of {run['run_id']} by reason: " + ", ".join(f"{k} {v:,}" for k, v in by_reason.items())
     if html_path:

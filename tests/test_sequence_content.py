@@ -146,3 +146,16 @@ def test_bos_named_for_a_tiktoken_encoding_and_the_cli_refuses_a_mask_column_no_
     with pytest.raises(InputError, match="--prompt-column 'question' is in no input file"):
         run(load_config(None, {"input.paths": [str(tmp_path / "docs.jsonl")], "output.output": str(tmp_path / "o2"),
                                "input.prompt_column": "question"}))
+
+
+def test_the_report_shows_segments_against_the_cap_and_tokens_with_loss(masked, tmp_path):
+    from bfpack_spark.report import report
+
+    result, out, _, _ = masked
+    text = report(str(out), str(tmp_path / "report.html"))
+    loss = result.stats["loss_tokens"]
+    assert f"segments per sequence: at most {CAP} (cap), most in one {CAP}" in text
+    assert f"tokens with loss {loss:,} ({loss / result.stats['tokens']:.1%}), without {result.stats['no_loss_tokens']:,}" \
+        in text
+    page = (tmp_path / "report.html").read_text()
+    assert f"most in one {CAP}" in page and 'alt="segments"' in page
