@@ -155,7 +155,7 @@ def test_the_report_shows_segments_against_the_cap_and_tokens_with_loss(masked, 
     text = report(str(out), str(tmp_path / "report.html"))
     loss = result.stats["loss_tokens"]
     assert f"segments per sequence: at most {CAP} (cap), most in one {CAP}" in text
-    assert f"tokens with loss {loss:,} ({loss / result.stats['tokens']:.1%}), without {result.stats['no_loss_tokens']:,}" \
-        in text
+    share, without = loss / result.stats["tokens"], result.stats["no_loss_tokens"]
+    assert f"tokens with loss {loss:,} ({share:.1%}), without {without:,}" in text
     page = (tmp_path / "report.html").read_text()
     assert f"most in one {CAP}" in page and 'alt="segments"' in page
