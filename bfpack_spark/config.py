@@ -89,7 +89,8 @@ class PackingConfig:
     seq_len: int = _f(2048, "L: the sequence length (context size) to pack into; 1 to 16,777,216")
     strategy: Literal["bfd", "concat"] = _f("bfd", "bfd: best-fit packing; concat: the concatenate-"
                                                     "and-cut baseline (for comparison)")
-    partitions: int | None = _f(None, "number of packing partitions (default: one per input group)")
+    partitions: int | None = _f(None, "number of packing partitions (default: one per input group; one, which is "
+                                      "one-process BFD, when every chunk fits one task of merge_items_per_partition)")
     residual_fill: float = _f(0.99, "sequences of a partition filled below this fraction of seq_len "
                                     "are re-packed in the residual merge")
     merge_items_per_partition: int = _f(200_000, "at most this many items per task of a residual "

@@ -185,6 +185,14 @@ def merge_round(n_items: int, merge_items: int, fill_threshold: float, stalled: 
     return n_parts, 0.0 if n_parts == 1 or stalled else fill_threshold
 
 
+def packing_partitions(n_items: int, n_groups: int, merge_items: int, partitions: int | None = None) -> int:
+    """Partitions of the first round: as set, else one per group; one when a single task can hold
+    every item (at most ``merge_items``), so that the plan is one-process BFD exactly."""
+    if partitions is not None:
+        return partitions
+    return 1 if n_items <= merge_items else n_groups
+
+
 def home_targets(n_sources: int, n_targets: int) -> npt.NDArray[np.int64]:
     """The home partition of each group: groups are spread evenly, in order."""
     return np.arange(n_sources, dtype=np.int64) * n_targets // max(n_sources, 1)
@@ -248,7 +256,8 @@ def plan_bfd(doc_lengths: npt.ArrayLike, doc_group: npt.ArrayLike, n_groups: int
     local = np.empty(n, np.bool_)
     items, source, n_sources = np.arange(n), group, n_groups
     home = home_targets(n_groups, n_partitions)
-    n_targets, threshold, next_id = n_partitions, fill_threshold, 0
+    # one partition is one-process BFD: every sequence is final at once
+    n_targets, threshold, next_id = n_partitions, fill_threshold if n_partitions > 1 else 0.0, 0
     residual_items = rounds = stage0_sequences = 0
     while items.shape[0]:
         counts = np.zeros((n_sources, min(n_buckets, seq_len)), np.int64)

@@ -44,6 +44,7 @@ from bfpack_spark.io.readers import Limits
 from bfpack_spark.io.staging import Staging
 from bfpack_spark.io.workspace import Workspace, clean_workspaces, remove_if_empty, workspace_root
 from bfpack_spark.metrics import PackingStats
+from bfpack_spark.packing.plan import packing_partitions
 from bfpack_spark.schemas import INPUTS, TABLES
 from bfpack_spark.spark.progress import stage_progress
 from bfpack_spark.spark.session import get_spark
@@ -255,7 +256,8 @@ def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, tim
                 items = np.array([g["items"] for g in read.groups], np.int64).reshape(n_groups, -1)
                 for g, dropped in dups.items_by_group.items():
                     items[g] -= dropped
-                plan = plan_bfd(kept, items, L, p.partitions or n_groups, p.residual_fill,
+                n_parts = packing_partitions(int(items.sum()), n_groups, p.merge_items_per_partition, p.partitions)
+                plan = plan_bfd(kept, items, L, n_parts, p.residual_fill,
                                 p.merge_items_per_partition, p.length_buckets, p.max_segments_per_sequence)
                 release.callback(plan.unpersist)
             else:

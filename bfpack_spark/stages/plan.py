@@ -204,7 +204,8 @@ def plan_bfd(kept: DataFrame, counts: np.ndarray, seq_len: int, n_partitions: in
     n_items = int(counts.sum())
     result = PlanResult(None, 0, n_partitions, n_items=n_items)
     finals_by_round: list[list[int]] = []  # final sequences per partition, per round
-    n_targets, threshold, stalled = n_partitions, fill_threshold, False
+    # one partition is one-process BFD: every sequence is final at once
+    n_targets, threshold, stalled = n_partitions, fill_threshold if n_partitions > 1 else 0.0, False
     while True:
         t0 = time.perf_counter()
         packed = (exact_partitions(items, n_targets, "target").mapInArrow(rnd.pack(threshold), spark_ddl(PACKED))
