@@ -31,7 +31,7 @@ from deltalake import DeltaTable
 
 from bfpack_spark.config import load_config
 from bfpack_spark.packing import bfd_layout
-from bfpack_spark.spark.pipeline import run
+from bfpack_spark.job import run
 from bfpack_spark.spark.session import get_spark
 
 

@@ -1,3 +1,8 @@
 """bfpack-spark: best-fit packing of tokenized corpora into fixed-length training sequences."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("bfpack-spark")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"

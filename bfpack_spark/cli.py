@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Literal, get_args, get_origin
 
+from bfpack_spark import __version__
 from bfpack_spark.config import DEBUG_ENV, ConfigError, PackConfig, coerce_value, field_specs, load_config
 from bfpack_spark.io.delta import DeltaError
 from bfpack_spark.io.inputs import PYTHON_STDLIB, InputError
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bfpack", description="Best-fit packing of text corpora into fixed-length LLM training "
                                    "sequences, on Spark, into Delta tables.",
         epilog=EXIT_STATUS)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
     common.add_argument("--debug", action="store_true", help="show the stack trace when a run fails")
@@ -240,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bfpack: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     # Imported here: pyspark loads slowly, and mistakes above are reported without it.
-    from bfpack_spark.spark.pipeline import AuditError, run
+    from bfpack_spark.job import AuditError, run
     from bfpack_spark.spark.session import SparkStartError, first_line
 
     try:

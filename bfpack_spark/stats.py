@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from bfpack_spark.audit import segment_bins
+from bfpack_spark.figures import segment_bins
 from bfpack_spark.metrics import PackingStats, bucket_labels
 from bfpack_spark.schemas import STATS
 

@@ -13,7 +13,7 @@ import zstandard
 from deltalake import DeltaTable
 
 from bfpack_spark.config import load_config
-from bfpack_spark.spark.pipeline import run
+from bfpack_spark.job import run
 from bfpack_spark.tokenize import load_tokenizer
 
 from corpora import write_jsonl

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from bfpack_spark.config import ConfigError, load_config
 from bfpack_spark.io.files import InputError
-from bfpack_spark.spark.pipeline import AuditError, run
+from bfpack_spark.job import AuditError, run
 from bfpack_spark.tokenize import TokenizerError
 
 WORDS = ["packing", "best", "fit", "token", "<|endoftext|>", "é", "😀", " ", "\n", "def f():"]

@@ -9,7 +9,7 @@ from deltalake import DeltaTable
 from bfpack_spark.config import load_config
 from bfpack_spark.io.delta import read_table
 from bfpack_spark.packing import bfd_layout
-from bfpack_spark.spark.pipeline import run
+from bfpack_spark.job import run
 
 from corpora import write_tokenized
 
@@ -117,7 +117,7 @@ def test_partition_count_barely_changes_the_sequence_count(spark, corpus, tmp_pa
 
 
 def test_audit_catches_a_lost_token_before_anything_is_committed(spark, corpus, tmp_path, inject):
-    from bfpack_spark.spark.pipeline import AuditError
+    from bfpack_spark.job import AuditError
 
     inject({"drop_token": "always"})
     with pytest.raises(AuditError, match="tokens in sequences = tokens of packed documents"):

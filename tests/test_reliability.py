@@ -17,7 +17,7 @@ from bfpack_spark.faults import InjectedFault
 from bfpack_spark.io.delta import read_table, snapshot_dataset
 from bfpack_spark.io.files import InputError
 from bfpack_spark.io.lock import LOCK_NAME, OutputLock, RunLockedError
-from bfpack_spark.spark.pipeline import AuditError, run
+from bfpack_spark.job import AuditError, run
 from bfpack_spark.spark.session import first_line
 
 from corpora import write_jsonl, write_tokenized

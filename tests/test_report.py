@@ -10,7 +10,7 @@ from deltalake import DeltaTable
 
 from bfpack_spark.config import load_config
 from bfpack_spark.io.delta import read_table
-from bfpack_spark.spark.pipeline import run
+from bfpack_spark.job import run
 
 from corpora import write_jsonl
 

@@ -16,7 +16,7 @@ from bfpack_spark.config import load_config
 from bfpack_spark.io.delta import snapshot_dataset
 from bfpack_spark.io.files import InputError
 from bfpack_spark.io.lock import OutputLock, RunLockedError, S3Lock
-from bfpack_spark.spark.pipeline import run
+from bfpack_spark.job import run
 
 from corpora import write_jsonl
 

@@ -14,7 +14,7 @@ import pytest
 from deltalake import DeltaTable
 
 from bfpack_spark.config import load_config
-from bfpack_spark.spark.pipeline import run
+from bfpack_spark.job import run
 
 from corpora import write_tokenized
 

@@ -8,7 +8,7 @@ from deltalake import DeltaTable
 
 from bfpack_spark.config import load_config
 from bfpack_spark.io.files import InputError
-from bfpack_spark.spark.pipeline import run
+from bfpack_spark.job import run
 from bfpack_spark.spark.session import first_line
 
 from corpora import write_jsonl

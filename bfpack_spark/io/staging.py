@@ -20,7 +20,7 @@ from datetime import date, datetime
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bfpack_spark.audit import add_figures
+from bfpack_spark.figures import add_figures
 from bfpack_spark.io.files import filesystem, join
 
 #: Columns whose values repeat (dictionary encoding pays); token ids and ids do not.

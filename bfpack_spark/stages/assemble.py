@@ -23,7 +23,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from bfpack_spark import faults
-from bfpack_spark.audit import document_figures, segment_bins, sequence_figures
+from bfpack_spark.figures import document_figures, segment_bins, sequence_figures
 from bfpack_spark.io.readers import Reject, position
 from bfpack_spark.io.staging import StagedFile, Staging
 from bfpack_spark.io.workspace import Workspace
