@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sequences, on Spark, into Delta tables.",
         epilog=EXIT_STATUS)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
     common.add_argument("--debug", action="store_true", help="show the stack trace when a run fails")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -323,6 +323,35 @@ def field_specs() -> list[tuple[str, str, dataclasses.Field, Any]]:
     return specs
 
 
+def flag_form(flag: str, hint: Any) -> str:
+    """How a field is given on the command line: ``--seq-len N``, ``--append-eos / --no-append-eos``."""
+    args = get_args(hint)
+    if hint is bool or (bool in args and type(None) in args):
+        return f"--{flag} / --no-{flag}"
+    if get_origin(hint) is dict:
+        return f"--{flag} KEY=VALUE"
+    if get_origin(hint) is list:
+        return f"--{flag} PATH"
+    if get_origin(hint) is Literal:
+        return f"--{flag} {'|'.join(map(str, args))}"
+    base = next((a for a in args if a is not type(None)), hint)
+    return f"--{flag} {({int: 'N', float: 'X'}).get(base, 'TEXT')}"
+
+
+def settings_markdown() -> str:
+    """The settings reference, one row per field of the config model: the docs site renders it from
+    here, so the page and ``bfpack pack --help`` cannot disagree."""
+    rows = ["| setting | flag | default | meaning |", "| --- | --- | --- | --- |"]
+    for section, flag, f, hint in field_specs():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is not dataclasses.MISSING:
+            default = f"`{default if isinstance(default, str) else json.dumps(default)}`"
+        meaning = f.metadata["help"].replace("|", "\\|")
+        shown = "" if default is dataclasses.MISSING else default
+        rows.append(f"| `{section}.{f.name}` | `{flag_form(flag, hint)}` | {shown} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
 def coerce_value(name: str, raw: str, hint: Any) -> Any:
     """A command-line string as the field's type (YAML scalars: 4096, 0.5, true, null)."""
     if type(None) in get_args(hint) and raw.lower() in ("null", "none", ""):

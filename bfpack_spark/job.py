@@ -28,8 +28,8 @@ import pyarrow as pa
 
 from bfpack_spark import faults
 from bfpack_spark.audit import AuditError, check, read_footers
-from bfpack_spark.figures import add_figures
 from bfpack_spark.config import DEFAULT_ID_COLUMN, PackConfig, default_run_id
+from bfpack_spark.figures import add_figures
 from bfpack_spark.incremental import (
     check_compatible,
     committed_runs,
@@ -78,7 +78,7 @@ class StageTimer:
                 yield
         except Exception as exc:
             if not hasattr(exc, "bfpack_stage"):  # the innermost stage: what the error message names
-                exc.bfpack_stage = stage
+                exc.bfpack_stage = stage  # type: ignore[attr-defined]
             raise
         self.seconds[stage] = round(time.perf_counter() - t0, 3)
         log.info("stage %s done in %.1fs", stage, self.seconds[stage])
@@ -106,7 +106,9 @@ def _plan_inputs(config: PackConfig) -> InputPlan:
                              f"or turn it off with --no-append-eos")
     document_bos(tokenizer, config.tokenizer.prepend_bos)
     check_output(config.output.output)
-    select, digests, replaces = None, {}, {}
+    select = None
+    digests: dict[str, str] = {}
+    replaces: dict[str, str] = {}
     if config.output.mode != "overwrite":
         check_compatible(config.output.output, config.to_dict())
     if config.output.mode == "incremental":

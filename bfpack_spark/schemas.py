@@ -241,3 +241,13 @@ def delta_schema_json(schema: pa.Schema) -> str:
     """The Delta (Spark) schema of a table, every field nullable: what Spark reads back from the
     Parquet files, so that both commit paths record the same schema."""
     return json.dumps({"type": "struct", "fields": [_delta_field(f) for f in schema]}, separators=(",", ":"))
+
+
+def schemas_markdown() -> str:
+    """The five tables' exact columns and Spark types, as the docs site shows them (rendered from
+    the schemas the writers use, so the page cannot drift from the tables)."""
+    parts = []
+    for name, schema in TABLES.items():
+        columns = "\n".join(f"{column:<34} {t}" for column, t in spark_types(schema).items())
+        parts.append(f"`{name}`\n\n```text\n{columns}\n```\n")
+    return "\n".join(parts)

@@ -17,7 +17,8 @@ def _sum(figures: list[dict], key: str, seq_len: int) -> PackingStats:
     """The sum of the groups' additive figures of one strategy (sequences are counted elsewhere)."""
     total = PackingStats(seq_len=seq_len)
     for f in figures:
-        total += PackingStats(**{k: tuple(v) if isinstance(v, list) else v for k, v in f[key].items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in f[key].items()}
+        total += PackingStats(**fields)
     return total
 
 

@@ -37,17 +37,17 @@ def write_jsonl(path: Path, records: list[dict | str]) -> None:
             fh.write((rec if isinstance(rec, str) else json.dumps(rec)) + "\n")
 
 
-def bos_tokenizer(path: Path, texts: list[str]) -> Path:
-    """A small byte-level BPE tokenizer.json whose template puts ``<s>`` before every text (as Llama's
-    do), with ``</s>`` as its end-of-document token; ids 0..2 are [UNK], <s>, </s>."""
+def bos_tokenizer(path: Path, texts: list[str], bos: str = "<s>", eos: str = "</s>") -> Path:
+    """A small byte-level BPE tokenizer.json whose template puts ``bos`` before every text (as Llama's
+    do), with ``eos`` as its end-of-document token; ids 0..2 are [UNK], bos, eos."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]", bos, eos],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 1)])
     tok.save(str(path))
     return path
 

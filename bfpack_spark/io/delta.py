@@ -223,7 +223,7 @@ class DeltaOutput:
                     custom_metadata={"bfpack.removed_run": old_run, "bfpack.replaced_by": replaced_by}))
         log.info("removed the rows of run %s, replaced by run %s", old_run, replaced_by)
 
-    def _delete_attempt(self, name: str, keep: set[str] = frozenset()) -> None:
+    def _delete_attempt(self, name: str, keep: frozenset[str] | set[str] = frozenset()) -> None:
         """Delete this attempt's files under table ``name``, but those in ``keep`` (relative paths)."""
         fs, base = filesystem(join(self.table_uri(name), self.attempt))
         if fs.get_file_info(base).type != pafs.FileType.Directory:
@@ -258,7 +258,7 @@ class DeltaOutput:
         table = delta_table(uri)
         if table is not None:
             keep |= {p.split("/")[0] for p in pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist()}
-            keep |= {_commit_metadata(commit).get("bfpack.attempt") for commit in table.history()}
+            keep |= {a for commit in table.history() if (a := _commit_metadata(commit).get("bfpack.attempt"))}
         cutoff = time.time() - RETENTION_SECONDS
         removed = []
         for info in fs.get_file_info(pafs.FileSelector(base)):
@@ -343,7 +343,10 @@ def migrate_stats_v1(uri: str) -> None:
     from bfpack_spark.schemas import STATS
     from bfpack_spark.stats import stats_table
 
-    old = snapshot_dataset(uri).to_table().to_pylist()
+    dataset = snapshot_dataset(uri)
+    if dataset is None:
+        return
+    old = dataset.to_table().to_pylist()
     rows = []
     for row in old:
         audit = json.loads(row.pop("audit") or "{}")
@@ -380,7 +383,8 @@ def read_stats_row(uri: str, run_id: str) -> dict:
 
     from bfpack_spark.stats import MAPS
 
-    rows = (snapshot_dataset(uri).to_table(filter=ds.field("run_id") == run_id).to_pylist())
+    dataset = snapshot_dataset(uri)
+    rows = [] if dataset is None else dataset.to_table(filter=ds.field("run_id") == run_id).to_pylist()
     if not rows:
         raise DeltaError(f"{uri} holds no stats row of run {run_id}")
     row = rows[0]

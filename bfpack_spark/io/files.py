@@ -94,8 +94,8 @@ def _s3_filesystem(settings_json: str) -> pafs.FileSystem:
     key, secret = get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY")
     if key and secret:
         kwargs.update(access_key=key, secret_key=secret, session_token=get("AWS_SESSION_TOKEN"))
-    if get("AWS_VIRTUAL_HOSTED_STYLE_REQUEST") is not None:
-        kwargs["force_virtual_addressing"] = get("AWS_VIRTUAL_HOSTED_STYLE_REQUEST").lower() == "true"
+    if (virtual := get("AWS_VIRTUAL_HOSTED_STYLE_REQUEST")) is not None:
+        kwargs["force_virtual_addressing"] = virtual.lower() == "true"
     return pafs.S3FileSystem(**kwargs)
 
 

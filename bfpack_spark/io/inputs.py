@@ -275,7 +275,9 @@ def _parquet_splits(f: InputFile, payload: str, tokenized: bool, seq_len: int,
     names = meta.schema.to_arrow_schema().names
     if payload not in names:
         raise _missing_payload(payload, tokenized, f"a column of {f.uri} (columns: {', '.join(names)})")
-    splits, current, first_row, row = [], [], 0, 0
+    splits: list[Split] = []
+    current: list[int] = []
+    first_row = row = 0
     est = 0
     for i in range(meta.num_row_groups):
         rg = meta.row_group(i)

@@ -119,10 +119,12 @@ def _id_string(value: object) -> str | None:
     return None
 
 
-def _readable_id(raw: bytes, id_column: str) -> str | None:
+def _readable_id(raw: bytes, id_column: str | None) -> str | None:
     """The id of a record that is rejected for its bytes (too large, invalid UTF-8), where it can
     still be read: the record parsed with bad bytes replaced, else the id field found in the
     line's head (a too-large line is kept only in part)."""
+    if id_column is None:
+        return None
     text = raw.decode("utf-8", errors="replace")
     try:
         obj = json.loads(text)
@@ -175,10 +177,11 @@ class _Inflated:
     def _decode(self, raw, piece: int, careful_from: int | None = None) -> Iterator[bytes]:
         """Decoded blocks of the whole stream; from compressed offset ``careful_from`` on, the
         input is fed one byte at a time."""
-        track = careful_from is None
+        careful = careful_from if careful_from is not None else -1  # -1: never
+        track = careful < 0
         decoder, fed, padding, ended, pos = self._new_decoder(), False, False, False, 0
         while True:
-            size = piece if track or pos + piece <= careful_from else max(1, careful_from - pos)
+            size = piece if track or pos + piece <= careful else max(1, careful - pos)
             chunk = raw.read(size)
             if not chunk:
                 if fed:
@@ -337,7 +340,7 @@ def _extra_kind(tokenized: bool) -> str:
     return "loss mask" if tokenized else "prompt"
 
 
-def _json_extra(obj: dict, name: str, tokenized: bool) -> tuple[object, str | None]:
+def _json_extra(obj: dict, name: str, tokenized: bool) -> tuple[Any, str | None]:
     """The extra field of a JSON record (a loss mask or a prompt) and, when it is wrong, why."""
     what = _extra_kind(tokenized)
     value = obj.get(name)
@@ -554,6 +557,7 @@ def _parquet_batch(split: Split, rb: pa.RecordBatch, first_row: int, id_column: 
             reasons[int(i)] = reason
         ok[mask] = False
 
+    ids: list[Any]  # strings where the row is kept
     if id_column is not None:
         ids_arr = rb.column(id_column)
         if not (pa.types.is_string(ids_arr.type) or pa.types.is_large_string(ids_arr.type)
@@ -595,10 +599,10 @@ def _parquet_batch(split: Split, rb: pa.RecordBatch, first_row: int, id_column: 
                 bad(mask, f"token column {column!r} holds a null token id")
             batch.tokens = values
     else:
-        prompts: list[str | None] = []
+        prompts: list[Any] = []  # strings where the row is kept
         if not _is_string(values.type):
             bad(np.ones(n, bool), f"text column {column!r} has type {values.type}, not string")
-            texts: list[str | None] = [None] * n
+            texts: list[Any] = [None] * n  # strings where the row is kept
         else:
             sizes = pc.fill_null(pc.binary_length(values), 0).to_numpy(zero_copy_only=False)
             if side is not None and _is_string(side.type):

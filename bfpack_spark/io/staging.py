@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -69,6 +70,8 @@ class Staging:
         """A file of ``table`` holding ``data``, written at once."""
         with self.writer(table, name, data.schema, (lambda _: figures or {})) as out:
             out.write(data)
+        if out.staged is None:
+            raise ValueError(f"no rows to write to {table}/{name}")
         return out.staged
 
 
@@ -113,9 +116,10 @@ class TableWriter:
                  figures: Callable[[pa.Table], dict] | None = None):
         self.table_uri, self.schema, self.figures = table_uri, schema, figures
         self.rel = f"{attempt}/{name}-{uuid.uuid4().hex[:8]}.parquet"
-        self.rows, self.totals = 0, []
+        self.rows, self.totals = 0, list[dict]()
         self.staged: StagedFile | None = None
-        self._writer = self._out = None
+        self._writer: Any = None  # a pq.ParquetWriter once the first part arrives
+        self._out: Any = None
         self._collected: list[pq.FileMetaData] = []
 
     def write(self, part: pa.Table) -> None:

@@ -32,8 +32,8 @@ def _default_cache_dir() -> str:
     return ""
 
 
-if not numba.config.CACHE_DIR:
-    numba.config.CACHE_DIR = _default_cache_dir()
+if not numba.config.CACHE_DIR:  # type: ignore[attr-defined]  # numba.config's settings are set at import
+    numba.config.CACHE_DIR = _default_cache_dir()  # type: ignore[attr-defined]
 
 
 def jit(fn):

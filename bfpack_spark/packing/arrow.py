@@ -8,6 +8,7 @@ in the output buffer. The result shares no memory with the input.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -16,7 +17,7 @@ import pyarrow as pa
 from bfpack_spark.packing._jit import copy_range, jit
 from bfpack_spark.packing.layout import Layout, make_layout
 
-TokenLists = pa.Array | pa.ChunkedArray | Iterable[Iterable[int]]
+TokenLists: TypeAlias = pa.Array | pa.ChunkedArray | Iterable[Iterable[int]]
 
 @jit
 def _gather(values, doc_offsets, seg_doc, seg_start, seg_len, out):

@@ -255,7 +255,7 @@ def plan_bfd(doc_lengths: npt.ArrayLike, doc_group: npt.ArrayLike, n_groups: int
     slot = np.empty(n, np.int64)
     local = np.empty(n, np.bool_)
     items, source, n_sources = np.arange(n), group, n_groups
-    home = home_targets(n_groups, n_partitions)
+    home: npt.NDArray[np.int64] | None = home_targets(n_groups, n_partitions)
     # one partition is one-process BFD: every sequence is final at once
     n_targets, threshold, next_id = n_partitions, fill_threshold if n_partitions > 1 else 0.0, 0
     residual_items = rounds = stage0_sequences = 0

@@ -101,7 +101,7 @@ def class_archive_options(cache_dir: str | None = None) -> list[str]:
         names = os.listdir(root) if os.path.isdir(root) else []
         dumps = {path: mtime for f in names if f.startswith(os.path.basename(archive) + ".")
                  if (mtime := _mtime(path := os.path.join(root, f))) is not None}
-        done = sorted((d for d, mtime in dumps.items() if time.time() - mtime > _DUMP_SECONDS), key=dumps.get)
+        done = sorted((d for d, mtime in dumps.items() if time.time() - mtime > _DUMP_SECONDS), key=lambda d: dumps[d])
         if not os.path.exists(archive):
             if done:
                 os.replace(done.pop(), archive)
@@ -166,8 +166,8 @@ def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[st
         builder = builder.config(key, value)
     try:
         if not submitted and not debugging():
-            _start_quiet_driver(SparkConf().setAll(list(settings.items()) + [
-                ("spark.master", master), ("spark.app.name", app_name)]))
+            _start_quiet_driver(SparkConf().setAll([*settings.items(), ("spark.master", master or ""),
+                                                    ("spark.app.name", app_name)]))
         spark = builder.getOrCreate()
     except Exception as exc:  # Java and Python errors of all kinds; the first line says which
         raise SparkStartError(f"cannot start Spark (master {master or 'from spark-submit'}): "
@@ -201,5 +201,5 @@ def collect_arrow(df: DataFrame):
 
     if hasattr(df, "toArrow"):
         return df.toArrow()
-    batches = df._collect_as_arrow()
+    batches = df._collect_as_arrow()  # type: ignore[operator]  # Spark 3.5's twin; mypy reads it as a column
     return pa.Table.from_batches(batches) if batches else pa.Table.from_pandas(df.limit(0).toPandas())

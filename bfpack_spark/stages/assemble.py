@@ -173,7 +173,7 @@ def _excerpts(tokens: ChunkedTokens, docs: np.ndarray, ctx: Assembly) -> list[st
     tokenizer = load_tokenizer(ctx.tokenizer, ctx.eos_token, ctx.bos_token)
     heads = [tokens.head(int(d), EXCERPT_TOKENS) for d in docs]
     heads = [h[1:] if len(h) and h[0] == tokenizer.bos_id else h for h in heads]
-    return [tokenizer.decode(h[:-1] if len(h) and h[-1] == tokenizer.eos_id else h) for h in heads]
+    return [tokenizer.decode(list(h[:-1] if len(h) and h[-1] == tokenizer.eos_id else h)) for h in heads]
 
 
 def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.RecordBatch]:
@@ -213,6 +213,7 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
                     np.append(starts, len(part)), tokens.gather(doc, start, length), doc_ids.take(pa.array(doc)),
                     start, length, docs_column="doc_ids",
                     loss_mask=masks.gather(doc, start, length) if masks else None), seq[starts], run_id))
+        assert out.staged is not None  # local.size > 0: rows were written
         yield _info(FILE, out.staged.to_json())
 
     moving = np.flatnonzero(~segs.local)
@@ -307,7 +308,7 @@ def join_fragments(batches, ctx: Assembly) -> Iterator[pa.RecordBatch]:
                                           frags.column("seg_start").to_numpy(), np.diff(offsets),
                                           docs_column="doc_ids", loss_mask=masks),
                           seq[firsts], ctx.staging.run_id)
-    name = f"merged-{TaskContext.get().partitionId():05d}"
+    name = f"merged-{TaskContext.get().partitionId():05d}"  # type: ignore[union-attr]  # in a task: never None
     yield _info(FILE, ctx.staging.write("sequences", name, sequences, ctx.figures(sequences)).to_json())
 
 

@@ -70,7 +70,7 @@ def _check_token_ids(raw: RawBatch, tokenizer: Tokenizer) -> None:
         bad_values[maybe] = ~known[values[maybe]]
     if bad_values.any():
         parents = np.searchsorted(offsets, np.flatnonzero(bad_values), side="right") - 1
-        first_bad = {}
+        first_bad: dict[int, int] = {}
         for pos, doc in zip(np.flatnonzero(bad_values), parents):
             first_bad.setdefault(int(doc), int(values[pos]))
         mask = np.zeros(len(raw.rows), bool)
@@ -87,7 +87,7 @@ def _check_token_ids(raw: RawBatch, tokenizer: Tokenizer) -> None:
 
 def _check_masks(raw: RawBatch, column: str) -> None:
     """Reject documents whose loss mask is not one 0 or 1 per token; the rest become list<int8>."""
-    if not raw.rows:
+    if not raw.rows or raw.masks is None:
         return
     if pa.types.is_boolean(raw.masks.type.value_type):
         raw.masks = raw.masks.cast(pa.list_(pa.int8()))

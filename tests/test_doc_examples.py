@@ -1,8 +1,10 @@
-"""Every shell command and Python example of the README, run as written where this machine can.
+"""Every shell command and Python example of the README and the docs site, run as written where
+this machine can, and the outputs they show compared with what they print.
 
-The blocks run in a scratch directory laid out as the README assumes: the repository's
-``.venv``, ``conf/`` and ``jobs/``, the demo's output in ``out/demo``, and the small inputs the
-commands name (``corpus/``, ``tokens.parquet``, ``corpus.jsonl.zst``, a tokenizer file, S3
+The blocks run in a scratch directory laid out as the docs assume: the repository's ``.venv``,
+``conf/`` and ``jobs/``, the demo's output in ``out/demo`` (made there, and its printed summary
+compared with the README's), and the small inputs the commands name (``corpus/``,
+``tokens.parquet``, ``corpus.jsonl.zst``, tokenizer files, ``chat.jsonl``, ``sft.parquet``, S3
 buckets on the test S3 server). What cannot run here is listed in ``NOT_HERE`` with the reason;
 the cron line runs without its schedule and must fail only on its absent input directory.
 """
@@ -20,10 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from corpora import write_jsonl
+from corpora import bos_tokenizer, write_jsonl
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
+#: the README and every page of the docs site (the benchmark results are BENCHMARKS.md, a record)
+PAGES = [ROOT / "README.md"] + sorted(p for p in (ROOT / "docs").rglob("*.md") if not p.is_symlink())
 VENV = Path(sys.executable).parent.parent
 
 #: commands that need what this machine has not, by their first words, and why
@@ -34,17 +38,32 @@ NOT_HERE = {
     "spark-submit --deploy-mode cluster": "needs an EMR cluster",
     "docker ": "docker/build-and-smoke.sh builds and runs the image (podman)",
     ".venv/bin/python benchmarks/": "benchmarks take minutes; BENCHMARKS.md has their figures",
+    ".venv/bin/pip install": "installs extras the test extra already holds",
+    "torchrun --nproc_per_node 8 pretrain_gpt.py": "needs a Megatron-LM checkout and GPUs",
 }
 CRON = re.compile(r"^[0-9*/,-]+ [0-9*/,-]+ [0-9*/,-]+ [0-9*/,-]+ [0-9*/,-]+ ")
 
 
-def blocks(lang: str) -> list[tuple[int, str]]:
-    """(line number, text) of the README's fenced blocks in ``lang``."""
-    found, line = [], 0
-    for m in re.finditer(rf"^```{lang}\n(.*?)^```", README, re.S | re.M):
-        line = README.count("\n", 0, m.start()) + 1
-        found.append((line, m.group(1)))
+def blocks(lang: str) -> list[tuple[str, str]]:
+    """(page:line, text) of the fenced blocks in ``lang`` of every page."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        for m in re.finditer(rf"^ *```{lang}\n(.*?)^ *```", text, re.S | re.M):
+            body = re.sub(r"^ {2}", "", m.group(1), flags=re.M) if m.group(0).startswith(" ") else m.group(1)
+            found.append((f"{page.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}", body))
     return found
+
+
+def shown_output(text: str) -> list[str]:
+    """The lines an output block shows, without the ``...`` that stand for lines left out."""
+    return [line.rstrip() for line in text.splitlines() if line.strip() and line.strip() != "..."]
+
+
+def printed_as_shown(shown: str, printed: str) -> bool:
+    """Every line shown appears in what was printed, in the same order."""
+    lines = iter(line.rstrip() for line in printed.splitlines())
+    return all(any(line == want for line in lines) for want in shown_output(shown))
 
 
 def commands(block: str) -> list[str]:
@@ -67,11 +86,9 @@ def scratch(tmp_path_factory, s3_server):
     for name in (".venv", "conf", "jobs", "benchmarks"):
         (w / name).symlink_to(VENV if name == ".venv" else ROOT / name)
     (w / "out").mkdir()
-    demo = ROOT / "out" / "demo"
-    if (demo / "stats" / "_delta_log").is_dir():
-        (w / "out" / "demo").symlink_to(demo)
-    else:  # a checkout where the Quick start did not run: make the demo's output here
-        run(w, ".venv/bin/bfpack demo -q")
+    demo = run(w, ".venv/bin/bfpack demo -q")
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    (w / "demo-summary.txt").write_text(demo.stdout)
     texts = [f"document {i}: " + "some words of text " * (3 + i % 40) for i in range(120)]
     (w / "corpus").mkdir()
     write_jsonl(w / "corpus" / "a.jsonl", [{"id": f"a{i}", "text": t} for i, t in enumerate(texts[:60])])
@@ -85,6 +102,15 @@ def scratch(tmp_path_factory, s3_server):
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["[UNK]", "<|endoftext|>"]))
     (w / "path" / "to").mkdir(parents=True)
     tok.save(str(w / "path" / "to" / "tokenizer.json"))
+    (w / "path" / "to" / "llama3").mkdir()
+    bos_tokenizer(w / "path" / "to" / "llama3" / "tokenizer.json", texts, bos="<|begin_of_text|>",
+                  eos="<|end_of_text|>")
+    write_jsonl(w / "chat.jsonl", [{"id": f"c{i}", "prompt": f"Question {i}: what follows {i}?",
+                                    "response": t} for i, t in enumerate(texts[:40])])
+    pq.write_table(pa.table({"id": [f"s{i}" for i in range(30)],
+                             "input_ids": [list(range(5, 20 + 11 * i)) for i in range(30)],
+                             "loss_mask": [[0] * (3 + i) + [1] * (12 + 10 * i) for i in range(30)]}),
+                   w / "sft.parquet")
 
     for bucket in ("bucket", "my-bucket", "corpus", "packed"):
         s3_server.create_bucket(Bucket=bucket)
@@ -115,7 +141,13 @@ def _outputs(command: str) -> list[str]:
     return sorted(r.rstrip("/") for r in roots)
 
 
-def test_every_shell_command_of_the_readme_runs(scratch):
+def test_the_demo_prints_the_readme_summary(scratch):
+    shown = README.split("It ends\nwith this summary:", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    printed = (scratch / "demo-summary.txt").read_text()
+    assert printed_as_shown(shown, printed), printed
+
+
+def test_every_shell_command_of_the_docs_runs(scratch):
     """Blocks run side by side (each one's commands in order, with its exports); commands that
     write the same output root take turns."""
     from concurrent.futures import ThreadPoolExecutor
@@ -154,29 +186,42 @@ def test_every_shell_command_of_the_readme_runs(scratch):
             finally:
                 for lock in held:
                     lock.release()
-            assert proc.returncode == code and says in proc.stderr, (f"README line {line}", script,
+            assert proc.returncode == code and says in proc.stderr, (line, script,
                                                                      proc.stderr[-3000:])
         return len(chain)
 
     with ThreadPoolExecutor(3) as pool:
         ran = sum(pool.map(run_chain, jobs))
-    assert ran >= 14 and set(skipped) == set(NOT_HERE.values()), skipped
-    for root in ("out/mycorpus", "out/tok", "out/local"):
+    assert ran >= 30 and set(skipped) == set(NOT_HERE.values()), skipped
+    for root in ("out/mycorpus", "out/tok", "out/local", "out/llama", "out/chat", "out/sft", "out/capped"):
         assert (scratch / root / "stats" / "_delta_log").is_dir(), root
     assert (scratch / "report.html").stat().st_size > 50_000
-    assert {p.name for p in (scratch / "out").iterdir()} >= {"demo-npy", "demo-hf"}
+    for export in ("demo-megatron", "demo-olmo", "demo-hf", "l2047-megatron"):
+        assert (scratch / "out" / export / "manifest.json").is_file(), export
 
 
-@pytest.mark.parametrize("line,code", blocks("python"), ids=lambda v: str(v) if isinstance(v, int) else "")
-def test_every_python_example_of_the_readme_runs(scratch, line, code):
-    script = scratch / f"readme_{line}.py"
+@pytest.mark.parametrize("where,code", blocks("python"), ids=lambda v: v if ".md:" in v else "")
+def test_every_python_example_of_the_docs_runs(scratch, where, code):
+    script = scratch / (re.sub(r"\W", "_", where) + ".py")
     script.write_text(code)
     if "dist.init_process_group" in code:  # a torchrun example: run it under torchrun, two processes
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script.name]
     else:
         argv = [sys.executable, script.name]
     proc = subprocess.run(argv, cwd=scratch, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (f"README line {line}", proc.stderr[-3000:])
+    assert proc.returncode == 0, (where, proc.stderr[-3000:])
+    shown = _output_after(where)
+    if shown is not None:
+        assert printed_as_shown(shown, proc.stdout), (where, proc.stdout)
+
+
+def _output_after(where: str) -> str | None:
+    """The output a page shows after a Python block ("prints", then a text block), if any."""
+    page, line = where.rsplit(":", 1)
+    text = (ROOT / page).read_text()
+    rest = text.split("\n", int(line) - 1)[-1].split("```", 2)[2]  # after the block's closing fence
+    m = re.match(r"\s*prints\s*\n+```text\n(.*?)```", rest, re.S)
+    return m.group(1) if m else None
 
 
 def test_the_demo_rejects_are_as_the_readme_says(scratch):
