@@ -15,9 +15,13 @@
 #
 # Settings (environment):
 #   IMAGE          the tag to build (bfpack:local)
-#   BASE           the base image's tag (docker.io/library/debian:bookworm-slim, which is what
-#                  `FROM debian:bookworm-slim` resolves to); SUITE (bookworm), MIRROR
-#                  (http://deb.debian.org/debian) for debootstrap; REBUILD_BASE=1 remakes it
+#   BASE           the base image's tag (localhost/debian:bookworm-slim: podman resolves the
+#                  Dockerfile's short name `debian:bookworm-slim` to localhost/ first, so no
+#                  registry is named or asked); SUITE (bookworm) and MIRROR for debootstrap;
+#                  REBUILD_BASE=1 remakes it
+#   MIRROR         the Debian archive debootstrap installs from (default: the one this machine's
+#                  own apt sources use for SUITE, from /etc/apt/sources.list.d/*.sources or
+#                  /etc/apt/sources.list; no mirror is written into the project)
 #   NO_CACHE=1     build without podman's layer cache
 #   PYTHON         python with deltalake and pyarrow for the checks (default: the repo's .venv,
 #                  else python3; without deltalake, the checks run in the image instead)
@@ -30,9 +34,34 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 IMAGE="${IMAGE:-bfpack:local}"
-BASE="${BASE:-docker.io/library/debian:bookworm-slim}"
+BASE="${BASE:-localhost/debian:bookworm-slim}"
 SUITE="${SUITE:-bookworm}"
-MIRROR="${MIRROR:-http://deb.debian.org/debian}"
+
+# The Debian archive of this machine's apt sources that serves $SUITE (not its -security or
+# -updates suites): deb822 .sources files first, then one-line sources.list entries.
+apt_mirror() {
+    local f uris suites
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [[ -r "$f" ]] || continue
+        # one stanza per paragraph: print its URIs when its Suites hold $SUITE itself
+        awk -v suite="$SUITE" 'BEGIN { RS = ""; FS = "\n" }
+            { uris = ""; ok = 0
+              for (i = 1; i <= NF; i++) {
+                if ($i ~ /^URIs:/) { sub(/^URIs:[ \t]*/, "", $i); uris = $i }
+                if ($i ~ /^Suites:/) { n = split($i, s, /[ \t]+/); for (j = 2; j <= n; j++) if (s[j] == suite) ok = 1 }
+              }
+              if (ok && uris != "") { split(uris, u, /[ \t]+/); print u[1]; exit } }' "$f"
+    done | head -n 1
+    if [[ -r /etc/apt/sources.list ]]; then
+        awk -v suite="$SUITE" '$1 == "deb" { i = 2; if ($2 ~ /^\[/) { while ($i !~ /\]$/) i++; i++ }
+                                             if ($(i + 1) == suite) { print $i; exit } }' /etc/apt/sources.list
+    fi
+}
+MIRROR="${MIRROR:-$(apt_mirror | head -n 1)}"
+if [[ -z "$MIRROR" ]]; then
+    echo "build-and-smoke: no apt source for Debian $SUITE on this machine; set MIRROR to a Debian archive" >&2
+    exit 2
+fi
 PODMAN_NETWORK="${PODMAN_NETWORK:-host}"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$repo/.venv/bin/python" ]]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
