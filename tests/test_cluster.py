@@ -18,7 +18,7 @@ from deltalake import DeltaTable
 
 from bfpack_spark.io.delta import read_table
 
-from corpora import write_jsonl, write_tokenized
+from corpora import bos_tokenizer, write_jsonl, write_masked, write_tokenized
 
 
 def _free_port() -> int:
@@ -108,3 +108,20 @@ def test_a_standalone_cluster_tokenizes_and_rejects_like_local_mode(spark, clust
     _same_tables(spark, tmp_path / "cluster", tmp_path / "local")
     rejects = DeltaTable(str(tmp_path / "cluster" / "rejects")).to_pandas()
     assert len(rejects) == 6  # a malformed line per file, and the repeated id d0-1 in every file
+
+
+def test_a_capped_plan_with_bos_and_loss_masks_on_a_standalone_cluster_equals_local_mode(spark, cluster, tmp_path):
+    master, env = cluster
+    write_masked(tmp_path / "masked", n_files=3, docs_per_file=400, median=30, vocab=(3, 250))
+    tokenizer = bos_tokenizer(tmp_path / "tokenizer.json", ["best fit packing of documents into sequences"] * 50)
+    common = ["pack-tokenized", "-q", "--input", str(tmp_path / "masked"), "--token-column", "tokens",
+              "--loss-mask-column", "loss_mask", "--tokenizer", str(tokenizer), "--append-eos", "--seq-len", "128",
+              "--max-segments-per-sequence", "5", "--target-items-per-partition", "300",
+              "--merge-items-per-partition", "150"]
+    _cli([*common, "--output", str(tmp_path / "cluster"), "--master", master], env)
+    _cli([*common, "--output", str(tmp_path / "local"), "--master", "local[2]"], env)
+    assert _run_id(tmp_path / "cluster") == _run_id(tmp_path / "local")
+    _same_tables(spark, tmp_path / "cluster", tmp_path / "local")
+    stats = DeltaTable(str(tmp_path / "cluster" / "stats")).to_pandas().iloc[0]
+    assert stats["audit_passed"] and stats["merge_rounds"] >= 1 and stats["most_segments"] == 5
+    assert 0 < stats["loss_tokens"] < stats["tokens"]

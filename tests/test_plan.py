@@ -5,7 +5,15 @@ from hypothesis import strategies as st
 
 from bfpack_spark.packing import bfd_layout
 from bfpack_spark.packing.layout import concat_layout, concat_pieces
-from bfpack_spark.packing.plan import Routing, length_buckets, merge_round, pack_partition, plan_bfd, plan_concat
+from bfpack_spark.packing.plan import (
+    Routing,
+    length_buckets,
+    merge_round,
+    pack_partition,
+    packing_partitions,
+    plan_bfd,
+    plan_concat,
+)
 
 
 def lognormal(n, median, sigma, seed=0):
@@ -85,6 +93,18 @@ def test_one_partition_without_residue_is_one_process_bfd():
     got = plan.layout()
     assert np.array_equal(got.seg_offsets, layout.seg_offsets)
     assert np.array_equal(got.doc, layout.doc) and np.array_equal(got.start, layout.start)
+
+
+@pytest.mark.parametrize("cap", [None, 7])
+def test_a_plan_one_task_can_hold_is_one_process_bfd_whatever_the_groups_and_threshold(cap):
+    lengths = lognormal(30_000, 300, 1.3, seed=5)
+    groups = np.arange(len(lengths)) % 6
+    n_parts = packing_partitions(len(lengths), 6, merge_items=200_000)
+    assert n_parts == 1 and packing_partitions(len(lengths), 6, merge_items=1_000) == 6
+    assert packing_partitions(len(lengths), 6, merge_items=200_000, partitions=3) == 3
+    plan = plan_bfd(lengths, groups, 6, 2048, n_parts, 0.99, max_segments=cap)
+    assert plan.n_sequences == bfd_layout(lengths, 2048, cap).n_sequences
+    assert plan.residual_items == 0 and plan.merge_rounds == 0
 
 
 def test_plans_are_deterministic():
