@@ -103,6 +103,9 @@ class DeltaOutput:
         a later commit overwrote the table. Where the log's history no longer reaches back
         to the run's commit, the run's rows in the current snapshot decide.
         """
+        return retry.call(lambda: self._committed(name), f"read the log of {self.table_uri(name)}")
+
+    def _committed(self, name: str) -> bool:
         import pyarrow.compute as pc
 
         table = delta_table(self.table_uri(name))
@@ -176,9 +179,12 @@ class DeltaOutput:
     def _landed(self, name: str) -> bool:
         """Whether this attempt's commit is in table ``name``'s log: a commit whose reply was lost
         (delta-rs then meets its own commit file, written with ``If-None-Match``, as a conflict)."""
-        table = delta_table(self.table_uri(name))
-        return table is not None and any(_commit_metadata(c).get("bfpack.attempt") == self.attempt
-                                         for c in table.history(10))
+        def landed() -> bool:
+            table = delta_table(self.table_uri(name))
+            return table is not None and any(_commit_metadata(c).get("bfpack.attempt") == self.attempt
+                                             for c in table.history(10))
+
+        return retry.call(landed, f"read the log of {self.table_uri(name)}")
 
     def _commit_deltalake(self, name: str, files: list[StagedFile]) -> None:
         from deltalake import CommitProperties, Schema, Transaction

@@ -40,7 +40,8 @@ TRANSIENT = re.compile(
     r"internal_?error|internal_?failure|network_?connection|connection (reset|aborted|closed)|broken pipe|"
     r"timed? ?out|request_?time_?out|flush response stream|returned nothing|curlCode: (18|28|52|55|56)\b|"
     r"IncompleteRead|RemoteDisconnected|error sending request|error decoding response body|"
-    r"ConnectionClosedError|ReadTimeoutError|unexpected EOF|Connection was closed", re.IGNORECASE)
+    r"ConnectionClosedError|ReadTimeoutError|unexpected EOF|Connection was closed|"
+    r"Generic S3 error", re.IGNORECASE)  # delta-rs (object_store): what its own retries left, or a body cut off
 #: errors that say the request can never succeed as made: raised at once, even when they look transient
 PERMANENT = re.compile(
     r"curlCode: (6|7)\b|could ?n[o']t (resolve|connect)|connection refused|NoSuchBucket|AccessDenied|ACCESS_DENIED|"
