@@ -178,6 +178,8 @@ def print_summary(result, out=sys.stdout) -> None:
           file=out)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items())
     print(f"time: {sum(s['stage_seconds'].values()):.1f}s ({times})", file=out)
+    if s.get("requests_retried"):
+        print(f"object store: {s['requests_retried']:,} requests retried (throttled or dropped)", file=out)
 
 
 def _one_line(exc: BaseException) -> str:

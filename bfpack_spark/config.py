@@ -124,6 +124,11 @@ class OutputConfig:
     delta_writer: Literal["auto", "delta-spark", "deltalake"] = _f(
         "auto", "how Delta commits are made: delta-spark when its JVM connector is on the "
                 "classpath, else the deltalake package")
+    retry_attempts: int = _f(20, "object stores: attempts at one request the store throttled (503 SlowDown, 429) "
+                                 "or whose connection dropped, with exponential backoff and jitter (Hadoop S3A: "
+                                 "20); a wrong endpoint, bucket or credentials is never retried")
+    retry_seconds: float = _f(180.0, "object stores: no retry of a request starts later than this many seconds "
+                                     "after its first attempt (delta-rs: 3 minutes); also delta-rs's retry_timeout")
 
 
 @dataclass
@@ -143,7 +148,10 @@ class QualityConfig:
 
 @dataclass
 class SparkConfig:
-    master: str | None = _f(None, "Spark master (default: local[*] outside spark-submit)")
+    master: str | None = _f(None, "Spark master (default: local[*,F] outside spark-submit, F = task_attempts)")
+    task_attempts: int = _f(4, "local mode: attempts of each Spark task, so one transient failure does not end "
+                               "the run (the F of local[N,F]); on a cluster, Spark's spark.task.maxFailures "
+                               "(bfpack's default: 4)")
     app_name: str = _f("bfpack", "Spark application name")
     conf: dict[str, str] = _f({}, "extra Spark settings; on the command line --spark-conf key=value",
                               flag="spark-conf")
@@ -229,6 +237,10 @@ class PackConfig:
         if not 0.0 <= q.max_reject_fraction <= 1.0:
             raise ConfigError(f"quality.max_reject_fraction: must be within [0, 1], got {q.max_reject_fraction}")
         _positive("quality.max_document_bytes", q.max_document_bytes)
+        _positive("output.retry_attempts", self.output.retry_attempts)
+        _positive("spark.task_attempts", self.spark.task_attempts)
+        if not self.output.retry_seconds > 0:
+            raise ConfigError(f"output.retry_seconds: must be above 0, got {self.output.retry_seconds}")
         _positive("quality.max_line_bytes", q.max_line_bytes)
         if self.input.format == "text" and self.tokenized:
             raise ConfigError("input.token_column: text files hold text; drop --token-column or "

@@ -2,7 +2,8 @@
 
 Off unless the environment variable ``BFPACK_FAULTS_FILE`` names a JSON file that
 maps point names to ``"once"`` (fail the first time the point is reached, on any
-process) or ``"always"``. Spark tasks see the variable through
+process), ``"always"``, or ``"kill-executor"`` (the first time, in a task: kill the executor
+JVM that runs it, as a lost node would be). Spark tasks see the variable through
 ``spark.executorEnv.BFPACK_FAULTS_FILE``. Points: ``read`` and ``assemble`` (in
 tasks), ``plan``, ``staged``, ``commit:<table>``, ``remove:<table>`` (on the driver), and
 ``drop_token``, which breaks an invariant on purpose so the audit must catch it.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 ENV = "BFPACK_FAULTS_FILE"
 
@@ -33,17 +35,35 @@ def active(point: str) -> bool:
     spec = _spec(point)
     if spec == "always":
         return True
-    if spec == "once":
-        try:
-            os.close(os.open(f"{os.environ[ENV]}.{point.replace(':', '_')}.fired",
-                             os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            return True
-        except FileExistsError:
-            return False
-    return False
+    return spec == "once" and _fires_once(point)
+
+
+def _fires_once(point: str) -> bool:
+    try:
+        os.close(os.open(f"{os.environ[ENV]}.{point.replace(':', '_')}.fired", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _java_ancestor() -> int | None:
+    """The nearest ancestor process that is a JVM (a Python worker's executor), from /proc."""
+    pid = os.getppid()
+    while pid > 1:
+        with open(f"/proc/{pid}/comm", encoding="utf-8") as fh:
+            if fh.read().strip() == "java":
+                return pid
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            pid = int(fh.read().rsplit(")", 1)[1].split()[1])
+    return None
 
 
 def check(point: str) -> None:
-    """Raise :class:`InjectedFault` when ``point`` fires."""
+    """Raise :class:`InjectedFault` when ``point`` fires (or kill the executor: see the module)."""
+    if _spec(point) == "kill-executor":
+        executor = _java_ancestor()
+        if executor is not None and _fires_once(point):
+            os.kill(executor, signal.SIGKILL)
+        return
     if active(point):
         raise InjectedFault(f"injected failure at {point}")

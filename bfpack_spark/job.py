@@ -42,11 +42,13 @@ from bfpack_spark.io.files import join, set_storage_options
 from bfpack_spark.io.inputs import InputPlan, check_output, content_digest, plan_inputs
 from bfpack_spark.io.lock import OutputLock
 from bfpack_spark.io.readers import Limits
+from bfpack_spark.io.retry import RetryPolicy, set_policy
 from bfpack_spark.io.staging import Staging
 from bfpack_spark.io.workspace import Workspace, clean_workspaces, remove_if_empty, workspace_root
 from bfpack_spark.metrics import PackingStats
 from bfpack_spark.packing.plan import packing_partitions
 from bfpack_spark.schemas import INPUTS, TABLES
+from bfpack_spark.spark.partitioning import count_retries
 from bfpack_spark.spark.progress import stage_progress
 from bfpack_spark.spark.session import get_spark
 from bfpack_spark.stages.assemble import Assembly, assemble, reduce_partitions
@@ -153,6 +155,7 @@ def run(config: PackConfig, spark=None) -> RunResult:
     """Pack the configured corpus into the Delta tables under ``config.output.output``."""
     config.validate()
     set_storage_options(config.output.storage_options)  # before Spark starts: its processes inherit them
+    set_policy(RetryPolicy(attempts=config.output.retry_attempts, seconds=config.output.retry_seconds))
     timer = StageTimer()
     started = datetime.now(UTC).isoformat()
     with timer("plan inputs", announce=False):  # a mistake found here is the only line printed
@@ -167,8 +170,9 @@ def run(config: PackConfig, spark=None) -> RunResult:
     log.info("run %s: %d input files in %d groups", run_id, len(inputs.files), len(inputs.groups))
     for old in sorted(set(inputs.replaces.values())):
         log.info("run %s re-packs run %s (a file of it changed) and replaces its rows", run_id, old)
-    spark = spark or get_spark(config.spark.master, config.spark.app_name, config.spark.conf)
+    spark = spark or _spark(config)
     timer.spark = spark
+    retried = count_retries(spark)
     with OutputLock(root, run_id) as lock:
         appending = config.output.mode in ("append", "incremental")
         output = DeltaOutput(spark, root, run_id, "append" if appending else "overwrite", config.output.delta_writer)
@@ -180,7 +184,7 @@ def run(config: PackConfig, spark=None) -> RunResult:
             return RunResult(run_id, root, read_stats_row(output.table_uri("stats"), run_id),
                              already_committed=True)
         try:
-            result = _pack(spark, config, inputs, output, timer, started)
+            result = _pack(spark, config, inputs, output, timer, started, retried)
         except BaseException:
             output.discard()
             if config.output.work_dir is None:
@@ -196,7 +200,12 @@ def run(config: PackConfig, spark=None) -> RunResult:
         clean_workspaces(work, output.attempt, run_id, lock.held, time.time() - (RETENTION_SECONDS if shared else 0))
         if not shared:
             remove_if_empty(work)
+        result.stats["requests_retried"] = retried()  # the commits' too
         return result
+
+
+def _spark(config: PackConfig):
+    return get_spark(config.spark.master, config.spark.app_name, config.spark.conf, config.spark.task_attempts)
 
 
 def _remove_replaced(output: DeltaOutput) -> None:
@@ -207,7 +216,7 @@ def _remove_replaced(output: DeltaOutput) -> None:
 
 def _finish_replacements(spark, config: PackConfig) -> None:
     """Nothing new to pack, but a run stopped before removing the rows it replaced: remove them."""
-    spark = spark or get_spark(config.spark.master, config.spark.app_name, config.spark.conf)
+    spark = spark or _spark(config)
     with OutputLock(config.output.output, "replacements"):
         _remove_replaced(DeltaOutput(spark, config.output.output, "replacements", "append",
                                      config.output.delta_writer))
@@ -222,7 +231,7 @@ def inputs_table(run_id: str, inputs: InputPlan) -> pa.Table:
 
 
 def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, timer: StageTimer,
-          started: str) -> RunResult:
+          started: str, retried) -> RunResult:
     L, p = config.packing.seq_len, config.packing
     n_groups = len(inputs.groups)
     staging = Staging(config.output.output, output.attempt, output.run_id)
@@ -292,7 +301,7 @@ def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, tim
         stats = stats_row(run_id=output.run_id, started=started, config=config, inputs=inputs,
                           documents_read=documents_read, rejected=rejected, packing=packing, concat=concat,
                           plan=plan, moved=moved, audit=audit, stage_seconds=timer.seconds,
-                          written=add_figures(f.figures for f in files["sequences"]))
+                          written=add_figures(f.figures for f in files["sequences"]), requests_retried=retried())
         files["stats"] = [staging.write("stats", "stats", stats_table(stats))]
         files["inputs"] = [staging.write("inputs", "inputs", inputs_table(output.run_id, inputs))]
         with timer("commit"):

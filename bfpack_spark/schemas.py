@@ -177,6 +177,8 @@ STATS = pa.schema([
     ("most_segments", pa.int64()),               # the most segments one sequence holds
     ("loss_tokens", pa.int64()),                 # tokens that are targets (loss mask 1); null without masks
     ("no_loss_tokens", pa.int64()),              # tokens that are not (loss mask 0)
+    ("requests_retried", pa.int64()),            # object-store requests retried (throttled, dropped) up to the
+                                                 # audit; null in runs of earlier versions
 ])
 
 #: The input files of each run (what ``--mode incremental`` compares a new listing with).

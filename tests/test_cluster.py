@@ -125,3 +125,22 @@ def test_a_capped_plan_with_bos_and_loss_masks_on_a_standalone_cluster_equals_lo
     stats = DeltaTable(str(tmp_path / "cluster" / "stats")).to_pandas().iloc[0]
     assert stats["audit_passed"] and stats["merge_rounds"] >= 1 and stats["most_segments"] == 5
     assert 0 < stats["loss_tokens"] < stats["tokens"]
+
+
+@pytest.mark.parametrize("stage", ["read", "assemble"])
+def test_an_executor_killed_mid_stage_and_the_run_equals_local_mode(spark, cluster, tmp_path, stage):
+    """The executor JVM running a task of the stage is killed (SIGKILL, as a lost node); Spark starts
+    another and runs the lost tasks again: the tables equal local mode's."""
+    master, env = cluster
+    corpus = tmp_path / "tokens"
+    write_tokenized(corpus, n_files=2, docs_per_file=600, median=150, seed=7)
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({stage: "kill-executor"}))
+    common = ["pack-tokenized", "-q", "--input", str(corpus), "--seq-len", "512",
+              "--target-items-per-partition", "400"]
+    _cli([*common, "--output", str(tmp_path / "cluster"), "--master", master,
+          "--spark-conf", f"spark.executorEnv.BFPACK_FAULTS_FILE={faults}"], env)
+    assert (tmp_path / f"faults.json.{stage}.fired").exists()  # an executor was killed
+    _cli([*common, "--output", str(tmp_path / "local"), "--master", "local[2]"], env)
+    assert _run_id(tmp_path / "cluster") == _run_id(tmp_path / "local")
+    _same_tables(spark, tmp_path / "cluster", tmp_path / "local")

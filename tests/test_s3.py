@@ -2,6 +2,7 @@
 pyarrow.fs and deltalake, the lock with conditional writes, and the preflight."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -196,3 +197,94 @@ def test_an_export_from_s3_to_s3_equals_the_local_export_byte_for_byte(spark, co
         assert body == (tmp_path / "export" / key.removeprefix(prefix)).read_bytes(), key
     again = export(f"{bucket}/packed", fmt, f"{bucket}/export-{fmt}", spark=spark)
     assert again["already_exported"]
+
+
+@pytest.fixture
+def faulty(s3_server):
+    """The S3 server behind a proxy that throttles, drops connections and adds latency (tests/s3proxy.py)."""
+    from s3proxy import Faults, FaultyProxy
+
+    with FaultyProxy(os.environ["AWS_ENDPOINT_URL"], Faults(seed=24)) as proxy:
+        yield proxy
+
+
+def bfpack(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+    """The CLI in a fresh process (its Spark tasks then talk to the endpoint it is given), and its time."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "bfpack_spark.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done, time.perf_counter() - start
+
+
+def objects(client, bucket: str, prefix: str) -> dict[str, bytes]:
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
+    return {k.removeprefix(prefix): client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def test_throttled_and_dropped_requests_are_retried_and_the_tables_equal_the_fault_free_run(
+        spark, corpus, bucket, faulty, s3_server):
+    """20% of requests answered 503 SlowDown, 5% dropped after they took effect (reads cut off
+    mid-response), 20 ms before every first byte: pack, append rerun and export equal the
+    fault-free run's, byte for byte."""
+    pack_args = ["pack", "-q", "--input", "s3://corpus/text/", "--seq-len", str(L), "--mode", "append",
+                 "--master", "local[2]"]
+    clean, clean_seconds = bfpack(*pack_args, "--output", f"{bucket}/clean")
+    faulty.faults.set(slow_down=0.2, dropped=0.05, latency=0.02)
+    through = ["--storage-option", f"AWS_ENDPOINT_URL={faulty.url}"]
+    done, faulty_seconds = bfpack(*pack_args, "--output", f"{bucket}/faulty", *through)
+    retried = snapshot_dataset(f"{bucket}/faulty/stats").to_table().column("requests_retried").to_pylist()
+    assert retried[0] > 0 and faulty.faults.counts["slow_down"] > 0 and faulty.faults.counts["dropped"] > 0
+    assert "requests retried (throttled or dropped)" in done.stdout and "s3fs.cc" not in done.stderr
+    run_ids = {f"{bucket}/{r}": set(snapshot_dataset(f"{bucket}/{r}/stats").to_table().column("run_id").to_pylist())
+               for r in ("clean", "faulty")}
+    assert len(set(map(frozenset, run_ids.values()))) == 1, run_ids
+    same_tables(f"{bucket}/clean", f"{bucket}/faulty")
+    again, _ = bfpack(*pack_args, "--output", f"{bucket}/faulty", *through)
+    assert "already committed" in again.stdout
+    assert snapshot_dataset(f"{bucket}/faulty/sequences").count_rows() == \
+        snapshot_dataset(f"{bucket}/clean/sequences").count_rows()
+    faulty.faults.set()
+    from bfpack_spark.export import export
+
+    export(f"{bucket}/clean", "megatron", f"{bucket}/export-clean", spark=spark)
+    faulty.faults.set(slow_down=0.2, dropped=0.05, latency=0.02)
+    bfpack("export", f"{bucket}/faulty", "--format", "megatron", "--to", f"{bucket}/export-faulty",
+           "--master", "local[2]", *through)
+    counts = dict(faulty.faults.counts)
+    faulty.faults.set()
+    name = bucket.removeprefix("s3://")
+    clean_export, faulty_export = objects(s3_server, name, "export-clean/"), objects(s3_server, name, "export-faulty/")
+    assert sorted(clean_export) == sorted(faulty_export) and len(clean_export) > 2
+    for key, body in clean_export.items():
+        if not key.endswith(".json"):  # the manifest names where the table is
+            assert faulty_export[key] == body, key
+    print(f"\nfault-free pack {clean_seconds:.1f}s; with 20% SlowDown, 5% dropped, 20 ms: {faulty_seconds:.1f}s "
+          f"({faulty_seconds / clean_seconds:.2f}x), {retried[0]} requests retried; proxy: {counts}")
+
+
+def test_a_wrong_bucket_behind_a_throttling_store_still_fails_in_seconds(spark, corpus, faulty):
+    faulty.faults.set(slow_down=0.2)
+    start = time.perf_counter()
+    with pytest.raises(InputError, match="s3://no-such-bucket.*(NoSuchBucket|not found)"):
+        pack(spark, ["s3://corpus/text/"], "s3://no-such-bucket/packed",
+             **{"output.storage_options": {"AWS_ENDPOINT_URL": faulty.url}})
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("message, retried", [
+    ("AWS Error SLOW_DOWN during PutObject operation: Please reduce your request rate.", True),
+    ("AWS Error SERVICE_UNAVAILABLE during GetObject operation: ", True),
+    ("AWS Error INTERNAL_FAILURE during GetObject operation: Failed to flush response stream", True),
+    ("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 52, Server returned nothing", True),
+    ("An error occurred (RequestLimitExceeded) when calling the PutObject operation", True),
+    ("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Couldn't connect to server", False),
+    ("AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 6, Could not resolve hostname", False),
+    ("Bucket 'x' not found; AWS Error NO_SUCH_BUCKET: NoSuchBucket", False),
+    ("AWS Error ACCESS_DENIED during PutObject operation: Access Denied", False),
+    ("An error occurred (InvalidAccessKeyId) when calling the PutObject operation (503)", False),
+])
+def test_retries_by_kind(message, retried):
+    from bfpack_spark.io.retry import transient
+
+    assert transient(OSError(message)) is retried

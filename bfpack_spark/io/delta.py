@@ -29,7 +29,8 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from bfpack_spark import faults
-from bfpack_spark.io.files import filesystem, join, storage_options
+from bfpack_spark.io import retry
+from bfpack_spark.io.files import delta_storage_options, filesystem, join
 from bfpack_spark.io.staging import StagedFile
 from bfpack_spark.schemas import TABLES, delta_schema_json
 
@@ -102,6 +103,9 @@ class DeltaOutput:
         a later commit overwrote the table. Where the log's history no longer reaches back
         to the run's commit, the run's rows in the current snapshot decide.
         """
+        return retry.call(lambda: self._committed(name), f"read the log of {self.table_uri(name)}")
+
+    def _committed(self, name: str) -> bool:
         import pyarrow.compute as pc
 
         table = delta_table(self.table_uri(name))
@@ -168,9 +172,19 @@ class DeltaOutput:
         if self.method == "delta-spark":
             self._commit_delta_spark(name, files)
         else:
-            self._commit_deltalake(name, files)
+            retry.call(lambda: self._commit_deltalake(name, files), f"commit {self.table_uri(name)}")
             self._delete_attempt(name, keep={f.path for f in files})
         self.committed_tables.add(name)
+
+    def _landed(self, name: str) -> bool:
+        """Whether this attempt's commit is in table ``name``'s log: a commit whose reply was lost
+        (delta-rs then meets its own commit file, written with ``If-None-Match``, as a conflict)."""
+        def landed() -> bool:
+            table = delta_table(self.table_uri(name))
+            return table is not None and any(_commit_metadata(c).get("bfpack.attempt") == self.attempt
+                                             for c in table.history(10))
+
+        return retry.call(landed, f"read the log of {self.table_uri(name)}")
 
     def _commit_deltalake(self, name: str, files: list[StagedFile]) -> None:
         from deltalake import CommitProperties, Schema, Transaction
@@ -183,11 +197,16 @@ class DeltaOutput:
         props = CommitProperties(app_transactions=[Transaction(self.app_id, self._txn_version(uri))],
                                  custom_metadata=self._our_metadata())
         table = delta_table(uri)
-        if table is not None:
-            table.create_write_transaction(actions, self.mode, schema, commit_properties=props)
-        else:
-            create_table_with_add_actions(uri, schema, actions, mode="append", commit_properties=props,
-                                          storage_options=storage_options() or None)
+        try:
+            if table is not None:
+                table.create_write_transaction(actions, self.mode, schema, commit_properties=props)
+            else:
+                create_table_with_add_actions(uri, schema, actions, mode="append", commit_properties=props,
+                                              storage_options=delta_storage_options())
+        except Exception:
+            if not self._landed(name):
+                raise
+            log.info("%s: the commit landed though its reply was lost", uri)
 
     def _commit_delta_spark(self, name: str, files: list[StagedFile]) -> None:
         from pyspark.sql.types import StructType
@@ -277,10 +296,14 @@ def delta_table(uri: str, version: int | None = None):
     """The Delta table at ``uri`` (with the run's storage options), or None where there is none."""
     from deltalake import DeltaTable
 
-    options = storage_options() or None
-    if not DeltaTable.is_deltatable(uri, storage_options=options):
-        return None
-    return DeltaTable(uri, version=version, storage_options=options)
+    options = delta_storage_options()
+
+    def open_table():
+        if not DeltaTable.is_deltatable(uri, storage_options=options):
+            return None
+        return DeltaTable(uri, version=version, storage_options=options)
+
+    return retry.call(open_table, f"open {uri}")
 
 
 def output_table(uri: str, version: int | None = None):
@@ -358,7 +381,7 @@ def migrate_stats_v1(uri: str) -> None:
         new["stage_seconds"] = dict(row.get("stage_seconds") or [])
         rows.append(new)
     table = pa.concat_tables([stats_table(r) for r in rows]) if rows else STATS.empty_table()
-    write_deltalake(uri, table, mode="overwrite", schema_mode="overwrite", storage_options=storage_options() or None)
+    write_deltalake(uri, table, mode="overwrite", schema_mode="overwrite", storage_options=delta_storage_options())
 
 
 def read_table(spark, uri: str):

@@ -10,15 +10,24 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from bfpack_spark.io import retry
 
 #: The environment variable that carries ``output.storage_options`` (JSON) to every process of
 #: a run: the driver sets it before Spark starts, and Spark passes it to executors.
 STORAGE_ENV = "BFPACK_STORAGE_OPTIONS"
 #: Option names whose values are never logged or stored (the stats table keeps the config).
 SECRET = re.compile(r"secret|token|password|key", re.IGNORECASE)
-#: Object-store requests are retried this many times: a wrong endpoint fails in seconds.
-S3_ATTEMPTS = 3
+#: pyarrow's S3 client makes each request once: :mod:`~bfpack_spark.io.retry` retries it by kind
+#: (and counts it), so a wrong endpoint still fails in seconds. Uploads are the exception (below).
+S3_ATTEMPTS = 0
+#: The upload parts inside one of pyarrow's output streams cannot be re-sent from outside it, so its
+#: client retries them itself (backoff 25 ms * 2**n): this many attempts span about 3 minutes.
+S3_UPLOAD_ATTEMPTS = 13
+#: A read fetches at least this much at a time (one ranged GET), so small reads stay few requests.
+READ_AHEAD = 2**20
 
 
 class InputError(ValueError):
@@ -54,6 +63,13 @@ def storage_options() -> dict[str, str]:
     return {k.upper(): str(v) for k, v in json.loads(os.environ.get(STORAGE_ENV) or "{}").items()}
 
 
+def delta_storage_options() -> dict[str, str]:
+    """The storage options for delta-rs: the run's, over delta-rs's own retries (every request it makes)
+    sized like ours (:mod:`.retry`)."""
+    p = retry.policy()
+    return {"max_retries": str(p.attempts - 1), "retry_timeout": f"{p.seconds:g}s", **storage_options()}
+
+
 def set_storage_options(options: dict[str, str]) -> None:
     """Make ``options`` the storage options of this process and of the Spark processes it starts."""
     if options:
@@ -73,16 +89,18 @@ def s3_settings() -> dict[str, str]:
 
 
 def _s3(bucket_path: str) -> tuple[pafs.FileSystem, str]:
-    """S3 through pyarrow, with :func:`s3_settings`."""
-    return _s3_filesystem(json.dumps(s3_settings(), sort_keys=True)), bucket_path
+    """S3 through pyarrow, with :func:`s3_settings`, every request retried by kind."""
+    settings = json.dumps(s3_settings(), sort_keys=True)
+    return _retrying(_s3_filesystem(settings, S3_ATTEMPTS), _s3_filesystem(settings, S3_UPLOAD_ATTEMPTS)), bucket_path
 
 
-@functools.lru_cache(maxsize=4)
-def _s3_filesystem(settings_json: str) -> pafs.FileSystem:
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(settings_json: str, attempts: int) -> pafs.FileSystem:
     """One S3 client per distinct setting (a table of many files opens it once)."""
     opts = json.loads(settings_json)
     get = lambda *names: next((opts[n] for n in names if n in opts), None)  # noqa: E731
-    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)}
+    # the default strategy: no retry quota, which a burst of throttling would drain
+    kwargs: dict = {"retry_strategy": pafs.AwsDefaultS3RetryStrategy(max_attempts=attempts)}
     endpoint = get("AWS_ENDPOINT_URL", "AWS_ENDPOINT", "ENDPOINT_URL")
     if endpoint:
         parsed = urlparse(endpoint)
@@ -105,10 +123,188 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         return _s3(uri.split("://", 1)[1])
     if "://" in uri:
         try:
-            return pafs.FileSystem.from_uri(uri)
+            fs, path = pafs.FileSystem.from_uri(uri)
         except Exception as exc:  # pyarrow raises several types for unsupported schemes
             raise InputError(f"cannot open {uri!r}: {exc}") from None
+        return (fs, path) if isinstance(fs, pafs.LocalFileSystem) else (_retrying(fs, fs), path)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _retrying(fs: pafs.FileSystem, upload_fs: pafs.FileSystem) -> pafs.FileSystem:
+    return pafs.PyFileSystem(RetryingStore(fs, upload_fs))
+
+
+def _missing(exc: BaseException) -> bool:
+    """The error of a request on an object that is not there (any more)."""
+    return isinstance(exc, FileNotFoundError) or re.search(
+        r"does not exist|NoSuchKey|NoSuchUpload|not found|NOT_FOUND|\b404\b", str(exc), re.IGNORECASE) is not None
+
+
+class RetryingStore(pafs.FileSystemHandler):
+    """An object store's pyarrow file system with every request retried by kind (:mod:`.retry`).
+
+    What pyarrow's client cannot do itself is added here: a read cut off mid-response is resumed
+    at its offset; a delete whose object is already gone is done; an upload whose completion was
+    lost is recognised as done when the object is there with every byte written.
+    """
+
+    def __init__(self, fs: pafs.FileSystem, upload_fs: pafs.FileSystem):
+        self.fs, self.upload_fs = fs, upload_fs
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RetryingStore) and self.fs.equals(other.fs)
+
+    def _call(self, what: str, request, settled=None):
+        return retry.call(request, f"{self.fs.type_name} {what}", settled)
+
+    def get_type_name(self) -> str:
+        return f"retrying-{self.fs.type_name}"
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def equals(self, other) -> bool:
+        return self == other
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self._call(f"info {paths[0]}", lambda: self.fs.get_file_info(paths))
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self._call(f"list {selector.base_dir}", lambda: self.fs.get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._call(f"mkdir {path}", lambda: self.fs.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path: str) -> None:
+        self._call(f"delete {path}/", lambda: self.fs.delete_dir(path), _missing)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._call(f"delete {path}/*", lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok),
+                   _missing)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("bfpack never deletes a whole bucket")
+
+    def delete_file(self, path: str) -> None:
+        self._call(f"delete {path}", lambda: self.fs.delete_file(path), _missing)
+
+    def move(self, src: str, dest: str) -> None:
+        self._call(f"move {src}", lambda: self.fs.move(src, dest),
+                   lambda exc: _missing(exc) and self.fs.get_file_info(dest).type == pafs.FileType.File)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._call(f"copy {src}", lambda: self.fs.copy_file(src, dest))
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return pa.PythonFile(_ResumedReader(self, path), mode="r")
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return pa.PythonFile(_ResumedReader(self, path), mode="r")
+
+    def open_output_stream(self, path: str, metadata) -> pa.NativeFile:
+        return pa.PythonFile(_RecognisedWriter(self, path, metadata), mode="w")
+
+    def open_append_stream(self, path: str, metadata) -> pa.NativeFile:
+        raise OSError(f"{self.fs.type_name} cannot append to {path}")
+
+
+class _ResumedReader:
+    """A file read by ranged requests, each retried by kind; a request cut off mid-response is
+    made again from the same offset on a newly opened file (pyarrow's client does not retry it)."""
+
+    def __init__(self, store: RetryingStore, path: str):
+        self.store, self.path, self.pos, self.closed = store, path, 0, False
+        self._file = self._open()
+        self.size = self._file.size()
+        self._block, self._block_at = b"", 0
+
+    def _open(self) -> pa.NativeFile:
+        return self.store._call(f"open {self.path}", lambda: self.store.fs.open_input_file(self.path))
+
+    def _read_at(self, offset: int, n: int) -> bytes:
+        def request() -> bytes:
+            if self._file is None:
+                self._file = self.store.fs.open_input_file(self.path)
+            try:
+                return self._file.read_at(n, offset)
+            except Exception:
+                self._file = None  # re-opened for the next attempt
+                raise
+
+        return self.store._call(f"read {self.path} at {offset}", request)
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
+        if n <= 0:
+            return b""
+        start = self.pos - self._block_at
+        if not (0 <= start and start + n <= len(self._block)):
+            self._block_at, self._block = self.pos, self._read_at(self.pos, max(n, READ_AHEAD))
+            start = 0
+        data = self._block[start:start + n]
+        self.pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: 0, 1: self.pos, 2: self.size}[whence] + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed, self._file, self._block = True, None, b""
+
+
+class _RecognisedWriter:
+    """pyarrow's output stream (its client retries the upload's parts), whose completion, if its
+    reply is lost, is recognised as done once the object is there with every byte written."""
+
+    def __init__(self, store: RetryingStore, path: str, metadata):
+        self.store, self.path, self.written, self.closed = store, path, 0, False
+        self._out = store._call(f"create {path}", lambda: store.upload_fs.open_output_stream(path, metadata=metadata))
+
+    def write(self, data) -> int:
+        self._out.write(data)
+        self.written += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    def tell(self) -> int:
+        return self.written
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._out.close()
+        except Exception as exc:
+            if not retry.transient(exc) and not _missing(exc):
+                raise
+            info = self.store.get_file_info([self.path])[0]
+            if info.type != pafs.FileType.File or info.size != self.written:
+                raise
 
 
 def join(root: str, *parts: str) -> str:

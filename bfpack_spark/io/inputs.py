@@ -25,7 +25,15 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from bfpack_spark.io.files import InputError, InputFile, Split, detect_format, filesystem, join, storage_options
+from bfpack_spark.io.files import (
+    InputError,
+    InputFile,
+    Split,
+    delta_storage_options,
+    detect_format,
+    filesystem,
+    join,
+)
 from bfpack_spark.io.readers import first_record
 
 log = logging.getLogger(__name__)
@@ -92,7 +100,7 @@ def _delta_files(uri: str) -> list[InputFile]:
     from deltalake import DeltaTable
 
     try:
-        table = DeltaTable(uri, storage_options=storage_options() or None)
+        table = DeltaTable(uri, storage_options=delta_storage_options())
     except Exception as exc:
         raise InputError(f"cannot open Delta table {uri!r}: {exc}") from None
     features = set(table.protocol().reader_features or [])

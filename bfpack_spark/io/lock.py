@@ -24,6 +24,8 @@ import socket
 import threading
 import time
 
+from bfpack_spark.io import retry
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "_bfpack.lock"
@@ -75,7 +77,8 @@ class S3Lock:
             region_name=opts.get("AWS_REGION") or opts.get("AWS_DEFAULT_REGION"),
             aws_access_key_id=opts.get("AWS_ACCESS_KEY_ID"), aws_secret_access_key=opts.get("AWS_SECRET_ACCESS_KEY"),
             aws_session_token=opts.get("AWS_SESSION_TOKEN"),
-            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=10))
+            # one attempt per call: bfpack_spark.io.retry retries by kind, and recognises a write of ours
+            config=Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=5, read_timeout=10))
         bucket_key = root.split("://", 1)[1]
         self.bucket, _, prefix = bucket_key.partition("/")
         self.key = posixpath.join(prefix.strip("/"), LOCK_NAME) if prefix.strip("/") else LOCK_NAME
@@ -88,22 +91,35 @@ class S3Lock:
         return json.dumps({**_whoami(self.run_id), "heartbeat": time.time()}).encode()
 
     def _put(self, **condition) -> str | None:
-        """Write the lock under ``condition``; its new ETag, or None when the condition failed."""
+        """Write the lock under ``condition``; its new ETag, or None when the condition failed.
+
+        A write retried after its reply was lost meets its own first attempt, and fails the
+        condition: it is recognised as ours when the object holds exactly this body."""
         from botocore.exceptions import ClientError
 
+        body = self._body()
+
+        def ours(exc: BaseException) -> bool:
+            return _failed_condition(exc) and self._holder()[0] == json.loads(body)
+
         try:
-            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), **condition)["ETag"]
+            etag = retry.call(lambda: self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body,
+                                                             **condition)["ETag"], f"lock {self.uri}", ours)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            if _failed_condition(exc):
                 return None
             raise
+        return etag if etag is not None else self._holder()[1]
 
     def _holder(self) -> tuple[dict, str | None]:
         from botocore.exceptions import ClientError
 
-        try:
+        def get() -> tuple[dict, str]:
             obj = self.client.get_object(Bucket=self.bucket, Key=self.key)
             return json.loads(obj["Body"].read()), obj["ETag"]
+
+        try:
+            return retry.call(get, f"read {self.uri}")
         except (ClientError, ValueError):
             return {}, None
 
@@ -136,7 +152,12 @@ class S3Lock:
             self._thread.join()
         holder, etag = self._holder()
         if holder.get("run_id") == self.run_id and etag == self.etag:
-            self.client.delete_object(Bucket=self.bucket, Key=self.key)
+            retry.call(lambda: self.client.delete_object(Bucket=self.bucket, Key=self.key), f"delete {self.uri}")
+
+
+def _failed_condition(exc: BaseException) -> bool:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict")
 
 
 class OutputLock:

@@ -15,12 +15,14 @@ Spark whose hash differed would have its keys searched by a Spark job instead.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+
+from bfpack_spark.io import retry
 
 _KEYS: dict[int, list[int]] = {}
 _SEED = 42
@@ -126,4 +128,35 @@ def map_slices(spark: SparkSession, items: list, n: int, fn: Callable[[int, list
             for i in batch.column(0).to_pylist():
                 yield from fn(i, shared.value[i::n])
 
-    return spark.range(0, n, 1, n).mapInArrow(run, schema)
+    return spark.range(0, n, 1, n).mapInArrow(counted(run), schema)
+
+
+#: the accumulator of the run under way, which tasks add their retried requests to (driver only)
+_retries = None
+
+
+def count_retries(spark: SparkSession) -> Callable[[], int]:
+    """Start counting the object-store requests retried from now on, in tasks and on the driver;
+    returns the count so far. The tasks of :func:`map_slices` and of functions :func:`counted`
+    wraps add theirs."""
+    global _retries
+    acc = _retries = spark.sparkContext.accumulator(0)
+    start = retry.retried()
+    return lambda: acc.value + retry.retried() - start
+
+
+def counted(fn: Callable[[Iterable[pa.RecordBatch]], Iterator[pa.RecordBatch]]):
+    """``fn`` (a ``mapInArrow`` function) adding the requests its task retried to the run's count."""
+    acc = _retries
+    if acc is None:
+        return fn
+
+    @functools.wraps(fn)
+    def task(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        before = retry.retried()
+        try:
+            yield from fn(batches)
+        finally:
+            acc.add(retry.retried() - before)
+
+    return task

@@ -19,6 +19,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from bfpack_spark.config import DEBUG_ENV
 from bfpack_spark.io.files import STORAGE_ENV
+from bfpack_spark.io.retry import RETRY_ENV
 
 #: Settings bfpack relies on; a user's --spark-conf wins over them.
 DEFAULTS = {
@@ -26,7 +27,6 @@ DEFAULTS = {
     "spark.sql.execution.arrow.maxRecordsPerBatch": "2048",
     "spark.sql.adaptive.enabled": "true",
     "spark.sql.shuffle.partitions": "8",
-    "spark.task.maxFailures": "4",
     "spark.ui.showConsoleProgress": "false",  # bfpack draws its own (spark/progress.py)
     "spark.sql.parquet.compression.codec": "zstd",
 }
@@ -37,9 +37,10 @@ LOCAL_DEFAULTS = {
 
 
 QUIET_LOG4J = os.path.join(os.path.dirname(__file__), "log4j2-quiet.properties")
-#: what the driver JVM prints at start whatever its log level: Java's module notice, the shell's hint
+#: what the driver JVM prints at start whatever its log level: Java's module notice, the shell's hint; and
+#: what pyarrow's S3 client prints in local tasks (whose stderr is the JVM's) about requests it retries
 JVM_START_NOISE = re.compile(rb"WARNING: Using incubator modules|Setting default log level to|"
-                             rb"To adjust logging level use sc\.setLogLevel")
+                             rb"To adjust logging level use sc\.setLogLevel|\S*arrow/filesystem/s3fs\.cc:\d+: ")
 
 
 def debugging() -> bool:
@@ -137,16 +138,27 @@ def _prune(root: str, archive: str, extra_dumps: list[str]) -> None:
             action(path)
 
 
-def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[str, str] | None = None) -> SparkSession:
-    """The active session, or a new one: ``master`` or spark-submit's, else ``local[*]``."""
+def local_master(master: str | None, task_attempts: int) -> str | None:
+    """``local[N]`` (default ``local[*]``) with ``task_attempts`` attempts per task, ``local[N,F]``: plain
+    local mode tries a task once, so one transient failure would end the run. Others as given."""
+    if master is None:
+        return f"local[*,{task_attempts}]"
+    plain = re.fullmatch(r"local(\[(\*|\d+)\])?", master)
+    return f"local[{plain.group(2) or 1},{task_attempts}]" if plain else master
+
+
+def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[str, str] | None = None,
+              task_attempts: int = 4) -> SparkSession:
+    """The active session, or a new one: ``master`` or spark-submit's, else ``local[*,F]``
+    (F = ``task_attempts``, also spark.task.maxFailures on a cluster unless set)."""
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
     submitted = SparkConf().contains("spark.master")
     builder = SparkSession.builder.appName(app_name)
-    settings = dict(DEFAULTS)
+    settings = {**DEFAULTS, "spark.task.maxFailures": str(task_attempts)}
     if master or not submitted:
-        master = master or "local[*]"
+        master = local_master(master, task_attempts)
         builder = builder.master(master)
         settings.update(LOCAL_DEFAULTS)
         # Spark starts Python workers with PYSPARK_PYTHON, else `python3` from PATH; on this machine
@@ -157,8 +169,9 @@ def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[st
         if not debugging():  # only its errors reach the console
             java_options.append(f"-Dlog4j.configurationFile=file:{QUIET_LOG4J}")
         settings["spark.driver.extraJavaOptions"] = " ".join(java_options)
-    if STORAGE_ENV in os.environ:  # storage options reach executors on any cluster (Spark's UI redacts secrets)
-        settings["spark.executorEnv." + STORAGE_ENV] = os.environ[STORAGE_ENV]
+    for env in (STORAGE_ENV, RETRY_ENV):  # they reach executors on any cluster (Spark's UI redacts secrets)
+        if env in os.environ:
+            settings["spark.executorEnv." + env] = os.environ[env]
     if "NUMBA_CACHE_DIR" in os.environ:
         settings["spark.executorEnv.NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
     settings.update(conf or {})

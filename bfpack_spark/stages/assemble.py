@@ -44,7 +44,7 @@ from bfpack_spark.schemas import (
     spark_ddl,
     spark_types,
 )
-from bfpack_spark.spark.partitioning import exact_partitions
+from bfpack_spark.spark.partitioning import counted, exact_partitions
 from bfpack_spark.stages.read import rejects_table
 from bfpack_spark.tokenize import load_tokenizer
 
@@ -352,9 +352,9 @@ def assemble(spark, plan_orders: DataFrame | None, drops: DataFrame | None, n_gr
             yield from assemble_group(int(g), table.filter(pa.array(groups == g)), ctx)
 
     orders = exact_partitions(_orders(spark, plan_orders, drops, n_groups), n_groups, "group")
-    rows = (orders.mapInArrow(by_group, spark_ddl(ASSEMBLED))
+    rows = (orders.mapInArrow(counted(by_group), spark_ddl(ASSEMBLED))
             .repartition(n_reduce, "seq_id")
-            .mapInArrow(lambda batches: join_fragments(batches, ctx), spark_ddl(ASSEMBLED))
+            .mapInArrow(counted(lambda batches: join_fragments(batches, ctx)), spark_ddl(ASSEMBLED))
             .select("kind", "info").collect())
     return Assembled([StagedFile.from_json(r["info"]) for r in rows if r["kind"] == FILE],
                      [json.loads(r["info"]) for r in rows if r["kind"] == FIGURES])
