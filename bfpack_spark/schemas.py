@@ -177,6 +177,7 @@ STATS = pa.schema([
     ("most_segments", pa.int64()),               # the most segments one sequence holds
     ("loss_tokens", pa.int64()),                 # tokens that are targets (loss mask 1); null without masks
     ("no_loss_tokens", pa.int64()),              # tokens that are not (loss mask 0)
+    ("tokenizer_engine", pa.string()),           # what encoded the text ("gigatoken 0.10.0"); null: tokenized input
 ])
 
 #: The input files of each run (what ``--mode incremental`` compares a new listing with).
