@@ -109,25 +109,28 @@ class FastEncoder:
     gigatoken always reads a special token's characters as that token, where the reference reads
     them as text: documents holding one (``specials``) go to the reference. Its caches grow with
     every distinct pre-token (1.9 GB over 300 MB of random words, measured): once the process has
-    grown ``_CACHE_BUDGET`` since the encoder was made, it is made anew from the vocabulary.
+    grown ``budget`` bytes since the encoder was made, it is made anew from the vocabulary.
     """
 
-    def __init__(self, load: Callable[[], object], specials: Sequence[str]):
+    def __init__(self, load: Callable[[], object], specials: Sequence[str], budget: int = _CACHE_BUDGET):
         self._load = load
         self.specials = tuple(specials)
+        self._budget = budget
+        self.renewals = -1
         self._renew()
 
     def _renew(self) -> None:
         self._backend = None  # freed before its successor is built
         self._backend = self._load()
         self._baseline = _rss()
+        self.renewals += 1
 
     def encode(self, texts: list[str], threads: int) -> tuple[np.ndarray, np.ndarray]:
         """(offsets, ids) of ``texts``: int64 offsets into one int32 array."""
         out = self._backend.encode_batch(texts, parallel=threads > 1)
         offsets = np.asarray(out.layout.offsets.data)
         ids = np.asarray(out.layout.content.data).view(np.int32)  # uint32 ids, all below 2**31
-        if _rss() > self._baseline + _CACHE_BUDGET:
+        if _rss() >= self._baseline + self._budget:
             self._renew()
         return offsets, ids
 
