@@ -33,8 +33,8 @@ from bfpack_spark.config import load_config  # noqa: E402
 from bfpack_spark.export import export  # noqa: E402
 from bfpack_spark.io.files import read_parquet  # noqa: E402
 from bfpack_spark.io.snapshot import open_sequences  # noqa: E402
-from bfpack_spark.spark.partitioning import map_slices  # noqa: E402
 from bfpack_spark.job import run  # noqa: E402
+from bfpack_spark.spark.partitioning import map_slices  # noqa: E402
 from bfpack_spark.spark.session import get_spark  # noqa: E402
 
 COLUMNS = ["seq_id", "run_id", "input_ids", "seg_lengths"]

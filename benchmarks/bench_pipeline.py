@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 from bfpack_spark.config import load_config
-from bfpack_spark.packing import bfd_layout
 from bfpack_spark.job import run
+from bfpack_spark.packing import bfd_layout
 from bfpack_spark.spark.session import get_spark
 
 

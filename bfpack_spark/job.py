@@ -28,8 +28,8 @@ import pyarrow as pa
 
 from bfpack_spark import faults
 from bfpack_spark.audit import AuditError, check, read_footers
-from bfpack_spark.figures import add_figures
 from bfpack_spark.config import DEFAULT_ID_COLUMN, PackConfig, default_run_id
+from bfpack_spark.figures import add_figures
 from bfpack_spark.incremental import (
     check_compatible,
     committed_runs,

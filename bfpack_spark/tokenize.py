@@ -67,7 +67,7 @@ _PROVEN_TIKTOKEN = {
 #: Llama 3 style (a split regex, then byte-level BPE that skips merges for whole tokens) and the
 #: GPT-2 style (byte-level pre-tokenizer and BPE) of the test corpora.
 _PROVEN_HF = {
-    "e03be82534c92858991e0b92ad7c28fe6e5691b04d814c4a41812d3c27017474": "split regex + byte-level BPE, ignore_merges (Llama 3)",
+    "e03be82534c92858991e0b92ad7c28fe6e5691b04d814c4a41812d3c27017474": "split regex, byte-level BPE (Llama 3)",
     "2e19ebaf05abe0a225ba8567b209bc743b790bdfb8aa1aa3b61306eeb5a029cc": "byte-level BPE (GPT-2)",
 }
 
@@ -138,8 +138,9 @@ class FastEncoder:
 def _fast_module():
     """gigatoken, where the proven version is installed; else None."""
     try:
-        import gigatoken
         from importlib.metadata import version
+
+        import gigatoken
     except ImportError:
         return None
     return gigatoken if version(FAST_ENGINE) == FAST_ENGINE_VERSION else None

@@ -8,8 +8,8 @@ from deltalake import DeltaTable
 
 from bfpack_spark.config import load_config
 from bfpack_spark.io.delta import read_table
-from bfpack_spark.packing import bfd_layout
 from bfpack_spark.job import run
+from bfpack_spark.packing import bfd_layout
 
 from corpora import write_tokenized
 

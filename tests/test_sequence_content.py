@@ -13,8 +13,8 @@ from deltalake import DeltaTable
 from bfpack_spark.config import load_config
 from bfpack_spark.io.delta import snapshot_dataset
 from bfpack_spark.io.inputs import InputError
-from bfpack_spark.packing import bfd_layout
 from bfpack_spark.job import run
+from bfpack_spark.packing import bfd_layout
 from bfpack_spark.tokenize import load_tokenizer
 
 from corpora import bos_tokenizer, write_jsonl, write_masked
