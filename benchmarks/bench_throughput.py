@@ -3,18 +3,24 @@
     python benchmarks/bench_throughput.py                  # 500 MB of JSON lines, all cores
     python benchmarks/bench_throughput.py --cores 1        # one core (JVM start weighs less)
     python benchmarks/bench_throughput.py --mb 150 --skip tokenized
+    python benchmarks/bench_throughput.py --skip concat,tokenized --json-mb 100   # the engines' figures
 
 The corpus is built from text every machine has: the sources, headers and docs of the
 running Python and its installed packages, /usr/include and /usr/share/doc, one JSON
 object per file ({"id", "text"}), repeated (with new ids) until it reaches ``--mb``. In
 the same run it measures:
 
-(a) the tokenize-only floor: the same tokenizer in ``--cores`` processes, JSON parsing
-    included, nothing else;
+(a) the tokenize-only floor: tiktoken (``encode_ordinary_batch``) in ``--cores`` processes,
+    JSON parsing included, nothing else; beside it the fast engine's own floor (bfpack's
+    ``encode_texts`` with gigatoken, the same way);
 (b) ``bfpack pack`` end to end (a fresh process: JVM start included), best-fit;
 (c) the same with ``--strategy concat``;
 (d) ``bfpack pack-tokenized`` on the corpus already tokenized, against a plain Spark read
     plus write of the same token lists to Parquet (also a fresh process);
+(f) with ``--json-mb N`` (0: skip): the same comparison for a tokenizer.json, on a corpus of N MB:
+    a Llama 3 style tokenizer.json (built offline from cl100k_base's ranks by transformers'
+    converter), HF ``tokenizers`` (``encode_batch_fast``) as the floor, the fast engine's floor,
+    and ``bfpack pack --tokenizer tokenizer.json``;
 (e) with ``--s3``: (b) with its output root (tables and workspace) on a local S3 server
     (moto_server on loopback), against (b) to local disk. A loopback server is not AWS: it
     measures the cost of going through the S3 protocol, not a network's.
@@ -81,32 +87,59 @@ def write_corpus(root: Path, mb: int) -> int:
     return n_docs
 
 
-def _tokenize_file(path: str) -> int:
-    """Tokens (with an EOS per document, as bfpack counts) of one file; one thread per process."""
-    import tiktoken
+def _tokenize_file(job: tuple[str, str, str]) -> int:
+    """Tokens (with an EOS per document, as bfpack counts) of one file; one thread per process.
+    ``engine``: tiktoken or tokenizers (the references), or fast (bfpack's encode_texts, gigatoken)."""
+    path, engine, spec = job
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # HF tokenizers: one thread, as tiktoken's num_threads=1
+    if engine == "tiktoken":
+        import tiktoken
 
-    from bfpack_spark.tokenize import DEFAULT_TOKENIZER
+        encoding = tiktoken.get_encoding(spec)
+        count = lambda batch: sum(len(t) + 1 for t in encoding.encode_ordinary_batch(batch, num_threads=1))  # noqa: E731
+    elif engine == "tokenizers":
+        from tokenizers import Tokenizer
 
-    encoding = tiktoken.get_encoding(DEFAULT_TOKENIZER)
+        tok = Tokenizer.from_file(spec)
+        count = lambda batch: sum(len(e.ids) + 1 for e in tok.encode_batch_fast(batch, add_special_tokens=False))  # noqa: E731
+    else:
+        from bfpack_spark.tokenize import encode_texts, load_tokenizer
+
+        tokenizer = load_tokenizer(spec, engine="auto")
+        assert tokenizer.fast is not None, f"no proven fast engine for {spec}"
+        count = lambda batch: len(encode_texts(tokenizer, batch).values) + len(batch)  # noqa: E731
     n = 0
     batch: list[str] = []
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             batch.append(json.loads(line)["text"])
             if len(batch) == 1024:
-                n += sum(len(t) + 1 for t in encoding.encode_ordinary_batch(batch, num_threads=1))
+                n += count(batch)
                 batch = []
-    return n + sum(len(t) + 1 for t in encoding.encode_ordinary_batch(batch, num_threads=1))
+    return n + count(batch)
 
 
-def tokenize_only(corpus: Path, cores: int) -> tuple[float, int]:
+def tokenize_only(corpus: Path, cores: int, engine: str = "tiktoken", spec: str | None = None) -> tuple[float, int]:
     """(a): seconds and tokens for the tokenizer alone, in ``cores`` processes."""
-    files = sorted(str(p) for p in corpus.glob("*.jsonl"))
+    from bfpack_spark.tokenize import DEFAULT_TOKENIZER
+
+    jobs = [(str(p), engine, spec or DEFAULT_TOKENIZER) for p in sorted(corpus.glob("*.jsonl"))]
     with multiprocessing.get_context("spawn").Pool(cores) as pool:
-        pool.map(_tokenize_file, files[:cores])  # load the tokenizer in every process first
+        pool.map(_tokenize_file, [(j[0], engine, j[2]) for j in jobs[:cores]])  # load the tokenizer everywhere first
         t0 = time.perf_counter()
-        tokens = sum(pool.map(_tokenize_file, files, chunksize=1))
+        tokens = sum(pool.map(_tokenize_file, jobs, chunksize=1))
         return time.perf_counter() - t0, tokens
+
+
+def llama3_style_tokenizer(path: Path) -> Path:
+    """A tokenizer.json shaped as Llama 3's, with cl100k_base's ranks (transformers' converter, offline)."""
+    import tiktoken_ext
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = Path(tiktoken_ext.__path__[0]) / "data" / "cl100k_base.tiktoken"
+    converter = TikTokenConverter(vocab_file=str(ranks), extra_special_tokens=["<|begin_of_text|>", "<|end_of_text|>"])
+    converter.converted().save(str(path))
+    return path
 
 
 def _bfpack(args: list[str], cores: int) -> tuple[float, dict]:
@@ -203,6 +236,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="keep the corpus here between runs")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: concat, tokenized")
     parser.add_argument("--s3", action="store_true", help="also (e): output to a local S3 server")
+    parser.add_argument("--json-mb", type=int, default=100, help="(f): size of the tokenizer.json corpus (0: skip)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bfpack-throughput-"))
@@ -215,11 +249,16 @@ def main() -> None:
     c = args.cores
     floor, tokens = tokenize_only(corpus, c)
     rate = lambda seconds: tokens / seconds / c / 1e6  # noqa: E731  M tokens/s per core
-    print(f"\n(a) tokenize only, {c} processes: {floor:.1f}s, {tokens:,} tokens, {rate(floor):.2f} M tok/s per core")
+    print(f"\n(a) tokenize only, {c} processes: tiktoken {floor:.1f}s, {tokens:,} tokens, "
+          f"{rate(floor):.2f} M tok/s per core")
+    fast_floor, fast_tokens = tokenize_only(corpus, c, "fast")
+    print(f"    the fast engine alone: {fast_floor:.1f}s ({floor / fast_floor:.1f}x faster than tiktoken)"
+          + ("" if fast_tokens == tokens else f"; {fast_tokens:,} tokens: NOT tiktoken's count"))
     out = str(work / "out")
     wall, stats = _bfpack(["pack", "--input", str(corpus), "--output", out], c)
-    print(f"(b) bfpack pack (best-fit): {wall:.1f}s, {rate(wall):.2f} M tok/s per core, "
-          f"{wall / floor:.2f}x the floor\n    stages: {stages(stats)}")
+    print(f"(b) bfpack pack (best-fit, engine {stats.get('tokenizer_engine')}): {wall:.1f}s, "
+          f"{rate(wall):.2f} M tok/s per core, {wall / floor:.2f}x the tiktoken floor, "
+          f"{wall / fast_floor:.2f}x the engine's\n    stages: {stages(stats)}")
     if stats["tokens"] != tokens:
         print(f"    note: bfpack packed {stats['tokens']:,} tokens ({stats['documents_rejected']} rejects)")
     if "concat" not in skip:
@@ -234,6 +273,18 @@ def main() -> None:
         wall_t, stats_t = _bfpack(["pack-tokenized", "--input", str(tokenized), "--output", out], c)
         print(f"(d) bfpack pack-tokenized: {wall_t:.1f}s; plain Spark read + write of the token lists: "
               f"{plain:.1f}s; ratio {wall_t / plain:.2f}\n    stages: {stages(stats_t)}")
+    if args.json_mb:
+        json_corpus = work / f"corpus-{args.json_mb}mb"
+        if not json_corpus.exists():
+            write_corpus(json_corpus, args.json_mb)
+        spec = str(llama3_style_tokenizer(work / "tokenizer.json"))
+        hf, hf_tokens = tokenize_only(json_corpus, c, "tokenizers", spec)
+        fast_hf, _ = tokenize_only(json_corpus, c, "fast", spec)
+        wall_j, stats_j = _bfpack(["pack", "--input", str(json_corpus), "--output", out, "--tokenizer", spec], c)
+        print(f"(f) tokenizer.json (Llama 3 style), {args.json_mb} MB, {hf_tokens:,} tokens: HF tokenizers alone "
+              f"{hf:.1f}s; the fast engine alone {fast_hf:.1f}s; bfpack pack "
+              f"(engine {stats_j.get('tokenizer_engine')}) {wall_j:.1f}s, {wall_j / hf:.2f}x the HF tokenizers floor"
+              f"\n    stages: {stages(stats_j)}")
     if args.s3:
         server = s3_server()
         try:

@@ -82,6 +82,10 @@ class TokenizerConfig:
                                      "(<|begin_of_text|>, <s>, ...); none for tiktoken encodings")
     prepend_bos: bool | None = _f(None, "put the BOS token before every document (default: yes when bos_token is "
                                         "set or the tokenizer.json's template adds one); --no-prepend-bos: never")
+    engine: Literal["auto", "reference"] = _f(
+        "auto", "what encodes text: auto: gigatoken where its ids are proven equal to the reference's (cl100k_base "
+                "and tested tokenizer.json structures), the reference elsewhere; reference: always tiktoken or HF "
+                "tokenizers. The ids are the same either way", flag="tokenizer-engine")
 
 
 @dataclass
@@ -180,11 +184,13 @@ class PackConfig:
 
     def fingerprint(self) -> str:
         """A hash of the settings that decide the tables' contents: not where the input is
-        (the input files' own fingerprints stand for it), not where or how output is written."""
+        (the input files' own fingerprints stand for it), not where or how output is written, not
+        which tokenizer engine encodes."""
         d = self.to_dict()
         d.pop("spark")
         d["output"] = {}
         d["input"].pop("paths")
+        d["tokenizer"].pop("engine")  # the engines' ids are the same
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     @property

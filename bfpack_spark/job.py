@@ -102,7 +102,8 @@ class RunResult:
 
 def _plan_inputs(config: PackConfig) -> InputPlan:
     """Everything that can go wrong before Spark starts: tokenizer, inputs, output root."""
-    tokenizer = load_tokenizer(config.tokenizer.tokenizer, config.tokenizer.eos_token, config.tokenizer.bos_token)
+    tokenizer = load_tokenizer(config.tokenizer.tokenizer, config.tokenizer.eos_token, config.tokenizer.bos_token,
+                               "reference")  # a check of its special tokens: no text is encoded here
     if config.append_eos and tokenizer.eos_id is None:
         raise TokenizerError(f"{tokenizer.name} has no end-of-document token; name one with --eos-token "
                              f"or turn it off with --no-append-eos")
@@ -148,7 +149,7 @@ def _read_settings(config: PackConfig) -> ReadSettings:
         keep_empty=config.quality.empty_documents == "keep",
         limits=Limits(config.quality.max_document_bytes, config.quality.max_line_bytes),
         bos_token=config.tokenizer.bos_token, prepend_bos=config.tokenizer.prepend_bos,
-        extra_column=_extra_column(config), loss_masks=config.loss_masks)
+        extra_column=_extra_column(config), loss_masks=config.loss_masks, engine=config.tokenizer.engine)
 
 
 def run(config: PackConfig, spark=None) -> RunResult:
@@ -301,7 +302,8 @@ def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, tim
         stats = stats_row(run_id=output.run_id, started=started, config=config, inputs=inputs,
                           documents_read=documents_read, rejected=rejected, packing=packing, concat=concat,
                           plan=plan, moved=moved, audit=audit, stage_seconds=timer.seconds,
-                          written=add_figures(f.figures for f in files["sequences"]), requests_retried=retried())
+                          written=add_figures(f.figures for f in files["sequences"]), requests_retried=retried(),
+                          engine=read.engines())
         files["stats"] = [staging.write("stats", "stats", stats_table(stats))]
         files["inputs"] = [staging.write("inputs", "inputs", inputs_table(output.run_id, inputs))]
         with timer("commit"):

@@ -24,7 +24,8 @@ from bfpack_spark.io.readers import reason_code
 _COLUMNS = ["run_id", "started_at", "mode", "strategy", "seq_len", "documents_read", "documents_packed",
             "documents_rejected", "tokens", "sequences", "lower_bound", "mean_fill", "truncations_per_document",
             "concat_truncations_per_document", "truncations_by_length", "fill_histogram", "segments_histogram",
-            "audit_passed", "max_segments_per_sequence", "most_segments", "loss_tokens", "no_loss_tokens"]
+            "audit_passed", "max_segments_per_sequence", "most_segments", "loss_tokens", "no_loss_tokens",
+            "tokenizer_engine"]
 
 
 def _dataset(root: str, table: str) -> ds.Dataset:

@@ -179,6 +179,7 @@ STATS = pa.schema([
     ("no_loss_tokens", pa.int64()),              # tokens that are not (loss mask 0)
     ("requests_retried", pa.int64()),            # object-store requests retried (throttled, dropped) up to the
                                                  # audit; null in runs of earlier versions
+    ("tokenizer_engine", pa.string()),           # what encoded the text ("gigatoken 0.10.0"); null: tokenized input
 ])
 
 #: The input files of each run (what ``--mode incremental`` compares a new listing with).

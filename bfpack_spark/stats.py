@@ -33,12 +33,13 @@ def packing_stats(figures: list[dict], strategy: str, n_sequences: int,
 
 def stats_row(*, run_id: str, started: str, config: Any, inputs: Any, documents_read: int, rejected: int,
               packing: PackingStats, concat: PackingStats, plan: Any, moved: tuple[int, int],
-              audit: Any, stage_seconds: dict[str, float], written: dict, requests_retried: int = 0) -> dict:
+              audit: Any, stage_seconds: dict[str, float], written: dict, requests_retried: int = 0,
+              engine: str | None = None) -> dict:
     """One row of the ``stats`` table (columns of :data:`~bfpack_spark.schemas.STATS`).
 
     ``written``: the figures the sequences' writers counted (their fill and segment histograms, the
     most segments in a sequence, the tokens with loss); ``requests_retried``: object-store requests
-    retried so far.
+    retried so far; ``engine``: the tokenizer engines that encoded the text (None for tokenized input).
     """
     cap = config.packing.max_segments_per_sequence
     loss = written.get("loss_tokens", 0) if config.loss_masks else None
@@ -74,6 +75,7 @@ def stats_row(*, run_id: str, started: str, config: Any, inputs: Any, documents_
         "max_segments_per_sequence": cap, "most_segments": written.get("max_segments", 0),
         "loss_tokens": loss, "no_loss_tokens": None if loss is None else packing.n_tokens - loss,
         "requests_retried": requests_retried,
+        "tokenizer_engine": engine,
     }
 
 

@@ -74,3 +74,16 @@ def write_masked(root: Path, n_files: int = 3, docs_per_file: int = 300, median:
         pq.write_table(table, root / f"part-{f:03d}.parquet", row_group_size=100)
         docs.update({i: (t.tolist(), m.tolist()) for i, t, m in zip(ids, tokens, masks)})
     return docs
+
+
+def llama3_style_tokenizer(path: Path) -> Path:
+    """A tokenizer.json shaped as Llama 3's (split regex, then byte-level BPE that skips merges for whole
+    tokens), with cl100k_base's ranks as vocabulary: transformers' own converter, offline; ids 100256 and
+    100257 are <|begin_of_text|> and <|end_of_text|>."""
+    import tiktoken_ext
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = Path(tiktoken_ext.__path__[0]) / "data" / "cl100k_base.tiktoken"
+    converter = TikTokenConverter(vocab_file=str(ranks), extra_special_tokens=["<|begin_of_text|>", "<|end_of_text|>"])
+    converter.converted().save(str(path))
+    return path

@@ -50,6 +50,7 @@ class ReadSettings:
     prepend_bos: bool | None = None
     extra_column: str | None = None  # each document's loss mask (tokenized input) or prompt (text)
     loss_masks: bool = False
+    engine: str = "auto"
 
 
 def _flat(tokens: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +150,7 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
     kind DOC, in canonical order); its rejects to a file of the rejects table (a FILE row); and a
     GROUP row counts the records the readers consumed, for the audit."""
     faults.check("read")
-    tokenizer = load_tokenizer(settings.tokenizer, settings.eos_token, settings.bos_token)
+    tokenizer = load_tokenizer(settings.tokenizer, settings.eos_token, settings.bos_token, settings.engine)
     bos = document_bos(tokenizer, settings.prepend_bos)
     eos = tokenizer.eos_id if settings.append_eos else None
     context = TaskContext.get()
@@ -195,8 +196,10 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
     if rejects:
         written = staging.write("rejects", f"read-{group:07d}", rejects_table(rejects, staging.run_id))
         yield _info_row(FILE, group, written.to_json())
+    engine = None if settings.tokenized else tokenizer.engine
     yield _info_row(GROUP, group, json.dumps({"records": n_records, "documents": doc_index, "tokens": n_tokens,
-                                              "rejects": len(rejects), "items": histogram.tolist()}))
+                                              "rejects": len(rejects), "items": histogram.tolist(),
+                                              "engine": engine}))
 
 
 def _lengths(raw: RawBatch) -> np.ndarray:
@@ -237,10 +240,15 @@ class ReadResult:
 
     docs: DataFrame                 # DOC rows: group, doc_index, doc_id, n_tokens, source, row
     files: list[StagedFile]
-    groups: list[dict]              # per group: records, documents, tokens, rejects, items (per length bucket)
+    groups: list[dict]              # per group: records, documents, tokens, rejects, items (per length bucket),
+                                    # engine (the tokenizer engine that encoded its text)
 
     def total(self, key: str) -> int:
         return sum(g[key] for g in self.groups)
+
+    def engines(self) -> str | None:
+        """The tokenizer engines the groups' tasks encoded text with (None: no text was encoded)."""
+        return ", ".join(sorted({g["engine"] for g in self.groups if g.get("engine")})) or None
 
 
 def read_corpus(spark: SparkSession, groups: list[list[Split]], settings: ReadSettings, staging: Staging,
