@@ -35,6 +35,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -120,7 +121,7 @@ class FastEncoder:
         self._renew()
 
     def _renew(self) -> None:
-        self._backend = None  # freed before its successor is built
+        self._backend: Any = None  # freed before its successor is built
         self._backend = self._load()
         self._baseline = _rss()
         self.renewals += 1
@@ -317,6 +318,9 @@ def _hf_tokenizer(path: str, eos_token: str | None, bos_token: str | None, engin
         tok = HFTokenizer.from_file(path)
     except Exception as exc:
         raise TokenizerError(f"cannot load tokenizers JSON {path!r}: {exc}") from exc
+    # a special token's characters in a text are text, as with tiktoken's encode_ordinary: only the
+    # BOS and EOS bfpack puts around a document mark its bounds
+    tok.encode_special_tokens = True
     candidates = (eos_token,) if eos_token else _EOS_CANDIDATES
     eos_id = next((tok.token_to_id(t) for t in candidates if tok.token_to_id(t) is not None), None)
     if eos_token and eos_id is None:
@@ -380,11 +384,11 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], threads: int = 1) -
         return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids))
     pieces: list[np.ndarray] = [np.empty(0, np.int32)] * len(texts)
     slow = np.flatnonzero(reference)
-    for i, ids in zip(slow, tokenizer.encode_batch([texts[i] for i in slow], threads)):
+    for i, ids in zip(slow, tokenizer.encode_batch([texts[int(i)] for i in slow], threads)):
         pieces[i] = ids.astype(np.int32, copy=False)
     rest = np.flatnonzero(~reference)
     if rest.shape[0]:
-        offsets, ids = fast.encode([texts[i] for i in rest], threads)
+        offsets, ids = fast.encode([texts[int(i)] for i in rest], threads)
         for i, start, end in zip(rest, offsets[:-1], offsets[1:]):
             pieces[i] = ids[start:end]
     return _lists(pieces)

@@ -178,6 +178,19 @@ def test_special_token_strings_are_text_whatever_the_engine(cl100k):
     assert fast.fast.encode(texts[:1], 1)[1].tolist().count(100257) == 1  # what the routing keeps from happening
 
 
+@pytest.mark.parametrize("engine", ["auto", "reference"])
+def test_a_tokenizer_json_encodes_special_token_strings_as_text(llama3, gpt2, engine):
+    """As tiktoken's encode_ordinary: a special token's characters in a text are text tokens, so only the
+    BOS and EOS bfpack adds mark a document's bounds (HF tokenizers would match them as special tokens)."""
+    for auto, reference in (llama3, gpt2):
+        tok = auto if engine == "auto" else reference
+        specials = sorted(auto.fast.specials)
+        ids = encode_texts(tok, [f"before {s} after" for s in specials]).to_pylist()
+        special_ids = {tok.eos_id, tok.bos_id} - {None}
+        assert special_ids and not any(set(doc) & special_ids for doc in ids)
+        assert ids == encode_texts(reference, [f"before {s} after" for s in specials]).to_pylist()
+
+
 def test_unproven_tokenizers_use_the_reference(tmp_path):
     other = tmp_path / "tokenizer.json"
     data = json.loads(Path(bos_tokenizer(other, ["some text to train on"] * 20)).read_text())

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TypeVar
+from typing import TypeVar, overload
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,15 @@ def _counted() -> None:
     global _count
     with _count_lock:
         _count += 1
+
+
+@overload
+def call(request: Callable[[], T], what: str, settled: None = None, p: RetryPolicy | None = None) -> T: ...
+
+
+@overload
+def call(request: Callable[[], T], what: str, settled: Callable[[BaseException], bool],
+         p: RetryPolicy | None = None) -> T | None: ...
 
 
 def call(request: Callable[[], T], what: str, settled: Callable[[BaseException], bool] | None = None,

@@ -123,7 +123,7 @@ def map_slices(spark: SparkSession, items: list, n: int, fn: Callable[[int, list
         raise ValueError(f"map_slices needs at least one task, not {n}")
     shared = spark.sparkContext.broadcast(items)
 
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def run(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             for i in batch.column(0).to_pylist():
                 yield from fn(i, shared.value[i::n])

@@ -138,7 +138,7 @@ def _prune(root: str, archive: str, extra_dumps: list[str]) -> None:
             action(path)
 
 
-def local_master(master: str | None, task_attempts: int) -> str | None:
+def local_master(master: str | None, task_attempts: int) -> str:
     """``local[N]`` (default ``local[*]``) with ``task_attempts`` attempts per task, ``local[N,F]``: plain
     local mode tries a task once, so one transient failure would end the run. Others as given."""
     if master is None:
