@@ -231,84 +231,152 @@ def inputs_table(run_id: str, inputs: InputPlan) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=INPUTS)
 
 
+@dataclass
+class _Run:
+    """What the stages of one run share: where they write, and what they cache (released at the end)."""
+
+    spark: Any
+    config: PackConfig
+    inputs: InputPlan
+    output: DeltaOutput
+    timer: StageTimer
+    release: ExitStack
+    staging: Staging = field(init=False)
+    workspace: Workspace = field(init=False)
+
+    def __post_init__(self) -> None:
+        root = self.config.output.output
+        self.staging = Staging(root, self.output.attempt, self.output.run_id)
+        self.workspace = Workspace(join(workspace_root(root, self.config.output.work_dir), self.output.attempt))
+        self.release.callback(self.workspace.remove)
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """What the read and the duplicates leave to pack: documents read, rejected, tokens per group."""
+
+    documents_read: int
+    rejected: int
+    tokens_by_group: np.ndarray
+
+    @property
+    def tokens(self) -> int:
+        return int(self.tokens_by_group.sum())
+
+
 def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, timer: StageTimer,
           started: str, retried) -> RunResult:
-    L, p = config.packing.seq_len, config.packing
-    n_groups = len(inputs.groups)
-    staging = Staging(config.output.output, output.attempt, output.run_id)
-    workspace = Workspace(join(workspace_root(config.output.output, config.output.work_dir), output.attempt))
+    """The stages, in order; nothing is committed before the audit passes."""
     with ExitStack() as release:
-        release.callback(workspace.remove)
-        with timer("read"):
-            read = read_corpus(spark, inputs.groups, _read_settings(config), staging, workspace)
-            release.callback(read.docs.unpersist)
-        with timer("duplicates"):
-            earlier = None
-            if config.output.mode != "overwrite" and config.quality.duplicate_ids == "skip":
-                runs = committed_runs(output.root) - set(inputs.replaces.values())  # not the runs re-packed
-                earlier = earlier_documents(spark, output.table_uri("documents"), sorted(runs))
-            dups = find_duplicates(read.docs, config.quality.duplicate_ids, L, p.length_buckets, earlier)
-            release.callback(dups.unpersist)
-        documents_read, rejected = read.total("records"), read.total("rejects") + dups.count
-        tokens_by_group = np.array([g["tokens"] - dups.tokens_by_group.get(i, 0) for i, g in enumerate(read.groups)],
-                                   np.int64)
-        tokens = int(tokens_by_group.sum())
-        log.info("read %s documents (%s tokens packable), %s rejected", f"{documents_read:,}", f"{tokens:,}",
-                 f"{rejected:,}")
-        if documents_read and rejected / documents_read > config.quality.max_reject_fraction:
-            raise AuditError(f"{rejected:,} of {documents_read:,} documents rejected ({dups.count:,} of them "
-                             f"duplicate ids), more than quality.max_reject_fraction="
-                             f"{config.quality.max_reject_fraction}; to see why, run with --max-reject-fraction 1 "
-                             f"into a scratch --output and `bfpack report` it")
-
-        with timer("plan"):
-            faults.check("plan")
-            if p.strategy == "bfd":
-                kept = without_duplicates(read.docs, dups, n_groups)
-                release.callback(kept.unpersist)
-                items = np.array([g["items"] for g in read.groups], np.int64).reshape(n_groups, -1)
-                for g, dropped in dups.items_by_group.items():
-                    items[g] -= dropped
-                n_parts = packing_partitions(int(items.sum()), n_groups, p.merge_items_per_partition, p.partitions)
-                plan = plan_bfd(kept, items, L, n_parts, p.residual_fill,
-                                p.merge_items_per_partition, p.length_buckets, p.max_segments_per_sequence)
-                release.callback(plan.unpersist)
-            else:
-                plan = PlanResult(None, -(-tokens // L), n_groups)
-            log.info("plan: %d sequences (lower bound %d), %d residual items, %d merge rounds",
-                     plan.n_sequences, -(-tokens // L), plan.residual_items, plan.merge_rounds)
-
-        with timer("assemble and write"):
-            ctx = Assembly(L, p.strategy, staging, workspace, config.tokenizer.tokenizer, config.tokenizer.eos_token,
-                           np.cumsum(tokens_by_group) - tokens_by_group, tokens, tuple(plan.first_ids),
-                           config.tokenizer.bos_token, config.loss_masks, p.max_segments_per_sequence)
-            assembled = assemble(spark, plan.orders, dups.drops, n_groups, ctx,
-                                 reduce_partitions(plan.moved_segments, plan.moved_tokens, p.merge_items_per_partition))
-        faults.check("staged")
-        files = {name: [f for f in read.files + assembled.files if f.table == name] for name in TABLES}
-        packing, concat = packing_stats(assembled.figures, p.strategy, plan.n_sequences, L)
-
-        with timer("audit"):
-            written = [f for name in ("sequences", "documents", "rejects") for f in files[name]]
-            audit = check(files, read_footers(spark, staging, written), {
-                "sequences": plan.n_sequences, "tokens": tokens,
-                "segments": plan.n_items if p.strategy == "bfd" else concat.n_segments,
-                "documents": read.total("documents") - dups.count, "documents_read": documents_read,
-                "documents_rejected": rejected}, L, chunked=p.strategy == "bfd", loss_masks=config.loss_masks,
-                max_segments=p.max_segments_per_sequence)
-            audit.raise_if_failed()
-
-        moved = (sum(f["moved_segments"] for f in assembled.figures), sum(f["moved_tokens"] for f in assembled.figures))
+        run = _Run(spark, config, inputs, output, timer, release)
+        read = _read(run)
+        dups, counts = _duplicates(run, read)
+        plan = _plan(run, read, dups, counts)
+        files, figures = _assemble(run, read, dups, plan, counts)
+        packing, concat = packing_stats(figures, config.packing.strategy, plan.n_sequences, config.packing.seq_len)
+        audit = _audit(run, files, read, dups, plan, counts, concat)
         stats = stats_row(run_id=output.run_id, started=started, config=config, inputs=inputs,
-                          documents_read=documents_read, rejected=rejected, packing=packing, concat=concat,
-                          plan=plan, moved=moved, audit=audit, stage_seconds=timer.seconds,
-                          written=add_figures(f.figures for f in files["sequences"]), requests_retried=retried(),
-                          engine=read.engines())
-        files["stats"] = [staging.write("stats", "stats", stats_table(stats))]
-        files["inputs"] = [staging.write("inputs", "inputs", inputs_table(output.run_id, inputs))]
-        with timer("commit"):
-            for name in ("rejects", "documents", "sequences", "inputs", "stats"):
-                faults.check(f"commit:{name}")
-                output.commit(name, files[name])
+                          documents_read=counts.documents_read, rejected=counts.rejected, packing=packing,
+                          concat=concat, plan=plan, moved=_moved(figures), audit=audit,
+                          stage_seconds=timer.seconds, written=add_figures(f.figures for f in files["sequences"]),
+                          requests_retried=retried(), engine=read.engines())
+        _commit(run, files, stats)
     stats["stage_seconds"] = dict(timer.seconds)
     return RunResult(output.run_id, config.output.output, stats, packing, concat)
+
+
+def _read(run: _Run):
+    with run.timer("read"):
+        read = read_corpus(run.spark, run.inputs.groups, _read_settings(run.config), run.staging, run.workspace)
+        run.release.callback(read.docs.unpersist)
+    return read
+
+
+def _duplicates(run: _Run, read):
+    """Later copies of an id (also of ids earlier runs packed, when appending) become rejects; too many
+    rejects end the run before anything is planned."""
+    config = run.config
+    with run.timer("duplicates"):
+        earlier = None
+        if config.output.mode != "overwrite" and config.quality.duplicate_ids == "skip":
+            runs = committed_runs(run.output.root) - set(run.inputs.replaces.values())  # not the runs re-packed
+            earlier = earlier_documents(run.spark, run.output.table_uri("documents"), sorted(runs))
+        dups = find_duplicates(read.docs, config.quality.duplicate_ids, config.packing.seq_len,
+                               config.packing.length_buckets, earlier)
+        run.release.callback(dups.unpersist)
+    counts = _Counts(read.total("records"), read.total("rejects") + dups.count,
+                     np.array([g["tokens"] - dups.tokens_by_group.get(i, 0) for i, g in enumerate(read.groups)],
+                              np.int64))
+    log.info("read %s documents (%s tokens packable), %s rejected", f"{counts.documents_read:,}",
+             f"{counts.tokens:,}", f"{counts.rejected:,}")
+    limit = config.quality.max_reject_fraction
+    if counts.documents_read and counts.rejected / counts.documents_read > limit:
+        raise AuditError(f"{counts.rejected:,} of {counts.documents_read:,} documents rejected ({dups.count:,} of "
+                         f"them duplicate ids), more than quality.max_reject_fraction={limit}; to see why, run "
+                         f"with --max-reject-fraction 1 into a scratch --output and `bfpack report` it")
+    return dups, counts
+
+
+def _plan(run: _Run, read, dups, counts: _Counts) -> PlanResult:
+    p, n_groups, L = run.config.packing, len(run.inputs.groups), run.config.packing.seq_len
+    with run.timer("plan"):
+        faults.check("plan")
+        if p.strategy == "bfd":
+            kept = without_duplicates(read.docs, dups, n_groups)
+            run.release.callback(kept.unpersist)
+            items = np.array([g["items"] for g in read.groups], np.int64).reshape(n_groups, -1)
+            for g, dropped in dups.items_by_group.items():
+                items[g] -= dropped
+            n_parts = packing_partitions(int(items.sum()), n_groups, p.merge_items_per_partition, p.partitions)
+            plan = plan_bfd(kept, items, L, n_parts, p.residual_fill, p.merge_items_per_partition,
+                            p.length_buckets, p.max_segments_per_sequence)
+            run.release.callback(plan.unpersist)
+        else:
+            plan = PlanResult(None, -(-counts.tokens // L), n_groups)
+        log.info("plan: %d sequences (lower bound %d), %d residual items, %d merge rounds",
+                 plan.n_sequences, -(-counts.tokens // L), plan.residual_items, plan.merge_rounds)
+    return plan
+
+
+def _assemble(run: _Run, read, dups, plan: PlanResult, counts: _Counts) -> tuple[dict[str, list], list[dict]]:
+    """The tables' files as the tasks wrote them, and the assembly's figures."""
+    config, p = run.config, run.config.packing
+    with run.timer("assemble and write"):
+        ctx = Assembly(p.seq_len, p.strategy, run.staging, run.workspace, config.tokenizer.tokenizer,
+                       config.tokenizer.eos_token, np.cumsum(counts.tokens_by_group) - counts.tokens_by_group,
+                       counts.tokens, tuple(plan.first_ids), config.tokenizer.bos_token, config.loss_masks,
+                       p.max_segments_per_sequence)
+        assembled = assemble(run.spark, plan.orders, dups.drops, len(run.inputs.groups), ctx,
+                             reduce_partitions(plan.moved_segments, plan.moved_tokens, p.merge_items_per_partition))
+    faults.check("staged")
+    return {name: [f for f in read.files + assembled.files if f.table == name] for name in TABLES}, assembled.figures
+
+
+def _audit(run: _Run, files: dict[str, list], read, dups, plan: PlanResult, counts: _Counts,
+           concat: PackingStats):
+    p = run.config.packing
+    with run.timer("audit"):
+        written = [f for name in ("sequences", "documents", "rejects") for f in files[name]]
+        audit = check(files, read_footers(run.spark, run.staging, written), {
+            "sequences": plan.n_sequences, "tokens": counts.tokens,
+            "segments": plan.n_items if p.strategy == "bfd" else concat.n_segments,
+            "documents": read.total("documents") - dups.count, "documents_read": counts.documents_read,
+            "documents_rejected": counts.rejected}, p.seq_len, chunked=p.strategy == "bfd",
+            loss_masks=run.config.loss_masks, max_segments=p.max_segments_per_sequence)
+        audit.raise_if_failed()
+    return audit
+
+
+def _commit(run: _Run, files: dict[str, list], stats: dict) -> None:
+    """One Delta commit per table, ``stats`` last (a run is committed when its stats row is)."""
+    files["stats"] = [run.staging.write("stats", "stats", stats_table(stats))]
+    files["inputs"] = [run.staging.write("inputs", "inputs", inputs_table(run.output.run_id, run.inputs))]
+    with run.timer("commit"):
+        for name in ("rejects", "documents", "sequences", "inputs", "stats"):
+            faults.check(f"commit:{name}")
+            run.output.commit(name, files[name])
+
+
+def _moved(figures: list[dict]) -> tuple[int, int]:
+    """Segments and tokens that moved to the final reduce."""
+    return sum(f["moved_segments"] for f in figures), sum(f["moved_tokens"] for f in figures)

@@ -88,10 +88,9 @@ def test_the_notebook_executes(root):
     assert len(images) >= 6
 
 
-def test_the_readme_reader_examples_run(spark, root):
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## What it writes", 1)[1].split("\n## ", 1)[0]
-    example = section.split("```python", 1)[1].split("```", 1)[0].replace("out/demo", str(root))
+def test_the_docs_reader_examples_read_a_run_with_rejects(spark, root):
+    page = (REPO / "docs" / "guide" / "outputs.md").read_text()
+    example = page.split("```python", 1)[1].split("```", 1)[0].replace("out/demo", str(root))
     namespace: dict = {}
-    exec(compile(example, "README", "exec"), namespace)
+    exec(compile(example, "docs/guide/outputs.md", "exec"), namespace)
     assert len(namespace["stats"]) >= 1 and namespace["seqs"].num_rows > 0
