@@ -189,12 +189,14 @@ def _one_line(exc: BaseException) -> str:
 def _export(args: argparse.Namespace) -> int:
     from bfpack_spark.export import ExportError, export
     from bfpack_spark.io.files import set_storage_options
+    from bfpack_spark.spark.session import quiet_native_stderr
 
     try:
         options = _overrides(argparse.Namespace(**{"output.storage_options": args.storage_option}))
         set_storage_options(options["output.storage_options"])
-        summary = export(args.root, args.fmt, args.to, run_id=args.run_id, seq_length=args.seq_length,
-                         master=args.master)
+        with quiet_native_stderr():
+            summary = export(args.root, args.fmt, args.to, run_id=args.run_id, seq_length=args.seq_length,
+                             master=args.master)
     except (DeltaError, ExportError, ConfigError) as exc:
         print(f"bfpack: error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -245,10 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # Imported here: pyspark loads slowly, and mistakes above are reported without it.
     from bfpack_spark.job import AuditError, run
-    from bfpack_spark.spark.session import SparkStartError, first_line
+    from bfpack_spark.spark.session import SparkStartError, first_line, quiet_native_stderr
 
     try:
-        result = run(config)
+        with quiet_native_stderr():
+            result = run(config)
     except (*USER_ERRORS, SparkStartError) as exc:
         print(f"bfpack: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -273,11 +273,15 @@ class DeltaOutput:
         fs, base = filesystem(uri)
         if fs.get_file_info(base).type != pafs.FileType.Directory:
             return []
-        keep = {self.attempt}
-        table = delta_table(uri)
-        if table is not None:
-            keep |= {p.split("/")[0] for p in pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist()}
-            keep |= {a for commit in table.history() if (a := _commit_metadata(commit).get("bfpack.attempt"))}
+        def committed_attempts() -> set[str]:  # the log is read lazily: a throttled read fails here
+            table = delta_table(uri)
+            if table is None:
+                return set()
+            adds = pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist()
+            return ({p.split("/")[0] for p in adds}
+                    | {a for commit in table.history() if (a := _commit_metadata(commit).get("bfpack.attempt"))})
+
+        keep = {self.attempt} | retry.call(committed_attempts, f"read the log of {uri}")
         cutoff = time.time() - RETENTION_SECONDS
         removed = []
         for info in fs.get_file_info(pafs.FileSelector(base)):

@@ -10,7 +10,8 @@ import sys
 import threading
 import time
 import uuid
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 import pyspark
 from pyspark import SparkConf, SparkContext
@@ -39,8 +40,9 @@ LOCAL_DEFAULTS = {
 QUIET_LOG4J = os.path.join(os.path.dirname(__file__), "log4j2-quiet.properties")
 #: what the driver JVM prints at start whatever its log level: Java's module notice, the shell's hint; and
 #: what pyarrow's S3 client prints in local tasks (whose stderr is the JVM's) about requests it retries
+S3_RETRY_NOISE = rb"\S*arrow/filesystem/s3fs\.cc:\d+: "
 JVM_START_NOISE = re.compile(rb"WARNING: Using incubator modules|Setting default log level to|"
-                             rb"To adjust logging level use sc\.setLogLevel|\S*arrow/filesystem/s3fs\.cc:\d+: ")
+                             rb"To adjust logging level use sc\.setLogLevel|" + S3_RETRY_NOISE)
 
 
 def debugging() -> bool:
@@ -206,6 +208,38 @@ def _start_quiet_driver(conf: SparkConf) -> None:
     finally:
         os.close(write_end)  # the JVM holds its own copy; the thread ends when the JVM does
     SparkContext(conf=conf, gateway=gateway)
+
+
+@contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """pyarrow's S3 client writes notices of the requests it retries straight to this process's stderr
+    (file descriptor 2, past Python's logging), also on the driver; while this runs (unless debugging),
+    fd 2 passes through a filter that drops them."""
+    if debugging():
+        yield
+        return
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    console = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    noise = re.compile(S3_RETRY_NOISE)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not noise.match(line):
+                    os.write(console, line)
+
+    thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(console, 2)  # the pipe's last write end closes: the thread forwards what is left, then ends
+        thread.join(timeout=5)
+        os.close(console)
 
 
 def collect_arrow(df: DataFrame):
