@@ -6,6 +6,8 @@ Each request, drawn from a seeded random generator, is one of:
 - **dropped**: forwarded, so it takes effect, then the connection is closed with no reply, or,
   for a reply with a body, after half of it (a GetObject cut off mid-response);
 - passed through, after ``latency`` seconds before the first byte.
+A request signed with the access key ``denied_key`` is answered ``403 InvalidAccessKeyId``, as a
+store answers wrong credentials (moto itself accepts any key).
 
 Bounded: one thread per client connection, each ending when its client closes or the server
 is shut down; every socket has a timeout.
@@ -23,6 +25,8 @@ from urllib.parse import urlparse
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
+INVALID_KEY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InvalidAccessKeyId</Code>'
+               b"<Message>The AWS Access Key Id you provided does not exist in our records.</Message></Error>")
 #: hop-by-hop headers, and those the proxy recomputes
 _DROP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "expect", "content-length", "proxy-connection"}
 
@@ -34,6 +38,7 @@ class Faults:
     slow_down: float = 0.0
     dropped: float = 0.0
     latency: float = 0.0
+    denied_key: str | None = None
     seed: int = 0
     counts: dict = field(default_factory=lambda: {"requests": 0, "slow_down": 0, "dropped": 0})
 
@@ -50,9 +55,11 @@ class Faults:
                 self.counts[kind] += 1
             return kind
 
-    def set(self, slow_down: float = 0.0, dropped: float = 0.0, latency: float = 0.0) -> None:
+    def set(self, slow_down: float = 0.0, dropped: float = 0.0, latency: float = 0.0,
+            denied_key: str | None = None) -> None:
         with self._lock:
             self.slow_down, self.dropped, self.latency = slow_down, dropped, latency
+            self.denied_key = denied_key
 
 
 def _handler(upstream: tuple[str, int], faults: Faults) -> type[BaseHTTPRequestHandler]:
@@ -111,6 +118,9 @@ def _handler(upstream: tuple[str, int], faults: Faults) -> type[BaseHTTPRequestH
                 threading.Event().wait(faults.latency)
             if kind == "slow_down":
                 self._reply(503, [("Content-Type", "application/xml")], SLOW_DOWN)
+                return
+            if faults.denied_key and f"Credential={faults.denied_key}/" in (self.headers.get("Authorization") or ""):
+                self._reply(403, [("Content-Type", "application/xml")], INVALID_KEY)
                 return
             status, headers, data = self._forward(body)
             if kind == "dropped":

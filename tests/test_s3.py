@@ -3,6 +3,7 @@ pyarrow.fs and deltalake, the lock with conditional writes, and the preflight.""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -270,6 +271,19 @@ def test_a_wrong_bucket_behind_a_throttling_store_still_fails_in_seconds(spark, 
         pack(spark, ["s3://corpus/text/"], "s3://no-such-bucket/packed",
              **{"output.storage_options": {"AWS_ENDPOINT_URL": faulty.url}})
     assert time.perf_counter() - start < 10
+
+
+def test_wrong_credentials_behind_a_throttling_store_fail_in_seconds_with_the_stores_message(corpus, faulty):
+    faulty.faults.set(slow_down=0.2, denied_key="AKIAWRONGKEY")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "bfpack_spark.cli", "pack", "-q", "--input", "s3://corpus/text/",
+                           "--output", "s3://packed-denied/out", "--storage-option", f"AWS_ENDPOINT_URL={faulty.url}",
+                           "--storage-option", "AWS_ACCESS_KEY_ID=AKIAWRONGKEY",
+                           "--storage-option", "AWS_SECRET_ACCESS_KEY=wrong"],
+                          capture_output=True, text=True, timeout=120)
+    # a HEAD request's 403 has no body: the client names it ACCESS_DENIED
+    assert done.returncode == 2 and re.search(r"ACCESS_DENIED|InvalidAccessKeyId", done.stderr), done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1 and time.perf_counter() - start < 20
 
 
 @pytest.mark.parametrize("message, retried", [
