@@ -3,6 +3,7 @@
     python benchmarks/bench_export.py                       # the 1M-document pipeline benchmark table
     python benchmarks/bench_export.py --docs 200000 --repeat 3
     python benchmarks/bench_export.py --workdir /work/bench-results/export   # keep (and reuse) the table
+    python benchmarks/bench_export.py --export-dir /dev/shm/bfpack-export    # exports to memory: no disk writeback
 
 Packs the synthetic corpus of ``bench_pipeline.py`` (1M documents, log-normal lengths, median 300
 tokens, L = 2048) once, then, ``--repeat`` rounds in one session on local[2]: a Spark job that reads
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--formats", default="megatron,olmo,hf")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory (removed)")
+    parser.add_argument("--export-dir", default=None,
+                        help="where the exports go (default: the workdir); /dev/shm takes the disk's writeback out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bfpack-export-bench-"))
@@ -82,7 +85,7 @@ def main() -> None:
         seconds, tokens = read_all(spark, str(packed))
         times["read"].append(seconds)
         for fmt in formats:
-            dest = work / f"export-{fmt}"
+            dest = Path(args.export_dir or work) / f"export-{fmt}"
             shutil.rmtree(dest, ignore_errors=True)
             t0 = time.perf_counter()
             export(str(packed), fmt, str(dest), spark=spark)
