@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bfpack_spark.cli import build_parser
+import pytest
+
+from bfpack_spark.cli import build_parser, main
 from bfpack_spark.config import field_specs, flag_form, settings_markdown
 from bfpack_spark.schemas import TABLES, schemas_markdown
 
@@ -63,3 +65,11 @@ def test_conf_files_are_valid_configs():
         config = load_config(str(path))
         assert config.packing.seq_len > 0, path
         assert re.match(r"(s3://|out/)", config.output.output), path
+
+
+def test_bfpack_version_is_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"bfpack {version('bfpack-spark')}"
