@@ -19,10 +19,18 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, get_origin
 
 from bfpack_spark import __version__
-from bfpack_spark.config import DEBUG_ENV, ConfigError, PackConfig, coerce_value, field_specs, load_config
+from bfpack_spark.config import (
+    DEBUG_ENV,
+    ConfigError,
+    PackConfig,
+    coerce_value,
+    field_specs,
+    flag_kind,
+    load_config,
+)
 from bfpack_spark.io.delta import DeltaError
 from bfpack_spark.io.inputs import PYTHON_STDLIB, InputError
 from bfpack_spark.io.lock import RunLockedError
@@ -39,22 +47,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for section, flag, f, hint in field_specs():
         dest = f"{section}.{f.name}"
         help_text = f"{f.metadata['help']} [{section}.{f.name}]"
-        args = get_args(hint)
-        if hint is bool or (bool in args and type(None) in args):
+        kind, metavar, choices = flag_kind(hint)
+        if kind == "switch":
             parser.add_argument(f"--{flag}", dest=dest, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
-        elif get_origin(hint) is list:
-            parser.add_argument(f"--{flag}", dest=dest, action="append", metavar="PATH",
-                                default=argparse.SUPPRESS, help=help_text)
-        elif get_origin(hint) is dict:
-            parser.add_argument(f"--{flag}", dest=dest, action="append", metavar="KEY=VALUE",
-                                default=argparse.SUPPRESS, help=help_text)
         else:
-            choices = list(args) if get_origin(hint) is Literal else None
-            base = next((a for a in args if a is not type(None)), hint)
-            metavar = None if choices else {int: "N", float: "X"}.get(base, "TEXT")
-            parser.add_argument(f"--{flag}", dest=dest, default=argparse.SUPPRESS, choices=choices,
-                                metavar=metavar, help=help_text)
+            parser.add_argument(f"--{flag}", dest=dest, action="append" if kind == "repeated" else "store",
+                                default=argparse.SUPPRESS, choices=choices, metavar=metavar, help=help_text)
 
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:

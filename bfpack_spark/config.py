@@ -341,19 +341,27 @@ def field_specs() -> list[tuple[str, str, dataclasses.Field, Any]]:
     return specs
 
 
-def flag_form(flag: str, hint: Any) -> str:
-    """How a field is given on the command line: ``--seq-len N``, ``--append-eos / --no-append-eos``."""
+def flag_kind(hint: Any) -> tuple[str, str | None, list | None]:
+    """How a field of type ``hint`` is given on the command line: (``switch`` (--x / --no-x), ``repeated``
+    (one value per flag, collected) or ``value``; its metavar; its choices). The CLI's parser and the
+    settings page both ask here, so they cannot disagree."""
     args = get_args(hint)
     if hint is bool or (bool in args and type(None) in args):
-        return f"--{flag} / --no-{flag}"
-    if get_origin(hint) is dict:
-        return f"--{flag} KEY=VALUE"
-    if get_origin(hint) is list:
-        return f"--{flag} PATH"
+        return "switch", None, None
+    if get_origin(hint) in (list, dict):
+        return "repeated", "PATH" if get_origin(hint) is list else "KEY=VALUE", None
     if get_origin(hint) is Literal:
-        return f"--{flag} {'|'.join(map(str, args))}"
+        return "value", None, list(args)
     base = next((a for a in args if a is not type(None)), hint)
-    return f"--{flag} {({int: 'N', float: 'X'}).get(base, 'TEXT')}"
+    return "value", {int: "N", float: "X"}.get(base, "TEXT"), None
+
+
+def flag_form(flag: str, hint: Any) -> str:
+    """How a field is given on the command line: ``--seq-len N``, ``--append-eos / --no-append-eos``."""
+    kind, metavar, choices = flag_kind(hint)
+    if kind == "switch":
+        return f"--{flag} / --no-{flag}"
+    return f"--{flag} {'|'.join(map(str, choices)) if choices else metavar}"
 
 
 def settings_markdown() -> str:

@@ -174,15 +174,18 @@ def pack_partition(lengths: npt.ArrayLike, groups: npt.ArrayLike, seq_len: int, 
     return Packed(bins, final_bin[bins], rank_of_bin[bins], slot, (lo == hi)[bins], int(final_bin.sum()))
 
 
-def merge_round(n_items: int, merge_items: int, fill_threshold: float, stalled: bool) -> tuple[int, float]:
-    """Partitions and fill threshold of the next merge round over ``n_items`` residual items.
+def round_threshold(n_parts: int, fill_threshold: float, stalled: bool = False) -> float:
+    """The fill below which a round's sequences go back to the next round. A round of one partition
+    (one-process BFD over everything left), or one after a round that left more than half of its
+    items unplaced (``stalled``: lengths that cannot fill a sequence to the threshold), makes every
+    sequence final, so rounds always end."""
+    return 0.0 if n_parts == 1 or stalled else fill_threshold
 
-    A round of one partition, or one after a round that left more than half of its items
-    unplaced (``stalled``: lengths that cannot fill a sequence to the threshold), makes
-    every sequence final, so rounds always end.
-    """
+
+def merge_round(n_items: int, merge_items: int, fill_threshold: float, stalled: bool) -> tuple[int, float]:
+    """Partitions and fill threshold of the next merge round over ``n_items`` residual items."""
     n_parts = max(1, -(-n_items // merge_items))
-    return n_parts, 0.0 if n_parts == 1 or stalled else fill_threshold
+    return n_parts, round_threshold(n_parts, fill_threshold, stalled)
 
 
 def packing_partitions(n_items: int, n_groups: int, merge_items: int, partitions: int | None = None) -> int:
@@ -256,8 +259,7 @@ def plan_bfd(doc_lengths: npt.ArrayLike, doc_group: npt.ArrayLike, n_groups: int
     local = np.empty(n, np.bool_)
     items, source, n_sources = np.arange(n), group, n_groups
     home: npt.NDArray[np.int64] | None = home_targets(n_groups, n_partitions)
-    # one partition is one-process BFD: every sequence is final at once
-    n_targets, threshold, next_id = n_partitions, fill_threshold if n_partitions > 1 else 0.0, 0
+    n_targets, threshold, next_id = n_partitions, round_threshold(n_partitions, fill_threshold), 0
     residual_items = rounds = stage0_sequences = 0
     while items.shape[0]:
         counts = np.zeros((n_sources, min(n_buckets, seq_len)), np.int64)

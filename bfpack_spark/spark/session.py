@@ -195,19 +195,26 @@ def _start_quiet_driver(conf: SparkConf) -> None:
     """Start the driver JVM (as the builder would) with its stderr passed on by a thread that drops
     the start-up notices; its error lines still reach the console, also when it fails to start."""
     read_end, write_end = os.pipe()  # its stdout too: a pipe the caller reads never waits for it
-
-    def forward() -> None:
-        with os.fdopen(read_end, "rb") as pipe:
-            for line in pipe:
-                if not JVM_START_NOISE.match(line):
-                    os.write(2, line)
-
-    threading.Thread(target=forward, name="jvm-stderr", daemon=True).start()
+    _forward_lines(read_end, 2, JVM_START_NOISE, "jvm-stderr")
     try:
         gateway = launch_gateway(conf, popen_kwargs={"stdout": write_end, "stderr": write_end})
     finally:
         os.close(write_end)  # the JVM holds its own copy; the thread ends when the JVM does
     SparkContext(conf=conf, gateway=gateway)
+
+
+def _forward_lines(read_end: int, to_fd: int, noise: re.Pattern[bytes], name: str) -> threading.Thread:
+    """A thread passing the lines of pipe ``read_end`` on to ``to_fd``, but those ``noise`` matches; it
+    ends when every write end of the pipe is closed."""
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not noise.match(line):
+                    os.write(to_fd, line)
+
+    thread = threading.Thread(target=forward, name=name, daemon=True)
+    thread.start()
+    return thread
 
 
 @contextmanager
@@ -223,16 +230,7 @@ def quiet_native_stderr() -> Iterator[None]:
     console = os.dup(2)
     os.dup2(write_end, 2)
     os.close(write_end)
-    noise = re.compile(S3_RETRY_NOISE)
-
-    def forward() -> None:
-        with os.fdopen(read_end, "rb") as pipe:
-            for line in pipe:
-                if not noise.match(line):
-                    os.write(console, line)
-
-    thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
-    thread.start()
+    thread = _forward_lines(read_end, console, re.compile(S3_RETRY_NOISE), "stderr-filter")
     try:
         yield
     finally:

@@ -32,6 +32,7 @@ from bfpack_spark.packing.plan import (
     length_buckets,
     merge_round,
     pack_partition,
+    round_threshold,
     sequence_offsets,
 )
 from bfpack_spark.schemas import BUNDLE, PACKED, PLAN, spark_ddl
@@ -204,8 +205,7 @@ def plan_bfd(kept: DataFrame, counts: np.ndarray, seq_len: int, n_partitions: in
     n_items = int(counts.sum())
     result = PlanResult(None, 0, n_partitions, n_items=n_items)
     finals_by_round: list[list[int]] = []  # final sequences per partition, per round
-    # one partition is one-process BFD: every sequence is final at once
-    n_targets, threshold, stalled = n_partitions, fill_threshold if n_partitions > 1 else 0.0, False
+    n_targets, threshold, stalled = n_partitions, round_threshold(n_partitions, fill_threshold), False
     while True:
         t0 = time.perf_counter()
         packed = (exact_partitions(items, n_targets, "target").mapInArrow(rnd.pack(threshold), spark_ddl(PACKED))
