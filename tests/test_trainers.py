@@ -170,7 +170,8 @@ def test_trl_padding_free_collator_and_a_llama_give_each_document_what_it_gets_a
     picked = [dataset[i] for i in range(len(dataset)) if len(dataset[i]["seq_lengths"]) >= 3][:4]
     assert len(picked) == 4
     batch = collate([{k: e[k] for k in ("input_ids", "seq_lengths")} for e in picked])
-    assert batch["position_ids"][0].tolist() == [p for e in picked for p in restart_positions(e["seq_lengths"])]
+    ours = [p for e in picked for p in restart_positions(by_id[e["seq_id"]]["seg_lengths"])]
+    assert batch["position_ids"][0].tolist() == ours  # built from seq_lengths: no position_ids column is written
     for e in picked:
         assert e["input_ids"] == by_id[e["seq_id"]]["input_ids"]
 
@@ -254,3 +255,35 @@ def test_export_is_published_last_reruns_are_safe_and_npy_is_retired(spark, text
                               capture_output=True, text=True, timeout=300)
         lines = [x for x in done.stderr.splitlines() if x.strip()]
         assert done.returncode == 2 and len(lines) == 1 and says in lines[0], done.stderr
+
+
+def test_sft_trainer_trains_on_the_hf_export_as_it_is(spark, text_packed, tmp_path):
+    """TRL's SFTTrainer, padding-free, takes the export as it is: its batches carry our documents'
+    positions, labels -100 at each document start, and a training step runs."""
+    import datasets
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    out, rows = text_packed
+    export(str(out), "hf", str(tmp_path / "hf"), spark=spark)
+    dataset = datasets.load_from_disk(str(tmp_path / "hf"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
+                                        pad_token="<pad>")  # SFTTrainer wants one; the rows are already ids
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100_352, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4, attn_implementation="sdpa"))
+    config = SFTConfig(output_dir=str(tmp_path / "sft"), padding_free=True, max_length=None, max_steps=1,
+                       per_device_train_batch_size=2, dataset_kwargs={"skip_prepare_dataset": True},
+                       report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    by_id = {r["seq_id"]: r for r in rows}
+    ids = batch["input_ids"][0].tolist()
+    picked = [by_id[i] for i in sorted(by_id) if by_id[i]["input_ids"] == ids[:len(by_id[i]["input_ids"])]]
+    assert picked, "the batch starts with one of our sequences"
+    first = picked[0]
+    n = len(first["input_ids"])
+    assert batch["position_ids"][0, :n].tolist() == restart_positions(first["seg_lengths"])
+    starts = np.cumsum([0] + first["seg_lengths"][:-1])
+    assert (batch["labels"][0, starts] == -100).all() and "attention_mask" not in batch
+    assert trainer.train().global_step == 1

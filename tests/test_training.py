@@ -240,11 +240,10 @@ def test_export_hf_opens_with_load_from_disk(spark, packed, tmp_path, capfd):
     assert "%|" not in capfd.readouterr().err and datasets.is_progress_bar_enabled()  # no bars, and restored
     dataset = datasets.load_from_disk(str(tmp_path / "hf"))
     assert dataset.num_rows == len(rows) == summary["sequences"]
-    assert {"input_ids", "position_ids", "seq_lengths", "seq_id"} <= set(dataset.column_names)
+    assert dataset.column_names == ["input_ids", "seq_lengths", "seq_id", "run_id"]  # TRL builds positions
     for example in dataset:
         row = rows[example["seq_id"]]
         assert example["input_ids"] == row["input_ids"] and example["seq_lengths"] == row["seg_lengths"]
-        assert example["position_ids"] == [p for k in row["seg_lengths"] for p in range(k)]
 
 
 def test_the_loader_reads_one_snapshot_one_run_and_no_orphan(spark, packed, tmp_path):

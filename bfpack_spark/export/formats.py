@@ -2,7 +2,7 @@
 
 Every export writes one *shard* per table file, so a Spark task holds one file and writes
 its shard, and the shards of a table are written in parallel. The functions here turn a
-file's rows (sorted by ``seq_id``) into the bytes of its shard:
+file's rows (sorted by ``seq_id``), a row group at a time, into the bytes of its shard:
 
 - ``megatron``: Megatron-LM's indexed dataset, ``.bin`` (raw tokens) and ``.idx`` (``MMIDIDX``
   version 1). Every row is one sequence and one document of exactly ``seq_len`` tokens, padded
@@ -14,14 +14,18 @@ file's rows (sorted by ``seq_id``) into the bytes of its shard:
   per token, 0 where a token is never a target: padding, a segment's first token, and
   wherever the run's loss mask is 0).
 - ``hf``: an Arrow stream file of a ``datasets`` dataset (``load_from_disk``) with what TRL's
-  padding-free collator reads: ``input_ids`` unpadded, ``seq_lengths``, ``position_ids``
-  restarting per segment and, for runs with loss masks, ``labels`` (the token, or -100 where
-  its mask is 0; the collator also sets -100 at every segment start).
+  padding-free collator reads: ``input_ids`` unpadded, ``seq_lengths`` (from which it builds
+  position ids restarting per segment) and, for runs with loss masks, ``labels`` (the token, or
+  -100 where its mask is 0; the collator also sets -100 at every segment start). No
+  ``position_ids`` column: TRL never reads one (its SFTTrainer drops it), and it would double
+  the bytes written.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,8 +69,10 @@ def token_dtype(fmt: str, largest_id: int) -> str:
 
 
 def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """A list column's values and offsets (from 0) as numpy arrays."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    """A list column's values and offsets (from 0) as numpy arrays (a row group's column is one chunk: no copy)."""
+    arr = column
+    if isinstance(column, pa.ChunkedArray):
+        arr = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     offsets = arr.offsets.to_numpy().astype(np.int64)
     values = arr.values.to_numpy(zero_copy_only=False)
     return values[offsets[0]:offsets[-1]], offsets - offsets[0]
@@ -82,13 +88,23 @@ def _pad_rows(values, offsets, pad_id, out):
             out[r, j] = pad_id
 
 
-def padded_rows(table: pa.Table, seq_len: int, pad_id: int, dtype: str) -> np.ndarray:
+def _rows(n: int, seq_len: int, dtype: np.dtype, spare: list | None) -> np.ndarray:
+    """``n`` rows to fill: a new array or, when the caller keeps a ``spare`` one, a view of it (grown as
+    needed), which saves the first touch of fresh pages for every piece."""
+    if spare is None:
+        return np.empty((n, seq_len), dtype)
+    if not spare or spare[0].shape[0] < n:
+        spare[:] = [np.empty((n, seq_len), dtype)]
+    return spare[0][:n]
+
+
+def padded_rows(table: pa.Table, seq_len: int, pad_id: int, dtype: str, spare: list | None = None) -> np.ndarray:
     """``[rows, seq_len]``: each row's tokens, then ``pad_id`` (little-endian ``dtype``)."""
     values, offsets = _flat(table["input_ids"])
     lengths = np.diff(offsets)
     if lengths.size and lengths.max() > seq_len:
         raise ValueError(f"a sequence holds {lengths.max()} tokens, more than the row length {seq_len}")
-    out = np.empty((len(lengths), seq_len), dtype=np.dtype(dtype).newbyteorder("<"))
+    out = _rows(len(lengths), seq_len, np.dtype(dtype).newbyteorder("<"), spare)
     _pad_rows(values, offsets, pad_id, out)
     return out
 
@@ -127,36 +143,23 @@ def _label_mask(offsets, seg_lengths, seg_offsets, masks, out):
             at += seg_lengths[k]
 
 
-def olmo_label_mask(table: pa.Table, seq_len: int, loss_masks: bool) -> np.ndarray:
+def olmo_label_mask(table: pa.Table, seq_len: int, loss_masks: bool, spare: list | None = None) -> np.ndarray:
     """``[rows, seq_len]`` uint8: 1 where the token is a target. 0 on padding, on each segment's
     first token (no target crosses a document boundary), and where the run's loss mask is 0."""
     _, offsets = _flat(table["input_ids"])
     seg_lengths, seg_offsets = _flat(table["seg_lengths"])
     masks = _flat(table["loss_mask"])[0] if loss_masks else np.empty(0, np.int8)
-    out = np.empty((len(offsets) - 1, seq_len), np.uint8)
+    out = _rows(len(offsets) - 1, seq_len, np.dtype(np.uint8), spare)
     _label_mask(offsets, seg_lengths, seg_offsets, masks, out)
     return out
 
 
-@jit
-def _restart_positions(seg_lengths, n_tokens):
-    out = np.empty(n_tokens, np.int32)
-    at = 0
-    for k in range(seg_lengths.shape[0]):
-        for j in range(seg_lengths[k]):
-            out[at + j] = j
-        at += seg_lengths[k]
-    return out
-
-
 def hf_table(table: pa.Table, loss_masks: bool) -> pa.Table:
-    """The padding-free columns TRL reads: unpadded ``input_ids``, ``seq_lengths``, ``position_ids``
-    restarting per segment, ``labels`` where the run has loss masks; ``seq_id`` and ``run_id`` to trace."""
+    """The padding-free columns TRL reads: unpadded ``input_ids``, ``seq_lengths``, ``labels`` where the
+    run has loss masks; ``seq_id`` and ``run_id`` to trace."""
     values, offsets = _flat(table["input_ids"])
-    positions = _restart_positions(_flat(table["seg_lengths"])[0], values.shape[0])
     list_offsets = pa.array(offsets.astype(np.int32))
     columns = {"input_ids": pa.ListArray.from_arrays(list_offsets, pa.array(values.astype(np.int32, copy=False))),
-               "position_ids": pa.ListArray.from_arrays(list_offsets, pa.array(positions)),
                "seq_lengths": table["seg_lengths"].combine_chunks()}
     if loss_masks:
         labels = np.where(_flat(table["loss_mask"])[0] == 1, values, IGNORE_INDEX).astype(np.int32)
@@ -169,24 +172,34 @@ def hf_table(table: pa.Table, loss_masks: bool) -> pa.Table:
 def hf_schema(loss_masks: bool) -> pa.Schema:
     """The schema of every ``hf`` shard (also of an export's ``dataset_info.json``)."""
     lists = pa.list_(pa.int32())
-    fields = [("input_ids", lists), ("position_ids", lists), ("seq_lengths", lists)]
+    fields = [("input_ids", lists), ("seq_lengths", lists)]
     fields += [("labels", lists)] if loss_masks else []
     return pa.schema(fields + [("seq_id", pa.int64()), ("run_id", pa.string())])
 
 
-def write_shard(table: pa.Table, spec: ShardSpec, outputs: list) -> None:
+def write_shard(pieces: Iterable[pa.Table], spec: ShardSpec, outputs: list, reuse: bool = False) -> tuple[int, int]:
     """Write the files of one shard (named by :meth:`ShardSpec.names`, one writable stream each) from one
-    table file's rows sorted by ``seq_id``. Arrays go to the streams as buffers, never copied to bytes."""
-    if spec.fmt == "megatron":
-        rows = padded_rows(table, spec.seq_len, spec.pad_id, spec.dtype)
-        outputs[0].write(pa.py_buffer(rows))
-        outputs[1].write(megatron_index(rows.shape[0], spec.seq_len, spec.dtype))
-    elif spec.fmt == "olmo":
-        outputs[0].write(pa.py_buffer(padded_rows(table, spec.seq_len, spec.pad_id, spec.dtype)))
-        outputs[1].write(pa.py_buffer(olmo_label_mask(table, spec.seq_len, spec.loss_masks)))
-    elif spec.fmt == "hf":
-        rows = hf_table(table, spec.loss_masks)
-        with pa.ipc.new_stream(outputs[0], hf_schema(spec.loss_masks)) as writer:  # what datasets memory-maps
-            writer.write_table(rows, max_chunksize=1000)
-    else:
+    table file's rows in ``seq_id`` order, given a piece (a row group) at a time, and return the rows and
+    tokens written. A piece's arrays go to the streams as buffers, never copied to bytes; memory is one piece.
+
+    ``reuse``: the streams copy what they are given before ``write`` returns (local files), so one
+    buffer per stream serves every piece. Not for object stores: an upload may keep the buffer."""
+    if spec.fmt not in FORMATS:
         raise ValueError(f"unknown export format {spec.fmt!r}; one of {', '.join(FORMATS)}")
+    spares: tuple[list | None, list | None] = ([], []) if reuse else (None, None)
+    rows = tokens = 0
+    with ExitStack() as stack:
+        if spec.fmt == "hf":  # an Arrow stream file: what datasets memory-maps
+            writer = stack.enter_context(pa.ipc.new_stream(outputs[0], hf_schema(spec.loss_masks)))
+        for piece in pieces:
+            if spec.fmt == "hf":
+                writer.write_table(hf_table(piece, spec.loss_masks), max_chunksize=1000)
+            else:
+                outputs[0].write(pa.py_buffer(padded_rows(piece, spec.seq_len, spec.pad_id, spec.dtype, spares[0])))
+            if spec.fmt == "olmo":
+                outputs[1].write(pa.py_buffer(olmo_label_mask(piece, spec.seq_len, spec.loss_masks, spares[1])))
+            rows += piece.num_rows
+            tokens += int(np.diff(_flat(piece["input_ids"])[1]).sum())
+    if spec.fmt == "megatron":
+        outputs[1].write(megatron_index(rows, spec.seq_len, spec.dtype))
+    return rows, tokens

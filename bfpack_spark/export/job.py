@@ -1,9 +1,10 @@
 """``bfpack export``: the ``sequences`` table in the files trainers read, written by Spark tasks.
 
-One task per table file reads that file (its memory: one file) and writes its shard (see
-:mod:`bfpack_spark.export.formats`) straight to the destination, on any store pyarrow reaches
-(``s3://`` with the same storage options as ``pack``). The driver holds the list of files,
-never a row.
+One task per table file reads that file a row group at a time (its memory: one row group; a
+file not in ``seq_id`` order, which the pipeline never writes, is read whole and sorted) and
+writes its shard (see :mod:`bfpack_spark.export.formats`) straight to the destination, on any
+store pyarrow reaches (``s3://`` with the same storage options as ``pack``). The driver holds
+the list of files, never a row.
 
 Publication: a destination is an export once its ``manifest.json`` exists, and that is
 written last, after every shard is written and counted against the Delta log (rows per file)
@@ -22,17 +23,16 @@ import logging
 import os
 import posixpath
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from bfpack_spark.export.formats import FORMATS, ShardSpec, hf_schema, token_dtype, write_shard
-from bfpack_spark.io.files import filesystem, join, read_parquet
+from bfpack_spark.io.files import filesystem, join, parquet_row_groups, read_parquet
 from bfpack_spark.io.snapshot import SequencesSnapshot, TableFile, open_sequences
 from bfpack_spark.io.workspace import atomic_output
 
@@ -83,21 +83,23 @@ class _Task:
 
 
 def _write_shard(task: _Task, spec: ShardSpec) -> dict:
-    """Read one table file, write its shard, and count what was written."""
-    table = read_parquet(task.file.uri, ["seq_id", "run_id", "input_ids", "seg_lengths"]
-                         + (["loss_mask"] if spec.loss_masks else []))
-    seq_ids = table["seq_id"].to_numpy()
-    if (np.diff(seq_ids) < 0).any():  # the pipeline writes files in seq_id order; sorting lists costs a copy
-        table = table.take(np.argsort(seq_ids, kind="stable"))
-    if table.num_rows != task.file.rows:
-        raise ExportError(f"{task.file.uri} holds {table.num_rows} rows, the Delta log says {task.file.rows}")
+    """Read one table file a row group at a time, write its shard, and count what was written."""
+    columns = ["seq_id", "run_id", "input_ids", "seg_lengths"] + (["loss_mask"] if spec.loss_masks else [])
+    seq_ids = read_parquet(task.file.uri, ["seq_id"])["seq_id"].to_numpy()
+    if len(seq_ids) != task.file.rows:
+        raise ExportError(f"{task.file.uri} holds {len(seq_ids)} rows, the Delta log says {task.file.rows}")
+    pieces: Iterable[pa.Table] = parquet_row_groups(task.file.uri, columns)
+    if (np.diff(seq_ids) < 0).any():  # the pipeline writes files in seq_id order; sorting holds the whole file
+        table = read_parquet(task.file.uri, columns)
+        pieces = [table.take(np.argsort(table["seq_id"].to_numpy(), kind="stable"))]
+    stores = [filesystem(path) for path in task.paths]
     with ExitStack() as stack:
-        outputs = [stack.enter_context(atomic_output(*filesystem(path))) for path in task.paths]
-        write_shard(table, spec, outputs)
+        outputs = [stack.enter_context(atomic_output(fs, path)) for fs, path in stores]
+        local = all(isinstance(fs, pafs.LocalFileSystem) for fs, _ in stores)
+        rows, tokens = write_shard(pieces, spec, outputs, reuse=local)
         sizes = [out.tell() for out in outputs]
-    lengths = table["input_ids"].combine_chunks().value_lengths()
-    return {"index": task.index, "rows": table.num_rows, "tokens": int(pc.sum(lengths).as_py() or 0),
-            "bytes": sum(sizes), "first_seq_id": int(table["seq_id"][0].as_py()) if table.num_rows else 0}
+    return {"index": task.index, "rows": rows, "tokens": tokens, "bytes": sum(sizes),
+            "first_seq_id": int(seq_ids.min()) if len(seq_ids) else 0}
 
 
 def _run_tasks(spark, tasks: list[_Task], spec: ShardSpec) -> list[dict]:

@@ -7,6 +7,7 @@ import json
 import os
 import posixpath
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -318,6 +319,18 @@ def read_parquet(uri: str, columns: list[str] | None = None):
 
     fs, path = filesystem(uri)
     return pq.read_table(path, columns=columns, filesystem=fs)
+
+
+def parquet_row_groups(uri: str, columns: list[str]) -> Iterator[pa.Table]:
+    """A Parquet file's row groups, read one at a time as they are asked for, on any store: the memory
+    of a reader that goes through the file is one row group."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as source:
+        parquet = pq.ParquetFile(source)
+        for i in range(parquet.num_row_groups):
+            yield parquet.read_row_group(i, columns=columns)
 
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
