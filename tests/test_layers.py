@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bfpack_spark"
 
 #: top first; a module belongs to the first layer one of whose prefixes it starts with
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("shell", ("bfpack_spark.cli",)),
+    ("shell", ("bfpack_spark.cli", "bfpack_spark.daemon")),
     ("jobs", ("bfpack_spark.job", "bfpack_spark.export", "bfpack_spark.report", "bfpack_spark.loader")),
     ("stages", ("bfpack_spark.stages", "bfpack_spark.audit", "bfpack_spark.incremental")),
     ("spark helpers", ("bfpack_spark.spark",)),

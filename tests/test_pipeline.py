@@ -225,3 +225,17 @@ def test_exact_partitions_fail_on_a_key_outside_the_partitions(spark):
     df = spark.range(0, 20).select((F.col("id") % 5).cast("int").alias("key"))
     with pytest.raises(Exception, match="key 4 is not a partition of 0..3"):
         exact_partitions(df, 4, "key").collect()
+
+
+def test_python_workers_are_forked_from_bfpacks_daemon_with_the_tasks_imports_done(spark):
+    """spark.python.daemon.module: every worker's parent is bfpack_spark.daemon, which imported the stages."""
+    def parent(_):
+        import os
+        import sys
+
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as fh:
+            command = fh.read().split(b"\0")  # python -m <daemon module> pyspark.worker
+            yield (command[command.index(b"-m") + 1], "bfpack_spark.stages.assemble" in sys.modules)
+
+    got = spark.sparkContext.parallelize(range(2), 2).mapPartitions(parent).collect()
+    assert got == [(b"bfpack_spark.daemon", True)] * 2

@@ -30,6 +30,7 @@ DEFAULTS = {
     "spark.sql.shuffle.partitions": "8",
     "spark.ui.showConsoleProgress": "false",  # bfpack draws its own (spark/progress.py)
     "spark.sql.parquet.compression.codec": "zstd",
+    "spark.python.daemon.module": "bfpack_spark.daemon",  # workers forked with the tasks' imports done
 }
 LOCAL_DEFAULTS = {
     "spark.driver.memory": "8g",
