@@ -117,8 +117,9 @@ class FastEncoder:
         self._load = load
         self.specials = tuple(specials)
         self._budget = budget
+        self._backend: Any = None  # made on the first text: a run over token ids never needs it
+        self._baseline = 0
         self.renewals = -1
-        self._renew()
 
     def _renew(self) -> None:
         self._backend: Any = None  # freed before its successor is built
@@ -128,6 +129,8 @@ class FastEncoder:
 
     def encode(self, texts: list[str], threads: int) -> tuple[np.ndarray, np.ndarray]:
         """(offsets, ids) of ``texts``: int64 offsets into one int32 array."""
+        if self._backend is None:
+            self._renew()
         out = self._backend.encode_batch(texts, parallel=threads > 1)
         offsets = np.asarray(out.layout.offsets.data)
         ids = np.asarray(out.layout.content.data).view(np.int32)  # uint32 ids, all below 2**31
@@ -232,7 +235,7 @@ def _tiktoken_tokenizer(spec: str, eos_token: str | None, bos_token: str | None,
             return [np.asarray(ids, dtype=np.int32) for ids in enc.encode_ordinary_batch(texts, num_threads=threads)]
         return [enc.encode_to_numpy(t, disallowed_special=()) for t in texts]
 
-    known = _id_mask(i for i in range(enc.n_vocab) if _decodes(enc, i))
+    known = _id_mask([*enc._mergeable_ranks.values(), *enc._special_tokens.values()])  # what decodes
 
     def decode(ids: Sequence[int]) -> str:
         return enc.decode([int(i) for i in ids], errors="replace")
