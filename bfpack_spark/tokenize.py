@@ -122,7 +122,7 @@ class FastEncoder:
         self.renewals = -1
 
     def _renew(self) -> None:
-        self._backend: Any = None  # freed before its successor is built
+        self._backend = None  # freed before its successor is built
         self._backend = self._load()
         self._baseline = _rss()
         self.renewals += 1
@@ -135,7 +135,7 @@ class FastEncoder:
         offsets = np.asarray(out.layout.offsets.data)
         ids = np.asarray(out.layout.content.data).view(np.int32)  # uint32 ids, all below 2**31
         if _rss() >= self._baseline + self._budget:
-            self._renew()
+            self._backend = None  # freed now; its successor is made for the next texts, if any come
         return offsets, ids
 
 
@@ -271,13 +271,6 @@ def _gigatoken_from_ranks(gigatoken, ranks: bytes, regex: str, specials: dict[st
     finally:
         os.remove(path)
 
-
-def _decodes(enc, token_id: int) -> bool:
-    try:
-        enc.decode_single_token_bytes(token_id)
-    except KeyError:
-        return False
-    return True
 
 
 def _template_bos(tok) -> int | None:

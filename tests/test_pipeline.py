@@ -239,3 +239,23 @@ def test_python_workers_are_forked_from_bfpacks_daemon_with_the_tasks_imports_do
 
     got = spark.sparkContext.parallelize(range(2), 2).mapPartitions(parent).collect()
     assert got == [(b"bfpack_spark.daemon", True)] * 2
+
+
+def test_spark_submit_s_master_and_settings_win_over_bfpack_s_defaults(tmp_path):
+    """Under spark-submit the session runs on its --master (not bfpack's local[*,4]) with its --conf
+    (not bfpack's defaults), and workers still fork from bfpack's daemon."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "session.py"
+    script.write_text("from bfpack_spark.spark.session import get_spark\n"
+                      "s = get_spark()\n"
+                      "print('SESSION', s.sparkContext.master, s.conf.get('spark.sql.shuffle.partitions'),\n"
+                      "      s.sparkContext.getConf().get('spark.python.daemon.module'))\n")
+    done = subprocess.run([str(Path(sys.executable).parent / "spark-submit"), "--master", "local[1]", "--conf",
+                           "spark.sql.shuffle.partitions=77", str(script)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYSPARK_PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "SESSION local[1] 77 bfpack_spark.daemon" in done.stdout, done.stdout

@@ -1,7 +1,7 @@
 """What each trainer reads, built from one file of the ``sequences`` table: pure numpy and Arrow.
 
-Every export writes one *shard* per table file, so a Spark task holds one file and writes
-its shard, and the shards of a table are written in parallel. The functions here turn a
+Every export writes one *shard* per table file: a Spark task reads one file a row group at a
+time and writes its shard, and the shards of a table are written in parallel. The functions here turn a
 file's rows (sorted by ``seq_id``), a row group at a time, into the bytes of its shard:
 
 - ``megatron``: Megatron-LM's indexed dataset, ``.bin`` (raw tokens) and ``.idx`` (``MMIDIDX``
@@ -18,7 +18,7 @@ file's rows (sorted by ``seq_id``), a row group at a time, into the bytes of its
   position ids restarting per segment) and, for runs with loss masks, ``labels`` (the token, or
   -100 where its mask is 0; the collator also sets -100 at every segment start). No
   ``position_ids`` column: TRL never reads one (its SFTTrainer drops it), and it would double
-  the bytes written.
+  the bytes written (without labels; with them, add half).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class ShardSpec:
     loss_masks: bool       # the run's sequences carry loss masks
 
     def names(self, index: int, n_shards: int) -> list[str]:
-        """The file names of shard ``index`` (of ``n_shards``), in the order :func:`shard_files` gives them."""
+        """The file names of shard ``index`` (of ``n_shards``), in the order :func:`write_shard` takes
+        its ``outputs``."""
         if self.fmt == "megatron":
             return [f"part-{index:05d}.bin", f"part-{index:05d}.idx"]
         if self.fmt == "olmo":
@@ -107,14 +108,6 @@ def padded_rows(table: pa.Table, seq_len: int, pad_id: int, dtype: str, spare: l
     out = _rows(len(lengths), seq_len, np.dtype(dtype).newbyteorder("<"), spare)
     _pad_rows(values, offsets, pad_id, out)
     return out
-
-
-def _segment_starts(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """(row, position in the row) of every segment's first token (every row has a segment)."""
-    seg_values, seg_offsets = _flat(table["seg_lengths"])
-    counts = np.diff(seg_offsets)
-    starts = np.cumsum(seg_values, dtype=np.int64) - seg_values  # in the file's tokens laid end to end
-    return np.repeat(np.arange(len(counts)), counts), starts - np.repeat(starts[seg_offsets[:-1]], counts)
 
 
 def megatron_index(n_rows: int, seq_len: int, dtype: str) -> bytes:
@@ -199,7 +192,7 @@ def write_shard(pieces: Iterable[pa.Table], spec: ShardSpec, outputs: list, reus
             if spec.fmt == "olmo":
                 outputs[1].write(pa.py_buffer(olmo_label_mask(piece, spec.seq_len, spec.loss_masks, spares[1])))
             rows += piece.num_rows
-            tokens += int(np.diff(_flat(piece["input_ids"])[1]).sum())
+            tokens += int(_flat(piece["input_ids"])[1][-1])
     if spec.fmt == "megatron":
         outputs[1].write(megatron_index(rows, spec.seq_len, spec.dtype))
     return rows, tokens

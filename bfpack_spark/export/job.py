@@ -82,6 +82,10 @@ class _Task:
     paths: tuple[str, ...]
 
 
+def _sorted(table: pa.Table) -> pa.Table:
+    return table.take(np.argsort(table["seq_id"].to_numpy(), kind="stable"))
+
+
 def _write_shard(task: _Task, spec: ShardSpec) -> dict:
     """Read one table file a row group at a time, write its shard, and count what was written."""
     columns = ["seq_id", "run_id", "input_ids", "seg_lengths"] + (["loss_mask"] if spec.loss_masks else [])
@@ -90,8 +94,7 @@ def _write_shard(task: _Task, spec: ShardSpec) -> dict:
         raise ExportError(f"{task.file.uri} holds {len(seq_ids)} rows, the Delta log says {task.file.rows}")
     pieces: Iterable[pa.Table] = parquet_row_groups(task.file.uri, columns)
     if (np.diff(seq_ids) < 0).any():  # the pipeline writes files in seq_id order; sorting holds the whole file
-        table = read_parquet(task.file.uri, columns)
-        pieces = [table.take(np.argsort(table["seq_id"].to_numpy(), kind="stable"))]
+        pieces = [_sorted(read_parquet(task.file.uri, columns))]
     stores = [filesystem(path) for path in task.paths]
     with ExitStack() as stack:
         outputs = [stack.enter_context(atomic_output(fs, path)) for fs, path in stores]

@@ -150,14 +150,25 @@ def local_master(master: str | None, task_attempts: int) -> str:
     return f"local[{plain.group(2) or 1},{task_attempts}]" if plain else master
 
 
+def _submitted_conf() -> SparkConf:
+    """What spark-submit was given (``--master``, ``--conf``, spark-defaults.conf) when it started this
+    process: its JVM is already running, and a SparkConf reads them from it. Empty otherwise (a
+    SparkConf made before any JVM holds nothing)."""
+    if "PYSPARK_GATEWAY_PORT" in os.environ:  # set by spark-submit for the Python it starts
+        SparkContext._ensure_initialized()  # connects to spark-submit's JVM; starts none
+    return SparkConf()
+
+
 def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[str, str] | None = None,
               task_attempts: int = 4) -> SparkSession:
     """The active session, or a new one: ``master`` or spark-submit's, else ``local[*,F]``
-    (F = ``task_attempts``, also spark.task.maxFailures on a cluster unless set)."""
+    (F = ``task_attempts``, also spark.task.maxFailures on a cluster unless set). bfpack's defaults
+    give way to what spark-submit was given; ``conf`` (the config's ``spark.conf``) overrides both."""
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
-    submitted = SparkConf().contains("spark.master")
+    given = _submitted_conf()
+    submitted = given.contains("spark.master")
     builder = SparkSession.builder.appName(app_name)
     settings = {**DEFAULTS, "spark.task.maxFailures": str(task_attempts)}
     if master or not submitted:
@@ -172,6 +183,7 @@ def get_spark(master: str | None = None, app_name: str = "bfpack", conf: dict[st
         if not debugging():  # only its errors reach the console
             java_options.append(f"-Dlog4j.configurationFile=file:{QUIET_LOG4J}")
         settings["spark.driver.extraJavaOptions"] = " ".join(java_options)
+    settings = {key: value for key, value in settings.items() if not given.contains(key)}  # spark-submit's win
     for env in (STORAGE_ENV, RETRY_ENV):  # they reach executors on any cluster (Spark's UI redacts secrets)
         if env in os.environ:
             settings["spark.executorEnv." + env] = os.environ[env]
