@@ -3,6 +3,7 @@ loopback): separate executor JVMs and Python workers give the same tables as loc
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -51,7 +52,7 @@ def cluster(tmp_path_factory):
                 with urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=2) as r:
                     if json.load(r).get("aliveworkers", 0) >= 1:
                         break
-            except OSError:
+            except (OSError, ValueError, http.client.HTTPException):  # not up yet, or not a whole JSON page yet
                 pass
             if time.time() > deadline:
                 pytest.fail(f"the standalone cluster did not start: {(logs / 'worker.log').read_text()[-2000:]}")
