@@ -8,7 +8,32 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
+
+from bfpack_spark.packing.arrow import binary_as_ids, ids_as_binary
+
+
+def numbers(name: str, dtype: type) -> pa.Field:
+    """A list of numbers that Spark only moves, stored as the bytes of its numpy array
+    (:func:`~bfpack_spark.packing.arrow.ids_as_binary`; the field's metadata names the dtype):
+    Spark moves a binary value between Python and its JVM as one buffer, a list element by element."""
+    return pa.field(name, pa.binary(), metadata={"numpy": np.dtype(dtype).str})
+
+
+def _numbers_dtype(schema: pa.Schema, name: str) -> np.dtype:
+    return np.dtype(schema.field(name).metadata[b"numpy"].decode())
+
+
+def numbers_array(schema: pa.Schema, name: str, offsets: np.ndarray, values: np.ndarray) -> pa.Array:
+    """The :func:`numbers` column ``name`` of ``schema``: row i holds ``values[offsets[i]:offsets[i + 1]]``."""
+    return ids_as_binary(offsets, values.astype(_numbers_dtype(schema, name), copy=False))
+
+
+def numbers_of(table: pa.Table | pa.RecordBatch, schema: pa.Schema, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The :func:`numbers` column ``name`` (as ``schema`` defines it) of ``table``: every row's
+    values concatenated, and the rows' offsets into them."""
+    return binary_as_ids(table.column(name), _numbers_dtype(schema, name))
 
 #: Rows out of the read stage: one per document (kind DOC), one summary per group (GROUP,
 #: ``info`` = its counts as JSON) and one per file it wrote (FILE, ``info`` = a StagedFile).
@@ -37,10 +62,10 @@ STORED = pa.schema([
 #: long arrays far more cheaply than one row per item. One bundle per (source, target) when dealt ...
 BUNDLE = pa.schema([
     ("target", pa.int32()),              # the partition of the round the items are packed in
-    ("group", pa.list_(pa.int32())),
-    ("doc_index", pa.list_(pa.int64())),
-    ("chunk", pa.list_(pa.int32())),
-    ("length", pa.list_(pa.int32())),
+    numbers("group", np.int32),
+    numbers("doc_index", np.int64),
+    numbers("chunk", np.int32),
+    numbers("length", np.int32),
 ])
 #: ... and one per (partition, group) once packed. ``rank`` is the item's sequence among the
 #: partition's final ones (-1: not final, it goes to the next round). The partition's figures
@@ -48,12 +73,12 @@ BUNDLE = pa.schema([
 PACKED = pa.schema([
     ("part", pa.int32()),
     ("group", pa.int32()),
-    ("doc_index", pa.list_(pa.int64())),
-    ("chunk", pa.list_(pa.int32())),
-    ("length", pa.list_(pa.int32())),
-    ("rank", pa.list_(pa.int64())),
-    ("slot", pa.list_(pa.int32())),
-    ("local", pa.list_(pa.bool_())),
+    numbers("doc_index", np.int64),
+    numbers("chunk", np.int32),
+    numbers("length", np.int32),
+    numbers("rank", np.int64),
+    numbers("slot", np.int32),
+    numbers("local", np.bool_),
     ("n_final", pa.int64()),
     ("moved", pa.int64()),
     ("moved_tokens", pa.int64()),
@@ -62,19 +87,20 @@ PACKED = pa.schema([
 ])
 
 #: What the assembly of one group is told: where its items go (PLAN: a packed bundle of round
-#: ``stage``), which of its documents are duplicates (DROP: one document each), and that it
-#: exists at all (MARK).
+#: ``stage``), which of its documents are duplicates (DROP: one document each, ``dropped``), and
+#: that it exists at all (MARK).
 PLAN, DROP, MARK = 0, 1, 2
 ORDERS = pa.schema([
     ("kind", pa.int8()),
     ("group", pa.int32()),
     ("stage", pa.int32()),
     ("part", pa.int32()),
-    ("doc_index", pa.list_(pa.int64())),
-    ("chunk", pa.list_(pa.int32())),
-    ("rank", pa.list_(pa.int64())),
-    ("slot", pa.list_(pa.int32())),
-    ("local", pa.list_(pa.bool_())),
+    numbers("doc_index", np.int64),
+    numbers("chunk", np.int32),
+    numbers("rank", np.int64),
+    numbers("slot", np.int32),
+    numbers("local", np.bool_),
+    ("dropped", pa.int64()),
     ("first_source", pa.string()),
     ("first_row", pa.int64()),
     ("first_run", pa.string()),  # a duplicate of an id an earlier run packed: that run
@@ -89,8 +115,8 @@ ASSEMBLED = pa.schema([
     ("slot", pa.int32()),
     ("doc_id", pa.string()),
     ("seg_start", pa.int32()),
-    ("tokens", pa.list_(pa.int32())),
-    ("loss_mask", pa.list_(pa.int8())),
+    numbers("tokens", np.int32),
+    numbers("loss_mask", np.int8),
     ("info", pa.string()),
 ])
 
@@ -197,7 +223,7 @@ TABLES: dict[str, pa.Schema] = {"sequences": SEQUENCES, "documents": DOCUMENTS, 
 
 _DDL = {
     pa.int8(): "tinyint", pa.int32(): "int", pa.int64(): "bigint", pa.string(): "string",
-    pa.float64(): "double", pa.bool_(): "boolean",
+    pa.float64(): "double", pa.bool_(): "boolean", pa.binary(): "binary",
 }
 _DELTA = {
     pa.int8(): "byte", pa.int32(): "integer", pa.int64(): "long", pa.string(): "string",

@@ -137,3 +137,33 @@ def test_chunked_tokens_gather_what_the_concatenation_holds(chunks, data):
     assert got.tolist() == [t for d, s, n in zip(picks, starts, lengths) for t in docs[d][s:s + n]]
     for d in picks:
         assert tokens.head(d, 3).tolist() == docs[d][:3]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.integers(-2**31, 2**31 - 1), max_size=20), max_size=12), st.integers(0, 3),
+       st.sampled_from([np.int32, np.int8]))
+def test_ids_as_binary_round_trips_through_slices_and_chunks(lists, cut, dtype):
+    """Fragments cross Spark's shuffle as binary values: what comes back is each list, in order,
+    whether the column arrives sliced, in several chunks, or cast to Spark's 32-bit binary."""
+    from bfpack_spark.packing.arrow import binary_as_ids, ids_as_binary
+
+    info = np.iinfo(dtype)
+    lists = [[min(max(v, info.min), info.max) for v in row] for row in lists]
+    offsets = np.concatenate(([0], np.cumsum([len(r) for r in lists]))).astype(np.int64)
+    values = np.array([v for r in lists for v in r], dtype)
+    column = ids_as_binary(offsets, values)
+    assert column.type == pa.binary() and len(column) == len(lists)
+    cut = min(cut, len(lists))
+    pieces = pa.chunked_array([column.slice(0, cut), column.slice(cut)], pa.binary())
+    got, got_offsets = binary_as_ids(pieces, dtype)
+    assert got.dtype == dtype
+    assert [got[a:b].tolist() for a, b in zip(got_offsets[:-1], got_offsets[1:])] == lists
+    tail, tail_offsets = binary_as_ids(column.slice(cut), dtype)
+    assert [tail[a:b].tolist() for a, b in zip(tail_offsets[:-1], tail_offsets[1:])] == lists[cut:]
+
+
+def test_binary_as_ids_names_a_null():
+    from bfpack_spark.packing.arrow import binary_as_ids
+
+    with pytest.raises(ValueError, match="null"):
+        binary_as_ids(pa.array([b"\0\0\0\0", None], pa.binary()), np.int32)

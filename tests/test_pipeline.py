@@ -146,9 +146,10 @@ def test_table_schema_is_what_spark_reads_from_the_data_files(spark, packed):
 def test_spark_plan_equals_the_one_process_plan(spark, n_parts, merge_items):
     """Spark runs the routing, the per-partition BFD and the merge rounds in tasks; the result
     (sequence ids, slots, locality) is the one-process plan's, item for item."""
-    from pyspark.sql import functions as F
+    import pandas as pd
 
     from bfpack_spark.packing.plan import item_histogram, plan_bfd
+    from bfpack_spark.schemas import ORDERS, numbers_of
     from bfpack_spark.spark.partitioning import exact_partitions
     from bfpack_spark.stages import plan as stage
 
@@ -162,11 +163,14 @@ def test_spark_plan_equals_the_one_process_plan(spark, n_parts, merge_items):
     counts = np.stack([item_histogram(lengths[groups == g], 512, 256) for g in range(5)])
     got = stage.plan_bfd(exact_partitions(docs, 5, "group"), counts, 512, n_parts, 0.99, merge_items, 256)
     try:
-        rows = got.orders.select("stage", "part", "group", F.explode(F.arrays_zip(
-            "doc_index", "chunk", "rank", "slot", "local")).alias("i")).select("stage", "part", "group", "i.*")
-        rows = rows.filter("rank >= 0").toPandas()  # an item's sequence is final in exactly one round
+        orders = pa.Table.from_pandas(got.orders.toPandas())
     finally:
         got.unpersist()
+    items = {c: numbers_of(orders, ORDERS, c)[0] for c in ("doc_index", "chunk", "rank", "slot", "local")}
+    per_order = np.diff(numbers_of(orders, ORDERS, "rank")[1])
+    rows = pd.DataFrame({c: np.repeat(orders.column(c).to_numpy(), per_order) for c in ("stage", "part", "group")}
+                        | items)
+    rows = rows[rows["rank"] >= 0]  # an item's sequence is final in exactly one round
     base = np.cumsum([0] + [len(f) for f in got.first_ids])
     rows["seq_id"] = np.concatenate(got.first_ids)[base[rows["stage"]] + rows["part"]] + rows["rank"]
     rows = rows.sort_values(["group", "doc_index", "chunk"])

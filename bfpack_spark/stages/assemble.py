@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pyspark import TaskContext
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -28,7 +27,7 @@ from bfpack_spark.io.readers import Reject, position
 from bfpack_spark.io.staging import StagedFile, Staging
 from bfpack_spark.io.workspace import Workspace
 from bfpack_spark.metrics import PackingStats
-from bfpack_spark.packing.arrow import ChunkedTokens, flatten_token_lists, list_array, sequences_table
+from bfpack_spark.packing.arrow import ChunkedTokens, sequences_table
 from bfpack_spark.packing.chunking import chunk_documents
 from bfpack_spark.packing.layout import concat_pieces
 from bfpack_spark.schemas import (
@@ -41,6 +40,8 @@ from bfpack_spark.schemas import (
     ORDERS,
     PLAN,
     SEQUENCES,
+    numbers_array,
+    numbers_of,
     spark_ddl,
     spark_types,
 )
@@ -151,9 +152,9 @@ def _concat_segments(lengths: np.ndarray, kept: np.ndarray, first_token: int, to
 def _plan_segments(lengths: np.ndarray, kept: np.ndarray, bundles: pa.Table, ctx: Assembly) -> _Segments:
     """The group's chunks and where the plan's bundles (one per round and partition) put them."""
     chunks = chunk_documents(lengths[kept], ctx.seq_len)
-    per_row = pc.list_value_length(bundles.column("rank")).to_numpy()
-    items = {c: pc.list_flatten(bundles.column(c)).to_numpy(zero_copy_only=False)
-             for c in ("doc_index", "chunk", "rank", "slot", "local")}
+    items = {c: numbers_of(bundles, ORDERS, c)[0] for c in ("doc_index", "chunk", "slot", "local")}
+    items["rank"], rank_offsets = numbers_of(bundles, ORDERS, "rank")
+    per_row = np.diff(rank_offsets)
     final = items["rank"] >= 0  # each item is final in exactly one round
     stage = np.repeat(bundles.column("stage").to_numpy(), per_row)[final]
     part = np.repeat(bundles.column("part").to_numpy(), per_row)[final]
@@ -182,13 +183,14 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
     stored = ctx.workspace.read_group(group)
     kind = orders.column("kind").to_numpy()
     drops = orders.filter(pa.array(kind == DROP))
-    order = np.argsort(pc.list_flatten(drops.column("doc_index")).to_numpy())  # one document per DROP order
-    drops = drops.take(pa.array(order))
-    dropped = pc.list_flatten(drops.column("doc_index")).to_numpy()
+    drops = drops.take(pa.array(np.argsort(drops.column("dropped").to_numpy())))
+    dropped = drops.column("dropped").to_numpy()
     tokens = ChunkedTokens(stored.column("tokens"))
     masks = ChunkedTokens(stored.column("loss_mask")) if ctx.loss_masks else None
     lengths = tokens.lengths
-    kept = np.setdiff1d(np.arange(stored.num_rows), dropped)
+    keep = np.ones(stored.num_rows, bool)
+    keep[dropped] = False
+    kept = np.flatnonzero(keep)
     L = ctx.seq_len
     if ctx.strategy == "concat":
         segs = _concat_segments(lengths, kept, int(ctx.concat_offsets[group]), ctx.concat_total, L)
@@ -227,9 +229,10 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
             "slot": pa.array(segs.slot[moving].astype(np.int32)),
             "doc_id": doc_ids.take(pa.array(segs.doc[moving])),
             "seg_start": pa.array(segs.start[moving].astype(np.int32)),
-            "tokens": list_array(offsets_m, pa.array(moved)),
-            "loss_mask": (list_array(offsets_m, pa.array(masks.gather(segs.doc[moving], segs.start[moving], lengths_m)))
-                          if masks else pa.nulls(moving.shape[0], ASSEMBLED.field("loss_mask").type)),
+            "tokens": numbers_array(ASSEMBLED, "tokens", offsets_m, moved),
+            "loss_mask": (numbers_array(ASSEMBLED, "loss_mask", offsets_m,
+                                        masks.gather(segs.doc[moving], segs.start[moving], lengths_m))
+                          if masks else pa.nulls(moving.shape[0], pa.binary())),
             "info": pa.nulls(moving.shape[0], pa.string()),
         })
         yield from _batches(frags, ASSEMBLED)
@@ -298,12 +301,9 @@ def join_fragments(batches, ctx: Assembly) -> Iterator[pa.RecordBatch]:
     frags = frags.sort_by([("seq_id", "ascending"), ("slot", "ascending")])
     seq = frags.column("seq_id").to_numpy()
     firsts = np.flatnonzero(np.diff(seq, prepend=-1) != 0)
-    values, offsets = flatten_token_lists(frags.column("tokens"))
-    masks = None
-    if ctx.loss_masks:
-        mask_values, mask_offsets = flatten_token_lists(frags.column("loss_mask"))
-        masks = mask_values[mask_offsets[0]:mask_offsets[-1]]
-    sequences = _with_run(sequences_table(np.append(firsts, len(seq)), values[offsets[0]:offsets[-1]],
+    values, offsets = numbers_of(frags, ASSEMBLED, "tokens")
+    masks = numbers_of(frags, ASSEMBLED, "loss_mask")[0] if ctx.loss_masks else None
+    sequences = _with_run(sequences_table(np.append(firsts, len(seq)), values,
                                           frags.column("doc_id").combine_chunks(),
                                           frags.column("seg_start").to_numpy(), np.diff(offsets),
                                           docs_column="doc_ids", loss_mask=masks),
@@ -332,7 +332,7 @@ def _orders(spark, plan_orders: DataFrame | None, drops: DataFrame | None, n_gro
     duplicates' DROP orders, and the plan's PLAN orders (best-fit only)."""
     orders = as_orders(spark.range(0, n_groups), MARK, group=F.col("id"))
     if drops is not None:
-        orders = orders.unionByName(as_orders(drops, DROP, doc_index=F.array("doc_index"), **{
+        orders = orders.unionByName(as_orders(drops, DROP, dropped=F.col("doc_index"), **{
             c: F.col(c) for c in ("group", "first_source", "first_row", "first_run")}))
     if plan_orders is not None:
         orders = orders.unionByName(plan_orders)

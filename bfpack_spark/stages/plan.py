@@ -35,7 +35,7 @@ from bfpack_spark.packing.plan import (
     round_threshold,
     sequence_offsets,
 )
-from bfpack_spark.schemas import BUNDLE, PACKED, PLAN, spark_ddl
+from bfpack_spark.schemas import BUNDLE, PACKED, PLAN, numbers_array, numbers_of, spark_ddl
 from bfpack_spark.spark.partitioning import exact_partitions
 from bfpack_spark.stages.assemble import as_orders
 
@@ -74,9 +74,9 @@ def _table(batches) -> pa.Table | None:
     return table if table is not None and table.num_rows else None
 
 
-def _flat(table: pa.Table, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The list columns of a table of bundles, each flattened to one array."""
-    return {c: pc.list_flatten(table.column(c)).to_numpy(zero_copy_only=False) for c in columns}
+def _flat(table: pa.Table, schema: pa.Schema, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The number columns of a table of bundles, each flattened to one array."""
+    return {c: numbers_of(table, schema, c)[0] for c in columns}
 
 
 def _canonical(items: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -90,10 +90,10 @@ def _bundles(items: dict[str, np.ndarray], key: np.ndarray, key_name: str, schem
     order = np.argsort(key, kind="stable")
     key = key[order]
     starts = np.flatnonzero(np.diff(key, prepend=key[0] - 1) != 0)
-    offsets = pa.array(np.append(starts, key.shape[0]).astype(np.int32))
+    offsets = np.append(starts, key.shape[0])
     columns = {key_name: pa.array(key[starts], pa.int32())}
     for name, values in items.items():
-        columns[name] = pa.ListArray.from_arrays(offsets, pa.array(values[order], schema.field(name).type.value_type))
+        columns[name] = numbers_array(schema, name, offsets, values[order])
     return columns
 
 
@@ -128,9 +128,9 @@ class _Round:
                 return
             for p in np.unique(table.column("part").to_numpy()):
                 bundles = table.filter(pc.equal(table.column("part"), p))
-                items = _flat(bundles, ("doc_index", "chunk", "length", "rank"))
+                items = _flat(bundles, PACKED, ("doc_index", "chunk", "length", "rank"))
                 items["group"] = np.repeat(bundles.column("group").to_numpy(),
-                                           pc.list_value_length(bundles.column("rank")).to_numpy())
+                                           np.diff(numbers_of(bundles, PACKED, "rank")[1]))
                 left = items.pop("rank") < 0
                 if left.any():
                     yield self._dealt(int(p), _canonical({c: v[left] for c, v in items.items()}), routing)
@@ -149,7 +149,7 @@ class _Round:
             if table is None:
                 return
             for p in np.unique(table.column("target").to_numpy()):
-                items = _canonical(_flat(table.filter(pc.equal(table.column("target"), p)),
+                items = _canonical(_flat(table.filter(pc.equal(table.column("target"), p)), BUNDLE,
                                          ("group", "doc_index", "chunk", "length")))
                 packed = pack_partition(items["length"], items["group"], seq_len, threshold, max_segments)
                 moved = packed.final & ~packed.local
