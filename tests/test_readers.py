@@ -49,7 +49,7 @@ def jsonl_bytes(n, start=0):
 def read_all(path, compression):
     split = Split(str(path), path.name, "jsonl", compression, has_ids=True)
     batches = list(read_jsonl(split, "id", "text", False, Limits(10**6)))
-    return [d for b in batches for d in b.ids], [r.reason for b in batches for r in b.rejects], \
+    return [d for b in batches for d in b.ids.to_pylist()], [r.reason for b in batches for r in b.rejects], \
         sum(b.n_records for b in batches)
 
 
@@ -103,7 +103,7 @@ def test_ids_are_decided_per_file_however_it_is_split(tmp_path):
     splits = [s for g in plan.groups for s in g]
     assert len(splits) > 1 and all(s.has_ids for s in splits)
     batches = [b for s in splits for b in read_jsonl(s, "id", "text", False, Limits(10**6))]
-    ids = [d for b in batches for d in b.ids]
+    ids = [d for b in batches for d in b.ids.to_pylist()]
     assert ids == [f"d{i}" for i in range(200) if i != 150]
     assert [r.reason for b in batches for r in b.rejects] == ["id field 'id' is missing"]
 
@@ -170,7 +170,7 @@ def test_a_byte_order_mark_and_an_oversized_line(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + jsonl_bytes(2) + big.encode() + b"\n")
     split = Split(str(path), "b.jsonl", "jsonl", has_ids=True)
     batches = list(read_jsonl(split, "id", "text", False, Limits(1000, 2000)))
-    assert [i for b in batches for i in b.ids] == ["d0", "d1"]
+    assert [i for b in batches for i in b.ids.to_pylist()] == ["d0", "d1"]
     [reject] = [r for b in batches for r in b.rejects]
     assert "larger than max_line_bytes" in reject.reason and reject.excerpt.startswith('{"id": "big"')
     assert reject.doc_id == "big" and reason_code(reject.reason) == "line_too_large"
@@ -185,7 +185,7 @@ def test_max_document_bytes_measures_the_text_not_the_line(tmp_path):
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))  # \u escapes: each line longer than its text
     [batch] = list(read_jsonl(Split(str(path), "m.jsonl", "jsonl", has_ids=True), "id", "text", False,
                               Limits(1000, 10_000)))
-    assert batch.ids == ["meta", "fits"]
+    assert batch.ids.to_pylist() == ["meta", "fits"]
     [reject] = batch.rejects
     assert reject.doc_id == "wide" and reason_code(reject.reason) == "too_large"
     assert "1,000 bytes of UTF-8 text" in reject.reason
@@ -218,7 +218,7 @@ def test_parquet_and_text_file_rejects_keep_the_start_of_what_was_wrong(tmp_path
     split = Split(str(tmp_path / "p.parquet"), "p.parquet", "parquet", row_groups=None)
     [batch] = list(readers.read_split(split, "id", "text", False, Limits(1000)))
     [reject] = batch.rejects
-    assert reject.doc_id == "big" and reject.excerpt == "x" * 160 + "..." and batch.ids == ["ok"]
+    assert reject.doc_id == "big" and reject.excerpt == "x" * 160 + "..." and batch.ids.to_pylist() == ["ok"]
     (tmp_path / "t.txt").write_text("y" * 5000)
     [batch] = list(readers.read_split(Split(str(tmp_path / "t.txt"), "t.txt", "text"), None, "text", False,
                                       Limits(1000)))

@@ -50,8 +50,8 @@ class RawBatch:
     """Documents of one batch: positions, ids, and texts (str) or token lists (Arrow); with an
     extra column, each text's prompt (str) or each token list's loss mask (Arrow)."""
 
-    rows: list[int] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
+    rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    ids: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
     texts: list[str] = field(default_factory=list)
     tokens: pa.Array | None = None
     prompts: list[str] = field(default_factory=list)
@@ -61,6 +61,25 @@ class RawBatch:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def reject_where(self, mask: np.ndarray, reason: str | list[str]) -> None:
+        """Move the documents selected by ``mask`` to the rejects, with one reason or one each."""
+        if not mask.any():
+            return
+        bad = np.flatnonzero(mask)
+        reasons = reason if isinstance(reason, list) else [reason] * bad.shape[0]
+        for i, why, doc_id in zip(bad, reasons, self.ids.take(pa.array(bad)).to_pylist()):
+            self.rejects.append(Reject("", int(self.rows[i]), why, "", doc_id))
+        keep = ~mask
+        self.rows, self.ids = self.rows[keep], self.ids.filter(pa.array(keep))
+        if self.tokens is not None:
+            self.tokens = self.tokens.filter(pa.array(keep))
+        if self.masks is not None:
+            self.masks = self.masks.filter(pa.array(keep))
+        if self.texts:
+            self.texts = [t for t, k in zip(self.texts, keep) if k]
+        if self.prompts:
+            self.prompts = [p for p, k in zip(self.prompts, keep) if k]
 
 
 def excerpt(value: object) -> str:
@@ -358,6 +377,8 @@ def _json_extra(obj: dict, name: str, tokenized: bool) -> tuple[Any, str | None]
 def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: bool,
                limits: Limits, extra: str | None = None) -> Iterator[RawBatch]:
     batch = RawBatch()
+    rows: list[int] = []
+    ids: list[str | None] = []
     token_lists: list[list[int]] = []
     mask_lists: list[list[int]] = []
     has_ids = split.has_ids and id_column is not None
@@ -435,16 +456,16 @@ def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: 
                 batch.texts.append(value)
                 if side is not None:
                     batch.prompts.append(side)
-            batch.rows.append(row)
-            batch.ids.append(doc_id)
-            if len(batch) >= BATCH_DOCS:
-                yield _finish_jsonl(batch, token_lists, mask_lists, tokenized, extra)
-                batch, token_lists, mask_lists = RawBatch(), [], []
+            rows.append(row)
+            ids.append(doc_id)
+            if len(rows) >= BATCH_DOCS:
+                yield _finish_jsonl(batch, rows, ids, token_lists, mask_lists, tokenized, extra)
+                batch, rows, ids, token_lists, mask_lists = RawBatch(), [], [], [], []
     except _Corrupt as exc:
         reject(exc.offset, f"corrupt or truncated {split.compression or ''} file; reading stopped here "
                            f"({exc})".replace("  ", " "), "")
-    if len(batch) or batch.rejects:
-        yield _finish_jsonl(batch, token_lists, mask_lists, tokenized, extra)
+    if rows or batch.rejects:
+        yield _finish_jsonl(batch, rows, ids, token_lists, mask_lists, tokenized, extra)
 
 
 def _encodes(text: str) -> bool:
@@ -464,9 +485,10 @@ def _int64_lists(lists: list[list[int]]) -> pa.Array:
         return pa.array([[t if -2**63 <= t < 2**63 else -1 for t in x] for x in lists], type=pa.list_(pa.int64()))
 
 
-def _finish_jsonl(batch: RawBatch, token_lists: list[list[int]], mask_lists: list[list[int]], tokenized: bool,
-                  extra: str | None) -> RawBatch:
-    batch.n_records = len(batch.rows) + len(batch.rejects)
+def _finish_jsonl(batch: RawBatch, rows: list[int], ids: list[str | None], token_lists: list[list[int]],
+                  mask_lists: list[list[int]], tokenized: bool, extra: str | None) -> RawBatch:
+    batch.rows, batch.ids = np.array(rows, np.int64), pa.array(ids, pa.string())
+    batch.n_records = len(rows) + len(batch.rejects)
     if tokenized:
         batch.tokens = _int64_lists(token_lists)
         if extra is not None:
@@ -557,19 +579,17 @@ def _parquet_batch(split: Split, rb: pa.RecordBatch, first_row: int, id_column: 
             reasons[int(i)] = reason
         ok[mask] = False
 
-    ids: list[Any]  # strings where the row is kept
     if id_column is not None:
-        ids_arr = rb.column(id_column)
-        if not (pa.types.is_string(ids_arr.type) or pa.types.is_large_string(ids_arr.type)
-                or pa.types.is_integer(ids_arr.type)):
-            bad(np.ones(n, bool), f"id column {id_column!r} has type {ids_arr.type}, not string or integer")
-            ids = [None] * n
+        ids = rb.column(id_column)
+        if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)
+                or pa.types.is_integer(ids.type)):
+            bad(np.ones(n, bool), f"id column {id_column!r} has type {ids.type}, not string or integer")
+            ids = pa.nulls(n, pa.string())
         else:
-            ids_arr = ids_arr.cast(pa.string())
-            bad(np.asarray(pc.fill_null(pc.equal(ids_arr, ""), True)), f"id column {id_column!r} is null or empty")
-            ids = ids_arr.to_pylist()
+            ids = ids.cast(pa.string())
+            bad(np.asarray(pc.fill_null(pc.equal(ids, ""), True)), f"id column {id_column!r} is null or empty")
     else:
-        ids = [f"{split.source}:{r}" for r in rows]
+        ids = pc.binary_join_element_wise(split.source, pa.array(rows).cast(pa.string()), ":")
     bad(np.asarray(values.is_null()), f"{'tokens' if tokenized else 'text'} column {column!r} is null")
     side = rb.column(extra) if extra is not None else None
     if side is not None:
@@ -611,16 +631,15 @@ def _parquet_batch(split: Split, rb: pa.RecordBatch, first_row: int, id_column: 
             texts = _utf8_texts(values, n, "text", bad)
         if side is not None and _is_string(side.type):
             prompts = _utf8_texts(side, n, "prompt", bad)
-    for i in range(n):
-        if ok[i]:
-            batch.rows.append(int(rows[i]))
-            batch.ids.append(ids[i])
-            if not tokenized:
-                batch.texts.append(texts[i])
-                if side is not None:
-                    batch.prompts.append(prompts[i])
-        else:
-            batch.rejects.append(Reject(split.source, int(rows[i]), reasons[i], _value_excerpt(values, i), ids[i]))
+    keep = np.flatnonzero(ok)
+    batch.rows, batch.ids = rows[keep], ids.take(pa.array(keep))
+    if not tokenized:
+        batch.texts = [texts[i] for i in keep]
+        if side is not None:
+            batch.prompts = [prompts[i] for i in keep]
+    for i in np.flatnonzero(~ok):
+        batch.rejects.append(Reject(split.source, int(rows[i]), reasons[int(i)], _value_excerpt(values, int(i)),
+                                    ids[int(i)].as_py()))
     if tokenized and batch.tokens is not None:
         batch.tokens = batch.tokens.filter(pa.array(ok))
         if side is not None:
@@ -668,7 +687,7 @@ def read_text_file(split: Split, id_column: str | None, column: str, tokenized: 
         batch.rejects.append(Reject(split.source, 0, f"invalid UTF-8 at byte {exc.start} of the file",
                                     excerpt(data), split.source))
     else:
-        batch.rows, batch.ids, batch.texts = [0], [split.source], [text]
+        batch.rows, batch.ids, batch.texts = np.zeros(1, np.int64), pa.array([split.source]), [text]
     yield batch
 
 

@@ -85,7 +85,7 @@ def ids_as_binary(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
         None, pa.py_buffer(byte_offsets if large else byte_offsets.astype(np.int32)), pa.py_buffer(values)])
 
 
-def binary_as_ids(column: pa.Array | pa.ChunkedArray, dtype: type) -> tuple[np.ndarray, npt.NDArray[np.int64]]:
+def binary_as_ids(column: pa.Array | pa.ChunkedArray, dtype: npt.DTypeLike) -> tuple[np.ndarray, npt.NDArray[np.int64]]:
     """The inverse of :func:`ids_as_binary`: the values of every row, concatenated, and the rows'
     offsets into them (``len(column) + 1``). Rows must not be null."""
     column = column.cast(pa.large_binary())

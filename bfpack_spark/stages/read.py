@@ -61,7 +61,7 @@ def _flat(tokens: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_token_ids(raw: RawBatch, tokenizer: Tokenizer) -> None:
     """Reject documents holding an id that is not a token of the tokenizer; the rest become list<int32>."""
-    if not raw.rows:
+    if not len(raw):
         return
     values, offsets = _flat(raw.tokens)
     known = tokenizer.known_ids
@@ -74,11 +74,11 @@ def _check_token_ids(raw: RawBatch, tokenizer: Tokenizer) -> None:
         first_bad: dict[int, int] = {}
         for pos, doc in zip(np.flatnonzero(bad_values), parents):
             first_bad.setdefault(int(doc), int(values[pos]))
-        mask = np.zeros(len(raw.rows), bool)
+        mask = np.zeros(len(raw), bool)
         mask[list(first_bad)] = True
         gaps = known.shape[0] - int(known.sum())
         vocabulary = f"ids 0..{known.shape[0] - 1}" + (f" but {gaps} unassigned" if gaps else "")
-        _reject_where(raw, mask, [
+        raw.reject_where(mask, [
             f"token id {first_bad[d]} is outside the vocabulary of {tokenizer.name} ({vocabulary}); "
             f"set --tokenizer to the tokenizer that made these ids" for d in sorted(first_bad)])
     values, offsets = _flat(raw.tokens)
@@ -88,7 +88,7 @@ def _check_token_ids(raw: RawBatch, tokenizer: Tokenizer) -> None:
 
 def _check_masks(raw: RawBatch, column: str) -> None:
     """Reject documents whose loss mask is not one 0 or 1 per token; the rest become list<int8>."""
-    if not raw.rows or raw.masks is None:
+    if not len(raw) or raw.masks is None:
         return
     if pa.types.is_boolean(raw.masks.type.value_type):
         raw.masks = raw.masks.cast(pa.list_(pa.int8()))
@@ -104,23 +104,23 @@ def _check_masks(raw: RawBatch, column: str) -> None:
         for pos, d in zip(positions, np.searchsorted(offsets, positions, side="right") - 1):
             reasons.setdefault(int(d), f"loss mask column {column!r} holds {values[pos]} (0 or 1 expected)")
     if reasons:
-        mask = np.zeros(len(raw.rows), bool)
+        mask = np.zeros(len(raw), bool)
         mask[list(reasons)] = True
-        _reject_where(raw, mask, [reasons[d] for d in sorted(reasons)])
+        raw.reject_where(mask, [reasons[d] for d in sorted(reasons)])
         values, offsets = _flat(raw.masks)
     raw.masks = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int8)))
 
 
 def _doc_rows(group: int, first_doc: int, source: str, raw: RawBatch, lengths: np.ndarray) -> pa.RecordBatch:
-    n = len(raw.rows)
+    n = len(raw)
     return pa.RecordBatch.from_pydict({
         "kind": pa.array(np.full(n, DOC, np.int8)),
         "group": pa.array(np.full(n, group, np.int32)),
         "doc_index": pa.array(np.arange(first_doc, first_doc + n, dtype=np.int64)),
-        "doc_id": pa.array(raw.ids, pa.string()),
+        "doc_id": raw.ids,
         "n_tokens": pa.array(lengths.astype(np.int64)),
-        "source": pa.array([source] * n, pa.string()),
-        "row": pa.array(raw.rows, pa.int64()),
+        "source": pa.repeat(source, n),
+        "row": pa.array(raw.rows),
         "info": pa.nulls(n, pa.string()),
     }, schema=READ)
 
@@ -164,33 +164,31 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
                                   settings.limits, settings.extra_column):
                 n_records += raw.n_records
                 if not settings.keep_empty:
-                    _reject_where(raw, _lengths(raw) == 0, "empty document (quality.empty_documents: skip)")
+                    raw.reject_where(_lengths(raw) == 0, "empty document (quality.empty_documents: skip)")
                 if settings.tokenized:
                     _check_token_ids(raw, tokenizer)
                     if settings.extra_column is not None:
                         _check_masks(raw, settings.extra_column)
-                elif raw.rows:
+                elif len(raw):
                     raw.tokens = encode_texts(tokenizer, raw.texts, threads)
                     if raw.prompts:
                         raw.tokens, raw.masks = prompt_and_text(encode_texts(tokenizer, raw.prompts, threads),
                                                                 raw.tokens)
                     raw.texts, raw.prompts = [], []
-                if raw.rows and (bos is not None or eos is not None or settings.loss_masks):
+                if len(raw) and (bos is not None or eos is not None or settings.loss_masks):
                     raw.tokens, raw.masks = frame_documents(raw.tokens, raw.masks, bos, eos, settings.loss_masks)
-                _reject_where(raw, _lengths(raw) == 0, "no tokens: the tokenizer made nothing of this text")
+                raw.reject_where(_lengths(raw) == 0, "no tokens: the tokenizer made nothing of this text")
                 for r in raw.rejects:
                     r.source = split.source
                 rejects.extend(raw.rejects)
-                if raw.rows:
+                if len(raw):
                     lengths = _lengths(raw)
-                    masks = raw.masks if raw.masks is not None else pa.nulls(len(raw.rows), pa.list_(pa.int8()))
+                    masks = raw.masks if raw.masks is not None else pa.nulls(len(raw), pa.list_(pa.int8()))
                     store.write_batch(pa.RecordBatch.from_pydict({
-                        "doc_id": pa.array(raw.ids, pa.string()),
-                        "source": pa.array([split.source] * len(raw.rows), pa.string()),
-                        "row": pa.array(raw.rows, pa.int64()), "tokens": raw.tokens, "loss_mask": masks},
-                        schema=STORED))
+                        "doc_id": raw.ids, "source": pa.repeat(split.source, len(raw)),
+                        "row": pa.array(raw.rows), "tokens": raw.tokens, "loss_mask": masks}, schema=STORED))
                     yield _doc_rows(group, doc_index, split.source, raw, lengths)
-                    doc_index += len(raw.rows)
+                    doc_index += len(raw)
                     n_tokens += int(lengths.sum())
                     histogram += item_histogram(lengths, settings.seq_len, settings.length_buckets)
     if rejects:
@@ -210,27 +208,6 @@ def _lengths(raw: RawBatch) -> np.ndarray:
     if raw.prompts:
         lengths += np.fromiter((len(p) for p in raw.prompts), np.int64, len(raw.prompts))
     return lengths
-
-
-def _reject_where(raw: RawBatch, mask: np.ndarray, reason: str | list[str]) -> None:
-    """Move the documents selected by ``mask`` from the batch to its rejects."""
-    if not mask.any():
-        return
-    bad = np.flatnonzero(mask)
-    reasons = reason if isinstance(reason, list) else [reason] * bad.shape[0]
-    for i, why in zip(bad, reasons):
-        raw.rejects.append(Reject("", raw.rows[i], why, "", raw.ids[i]))
-    keep = ~mask
-    raw.rows = [r for r, k in zip(raw.rows, keep) if k]
-    raw.ids = [d for d, k in zip(raw.ids, keep) if k]
-    if raw.tokens is not None:
-        raw.tokens = raw.tokens.filter(pa.array(keep))
-    if raw.masks is not None:
-        raw.masks = raw.masks.filter(pa.array(keep))
-    if raw.texts:
-        raw.texts = [t for t, k in zip(raw.texts, keep) if k]
-    if raw.prompts:
-        raw.prompts = [p for p, k in zip(raw.prompts, keep) if k]
 
 
 @dataclass
