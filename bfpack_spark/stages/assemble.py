@@ -117,7 +117,7 @@ def _slices(order: np.ndarray, firsts: np.ndarray, lengths: np.ndarray) -> Itera
 
 def _with_run(table: pa.Table, seq_ids: np.ndarray, run_id: str) -> pa.Table:
     table = table.append_column("seq_id", pa.array(seq_ids, pa.int64()))
-    table = table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string()))
+    table = table.append_column("run_id", pa.repeat(run_id, table.num_rows))
     if "loss_mask" not in table.column_names:
         table = table.append_column("loss_mask", pa.nulls(table.num_rows, SEQUENCES.field("loss_mask").type))
     return table.select(SEQUENCES.names)
@@ -251,7 +251,7 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
             "n_chunks": pa.array(n_chunks.astype(np.int32)),
             "source": stored.column("source").combine_chunks().take(pa.array(kept)),
             "row": stored.column("row").combine_chunks().take(pa.array(kept)),
-            "run_id": pa.array([run_id] * kept.size, pa.string()), "loss_tokens": loss_tokens}, schema=DOCUMENTS)
+            "run_id": pa.repeat(run_id, kept.size), "loss_tokens": loss_tokens}, schema=DOCUMENTS)
         figures = document_figures(documents.column("doc_id").combine_chunks(), n_tokens, n_chunks, L, kept_masks)
         yield _info(FILE, ctx.staging.write("documents", name, documents, figures).to_json())
     if dropped.size:
