@@ -142,10 +142,12 @@ def test_table_schema_is_what_spark_reads_from_the_data_files(spark, packed):
             assert recorded == spark.read.parquet(*table.file_uris()).schema, name
 
 
-@pytest.mark.parametrize("n_parts, merge_items", [(3, 200_000), (3, 40), (7, 300)])
-def test_spark_plan_equals_the_one_process_plan(spark, n_parts, merge_items):
-    """Spark runs the routing, the per-partition BFD and the merge rounds in tasks; the result
-    (sequence ids, slots, locality) is the one-process plan's, item for item."""
+@pytest.mark.parametrize("n_parts, merge_items, driver_items", [
+    (3, 200_000, 65_536), (3, 40, 65_536), (3, 40, 0), (7, 300, 65_536)])
+def test_spark_plan_equals_the_one_process_plan(spark, n_parts, merge_items, driver_items):
+    """Spark runs the routing, the per-partition BFD and the merge rounds in tasks (a small last
+    round on the driver, unless ``driver_items`` is 0); the result (sequence ids, slots,
+    locality) is the one-process plan's, item for item."""
     import pandas as pd
 
     from bfpack_spark.packing.plan import item_histogram, plan_bfd
@@ -161,7 +163,8 @@ def test_spark_plan_equals_the_one_process_plan(spark, n_parts, merge_items):
         [(int(g), int(i), f"d{k}", int(n), "src", k) for k, (g, i, n) in enumerate(zip(groups, index, lengths))],
         "group int, doc_index bigint, doc_id string, n_tokens bigint, source string, row bigint")
     counts = np.stack([item_histogram(lengths[groups == g], 512, 256) for g in range(5)])
-    got = stage.plan_bfd(exact_partitions(docs, 5, "group"), counts, 512, n_parts, 0.99, merge_items, 256)
+    got = stage.plan_bfd(exact_partitions(docs, 5, "group"), counts, 512, n_parts, 0.99, merge_items, 256,
+                         driver_items=driver_items)
     try:
         orders = pa.Table.from_pandas(got.orders.toPandas())
     finally:
@@ -177,6 +180,7 @@ def test_spark_plan_equals_the_one_process_plan(spark, n_parts, merge_items):
     want = plan_bfd(lengths, groups, 5, 512, n_parts, 0.99, merge_items)
     assert got.n_sequences == want.n_sequences and got.residual_items == want.residual_items
     assert got.merge_rounds == want.merge_rounds and got.merge_rounds >= 1
+    assert (got.last_round is not None) == (driver_items > 0)  # both ways of running the last round
     assert rows["seq_id"].tolist() == want.seq.tolist()
     assert rows["slot"].tolist() == want.slot.tolist()
     assert rows["local"].tolist() == want.local.tolist()

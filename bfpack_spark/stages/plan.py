@@ -35,7 +35,7 @@ from bfpack_spark.packing.plan import (
     round_threshold,
     sequence_offsets,
 )
-from bfpack_spark.schemas import BUNDLE, PACKED, PLAN, numbers_array, numbers_of, spark_ddl
+from bfpack_spark.schemas import BUNDLE, PACKED, PLAN, numbers_array, numbers_dtype, numbers_of, spark_ddl, spark_types
 from bfpack_spark.spark.partitioning import exact_partitions
 from bfpack_spark.stages.assemble import as_orders
 
@@ -61,6 +61,7 @@ class PlanResult:
     moved_segments: int = 0
     moved_tokens: int = 0
     rounds: list[DataFrame] = field(default_factory=list)  # each round's packed bundles (cached)
+    last_round: DataFrame | None = None  # a last round packed on the driver (a small local table)
 
     def unpersist(self) -> None:
         for df in self.rounds:
@@ -141,7 +142,9 @@ class _Round:
         target = routing.targets(source, length, length_buckets(length, self.seq_len, self.n_buckets))
         return pa.RecordBatch.from_pydict(_bundles(items, target, "target", BUNDLE), schema=BUNDLE)
 
-    def pack(self, threshold: float):
+    def pack(self, threshold: float, carry: int = 0):
+        """Pack each partition; one whose residue is at most ``carry`` items also hands it over
+        whole with its figures, so that the driver can pack a last round that small."""
         seq_len, n_buckets, max_segments = self.seq_len, self.n_buckets, self.max_segments
 
         def pack(batches) -> Iterator[pa.RecordBatch]:
@@ -166,22 +169,59 @@ class _Round:
                            "residue_buckets": buckets.tolist(), "residue_counts": left[buckets].tolist()}
                 for name, value in figures.items():
                     columns[name] = pa.array([value] + [None] * (n - 1), PACKED.field(name).type)
+                left = np.flatnonzero(~packed.final)
+                for name in _LEFT:
+                    values = items[name.removeprefix("left_")][left]
+                    columns[name] = pa.concat_arrays([
+                        numbers_array(PACKED, name, np.array([0, left.shape[0]]), values)
+                        if left.shape[0] <= carry else pa.nulls(1, pa.binary()), pa.nulls(n - 1, pa.binary())])
                 yield pa.RecordBatch.from_pydict(columns, schema=PACKED)
         return pack
 
 
-def _round_figures(packed: DataFrame) -> tuple[dict, dict, tuple[int, int]]:
-    """Per partition: final sequences; per (partition, bucket): residual items; and the moved
-    (non-local) final items and their tokens. One row per partition, O(partitions x buckets)."""
+_LEFT = ("left_group", "left_doc_index", "left_chunk", "left_length")
+#: A last merge round of at most this many items is packed on the driver (a few MB, whatever the
+#: corpus): one Spark job less, for the few residual items a plan usually ends with.
+DRIVER_ITEMS = 65_536
+
+
+def _round_figures(packed: DataFrame) -> tuple[dict, dict, tuple[int, int], dict[str, np.ndarray] | None]:
+    """Per partition: final sequences; per (partition, bucket): residual items; the moved
+    (non-local) final items and their tokens; and the residual items themselves, where every
+    partition handed its residue over (else None). One row per partition."""
     finals, residue, moved, moved_tokens = {}, {}, 0, 0
+    left: dict[str, list[np.ndarray]] | None = {name: [] for name in _LEFT}
     for r in packed.filter(F.col("n_final").isNotNull()).select(
-            "part", "n_final", "moved", "moved_tokens", "residue_buckets", "residue_counts").collect():
+            "part", "n_final", "moved", "moved_tokens", "residue_buckets", "residue_counts", *_LEFT).collect():
         finals[r["part"]] = r["n_final"]
         moved += r["moved"]
         moved_tokens += r["moved_tokens"]
         for b, n in zip(r["residue_buckets"], r["residue_counts"]):
             residue[(r["part"], b)] = n
-    return finals, residue, (moved, moved_tokens)
+        if left is not None and r["left_length"] is None:
+            left = None
+        elif left is not None:
+            for name in _LEFT:
+                left[name].append(np.frombuffer(r[name], numbers_dtype(PACKED, name)))
+    carried = None if left is None else {
+        name.removeprefix("left_"): np.concatenate(v) if v else np.empty(0, numbers_dtype(PACKED, name))
+        for name, v in left.items()}
+    return finals, residue, (moved, moved_tokens), carried
+
+
+def _driver_round(spark, items: dict[str, np.ndarray], rnd: _Round) -> tuple[DataFrame, int, int, int]:
+    """A last round (one partition, every sequence final) packed on the driver, exactly as its task
+    would have: its bundles as a small DataFrame, its sequences, moved items and moved tokens."""
+    items = _canonical(items)
+    packed = pack_partition(items["length"], items["group"], rnd.seq_len, 0.0, rnd.max_segments)
+    columns = _bundles({"doc_index": items["doc_index"], "chunk": items["chunk"], "rank": packed.rank,
+                        "slot": packed.slot, "local": packed.local}, items["group"], "group", PACKED)
+    names = ["part", *columns]
+    columns["part"] = pa.array(np.zeros(len(columns["group"]), np.int32))
+    rows = list(zip(*(columns[c].to_pylist() for c in names)))
+    df = spark.createDataFrame(rows, ", ".join(f"`{c}` {spark_types(PACKED)[c]}" for c in names))
+    moved = ~packed.local
+    return df, packed.n_final, int(moved.sum()), int(items["length"][moved].sum())
 
 
 def _counts_matrix(counts: dict, n_sources: int, n_buckets: int) -> np.ndarray:
@@ -192,10 +232,12 @@ def _counts_matrix(counts: dict, n_sources: int, n_buckets: int) -> np.ndarray:
 
 
 def plan_bfd(kept: DataFrame, counts: np.ndarray, seq_len: int, n_partitions: int, fill_threshold: float,
-             merge_items: int, n_buckets: int, max_segments: int | None = None) -> PlanResult:
+             merge_items: int, n_buckets: int, max_segments: int | None = None,
+             driver_items: int = DRIVER_ITEMS) -> PlanResult:
     """Best-fit plan of the packable documents ``kept`` (DOC rows, each group's in one partition);
     ``counts[g, b]``: the chunks of group ``g``'s documents in length bucket ``b``; ``max_segments``:
-    the cap on segments per sequence, in every round."""
+    the cap on segments per sequence, in every round; a last round of one partition and at most
+    ``driver_items`` items is packed on the driver (the same plan, one Spark job less)."""
     rnd = _Round(seq_len, n_buckets, max_segments)
     width = min(n_buckets, seq_len)
     n_groups = counts.shape[0]
@@ -208,10 +250,11 @@ def plan_bfd(kept: DataFrame, counts: np.ndarray, seq_len: int, n_partitions: in
     n_targets, threshold, stalled = n_partitions, round_threshold(n_partitions, fill_threshold), False
     while True:
         t0 = time.perf_counter()
-        packed = (exact_partitions(items, n_targets, "target").mapInArrow(rnd.pack(threshold), spark_ddl(PACKED))
+        packed = (exact_partitions(items, n_targets, "target")
+                  .mapInArrow(rnd.pack(threshold, driver_items // n_targets), spark_ddl(PACKED))
                   .persist(StorageLevel.MEMORY_AND_DISK))
         result.rounds.append(packed)
-        finals, residue, (moved, moved_tokens) = _round_figures(packed)
+        finals, residue, (moved, moved_tokens), carried = _round_figures(packed)
         finals_by_round.append([finals.get(p, 0) for p in range(n_targets)])
         result.moved_segments += moved
         result.moved_tokens += moved_tokens
@@ -225,6 +268,15 @@ def plan_bfd(kept: DataFrame, counts: np.ndarray, seq_len: int, n_partitions: in
         stalled = len(result.rounds) > 1 and left > n_items // 2
         n_sources, n_items = n_targets, left
         n_targets, threshold = merge_round(left, merge_items, fill_threshold, stalled)
+        if n_targets == 1 and carried is not None:  # the last round, small: packed here
+            t0 = time.perf_counter()
+            result.last_round, n_final, moved, moved_tokens = _driver_round(kept.sparkSession, carried, rnd)
+            finals_by_round.append([n_final])
+            result.moved_segments += moved
+            result.moved_tokens += moved_tokens
+            log.info("plan round %d: %d items packed by the driver into %d sequences (%.1fs)",
+                     len(result.rounds), left, n_final, time.perf_counter() - t0)
+            break
         routing = Routing.from_counts(_counts_matrix(residue, n_sources, width), n_targets)
         items = packed.mapInArrow(rnd.route_residue(routing), spark_ddl(BUNDLE))
     first = sequence_offsets([n for finals in finals_by_round for n in finals])
@@ -232,9 +284,10 @@ def plan_bfd(kept: DataFrame, counts: np.ndarray, seq_len: int, n_partitions: in
     result.first_ids = [first[bounds[r]:bounds[r + 1]] for r in range(len(finals_by_round))]
     result.n_sequences = int(sum(map(sum, finals_by_round)))
     result.residual_sequences = result.n_sequences - sum(finals_by_round[0])
-    result.merge_rounds = len(result.rounds) - 1
+    rounds = result.rounds + ([result.last_round] if result.last_round is not None else [])
+    result.merge_rounds = len(rounds) - 1
     result.orders = reduce(DataFrame.unionByName, [
         as_orders(packed, PLAN, stage=F.lit(stage), **{c: F.col(c) for c in (
             "group", "part", "doc_index", "chunk", "rank", "slot", "local")})
-        for stage, packed in enumerate(result.rounds)])
+        for stage, packed in enumerate(rounds)])
     return result
