@@ -5,9 +5,11 @@ the driver turns each round's counts per (source, length bucket) into a
 :class:`~bfpack_spark.packing.plan.Routing`, tasks deal their items to the round's
 partitions, and one task per partition packs them by BFD. Sequences filled to the
 threshold are final; the rest go to the next round. The driver holds counts per
-(source, bucket) and per partition, never a row per document or chunk. Items travel
-in *bundles* (one row of arrays per source and target, or per partition and group):
-Spark moves a few long arrays far more cheaply than one row per item.
+(source, bucket) and per partition, never a row per document; chunks only for a last
+round of at most :data:`DRIVER_ITEMS`, which it packs itself (a Spark job costs more than
+BFD over a few thousand lengths), whatever the corpus. Items travel in *bundles* (one row
+of arrays per source and target, or per partition and group): Spark moves a few long
+arrays far more cheaply than one row per item.
 """
 
 from __future__ import annotations
