@@ -167,3 +167,22 @@ def test_binary_as_ids_names_a_null():
 
     with pytest.raises(ValueError, match="null"):
         binary_as_ids(pa.array([b"\0\0\0\0", None], pa.binary()), np.int32)
+
+
+def test_moved_segments_leave_in_batches_far_below_binary_columns_2_gib():
+    """However many tokens a group moves, each Spark batch of fragments holds at most OUTPUT_ROWS
+    segments and about SLICE_TOKENS tokens; one array of 2 GiB or more is refused with a message."""
+    from bfpack_spark.packing.arrow import ids_as_binary
+    from bfpack_spark.stages.assemble import OUTPUT_ROWS, SLICE_TOKENS, _batch_parts
+
+    rng = np.random.default_rng(3)
+    lengths = np.concatenate([rng.integers(1, 2048, 50_000), np.full(3, 2**24), rng.integers(1, 9, 5000)])
+    parts = list(_batch_parts(lengths))
+    assert parts[0].start == 0 and parts[-1].stop == lengths.shape[0]
+    assert all(a.stop == b.start for a, b in zip(parts[:-1], parts[1:]))
+    assert max(p.stop - p.start for p in parts) <= OUTPUT_ROWS
+    assert max(int(lengths[p].sum()) for p in parts) <= SLICE_TOKENS + 2**24
+    assert list(_batch_parts(np.empty(0, np.int64))) == []
+    huge = np.zeros(2**29, np.int32)  # 2 GiB, never touched
+    with pytest.raises(ValueError, match="at most 2 GiB"):
+        ids_as_binary(np.array([0, 2**29]), huge)

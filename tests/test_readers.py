@@ -223,3 +223,29 @@ def test_parquet_and_text_file_rejects_keep_the_start_of_what_was_wrong(tmp_path
     [batch] = list(readers.read_split(Split(str(tmp_path / "t.txt"), "t.txt", "text"), None, "text", False,
                                       Limits(1000)))
     assert batch.rejects[0].excerpt.startswith("yyyy") and reason_code(batch.rejects[0].reason) == "too_large"
+
+
+def test_ids_that_are_not_valid_unicode_are_rejects_with_their_reason(tmp_path):
+    """A Parquet id that is not UTF-8 and a JSON id holding an unpaired surrogate cannot be stored as
+    strings: their rows are rejects that say why, and the rows beside them are read."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = b"okbad\xff\xfeok2"
+    ids = pa.Array.from_buffers(pa.string(), 3, [None, pa.py_buffer(np.array([0, 2, 7, 10], np.int32)),
+                                                pa.py_buffer(data)])
+    pq.write_table(pa.table({"id": ids, "text": ["a", "b", ""]}), tmp_path / "u.parquet")
+    split = Split(str(tmp_path / "u.parquet"), "u.parquet", "parquet", row_groups=None)
+    [batch] = list(readers.read_split(split, "id", "text", False, Limits(10**9)))
+    assert batch.ids.to_pylist() == ["ok", "ok2"] and batch.rows.tolist() == [0, 2]
+    [reject] = batch.rejects
+    assert reject.row == 1 and reject.doc_id is None
+    assert "invalid UTF-8 at byte 3 of the id column 'id'" in reject.reason
+    batch.ids.validate(full=True)
+
+    (tmp_path / "s.jsonl").write_text('{"id": "a", "text": "x"}\n{"id": "\\ud800", "text": "y"}\n')
+    [batch] = list(read_jsonl(Split(str(tmp_path / "s.jsonl"), "s.jsonl", "jsonl", has_ids=True), "id", "text",
+                              False, Limits(10**6)))
+    assert batch.ids.to_pylist() == ["a"] and batch.texts == ["x"]
+    assert [r.reason for r in batch.rejects] == ["id field 'id' holds an unpaired surrogate escape (invalid Unicode)"]

@@ -418,6 +418,9 @@ def read_jsonl(split: Split, id_column: str | None, field_name: str, tokenized: 
                     what = "missing" if value is None or value == "" else _json_kind(value)
                     reject(row, f"id field {id_column!r} is {what}", raw)
                     continue
+                if not _encodes(doc_id):
+                    reject(row, f"id field {id_column!r} holds an unpaired surrogate escape (invalid Unicode)", raw)
+                    continue
             else:
                 doc_id = f"{split.source}:{row}"
             value = obj.get(field_name)
@@ -587,6 +590,10 @@ def _parquet_batch(split: Split, rb: pa.RecordBatch, first_row: int, id_column: 
             ids = pa.nulls(n, pa.string())
         else:
             ids = ids.cast(pa.string())
+            try:
+                ids.validate(full=True)
+            except pa.ArrowInvalid:  # bytes that are not UTF-8: those rows are rejects, their ids null
+                ids = pa.array(_utf8_texts(ids, n, f"id column {id_column!r}", bad), pa.string())
             bad(np.asarray(pc.fill_null(pc.equal(ids, ""), True)), f"id column {id_column!r} is null or empty")
     else:
         ids = pc.binary_join_element_wise(split.source, pa.array(rows).cast(pa.string()), ":")

@@ -80,9 +80,12 @@ def ids_as_binary(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
     element by element (a shuffle of moved segments costs about a third less this way)."""
     values = np.ascontiguousarray(values)
     byte_offsets = offsets.astype(np.int64) * values.dtype.itemsize
-    large = byte_offsets[-1] >= 2**31
-    return pa.Array.from_buffers(pa.large_binary() if large else pa.binary(), len(offsets) - 1, [
-        None, pa.py_buffer(byte_offsets if large else byte_offsets.astype(np.int32)), pa.py_buffer(values)])
+    if byte_offsets[-1] - byte_offsets[0] >= 2**31:
+        raise ValueError(f"{byte_offsets[-1] - byte_offsets[0]:,} bytes of numbers in one binary array: Spark's "
+                         f"binary columns hold at most 2 GiB per batch; hand them over in slices")
+    return pa.Array.from_buffers(pa.binary(), len(offsets) - 1, [
+        None, pa.py_buffer((byte_offsets - byte_offsets[0]).astype(np.int32)),
+        pa.py_buffer(values[offsets[0]:offsets[-1]])])
 
 
 def binary_as_ids(column: pa.Array | pa.ChunkedArray, dtype: npt.DTypeLike) -> tuple[np.ndarray, npt.NDArray[np.int64]]:

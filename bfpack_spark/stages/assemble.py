@@ -92,11 +92,18 @@ class Assembly:
         return np.concatenate(self.first_ids)[base[stage] + part] + rank
 
 
-def _batches(table: pa.Table, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    """Batches in Spark's types; cast one batch at a time, so that a group holding more than
-    2^31 tokens (built with 64-bit offsets) still fits Spark's 32-bit lists."""
-    for batch in table.select(schema.names).to_batches(max_chunksize=OUTPUT_ROWS):
-        yield batch.cast(schema)
+def _batch_parts(lengths: np.ndarray) -> Iterator[slice]:
+    """Runs of consecutive segments, one Spark batch each: at most OUTPUT_ROWS segments and about
+    SLICE_TOKENS tokens (a segment holds at most MAX_SEQ_LEN, so a batch stays far below the 2 GiB a
+    binary column allows, however many tokens a group moves)."""
+    ends = np.cumsum(lengths)
+    start = 0
+    while start < lengths.shape[0]:
+        before = int(ends[start - 1]) if start else 0
+        stop = min(start + OUTPUT_ROWS, int(np.searchsorted(ends, before + SLICE_TOKENS, side="right")))
+        stop = max(stop, start + 1)
+        yield slice(start, stop)
+        start = stop
 
 
 def _info(kind: int, info: str) -> pa.RecordBatch:
@@ -219,23 +226,23 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
         yield _info(FILE, out.staged.to_json())
 
     moving = np.flatnonzero(~segs.local)
-    if moving.size:
-        lengths_m = segs.length[moving]
-        moved = tokens.gather(segs.doc[moving], segs.start[moving], lengths_m)
+    for run in _batch_parts(segs.length[moving]):
+        m = moving[run]
+        lengths_m = segs.length[m]
         offsets_m = np.concatenate(([0], np.cumsum(lengths_m)))
-        frags = pa.table({
-            "kind": pa.array(np.full(moving.shape[0], FRAGMENT, np.int8)),
-            "seq_id": pa.array(segs.seq[moving]),
-            "slot": pa.array(segs.slot[moving].astype(np.int32)),
-            "doc_id": doc_ids.take(pa.array(segs.doc[moving])),
-            "seg_start": pa.array(segs.start[moving].astype(np.int32)),
-            "tokens": numbers_array(ASSEMBLED, "tokens", offsets_m, moved),
+        yield pa.RecordBatch.from_pydict({
+            "kind": pa.array(np.full(m.shape[0], FRAGMENT, np.int8)),
+            "seq_id": pa.array(segs.seq[m], pa.int64()),
+            "slot": pa.array(segs.slot[m].astype(np.int32)),
+            "doc_id": doc_ids.take(pa.array(segs.doc[m])),
+            "seg_start": pa.array(segs.start[m].astype(np.int32)),
+            "tokens": numbers_array(ASSEMBLED, "tokens", offsets_m,
+                                    tokens.gather(segs.doc[m], segs.start[m], lengths_m)),
             "loss_mask": (numbers_array(ASSEMBLED, "loss_mask", offsets_m,
-                                        masks.gather(segs.doc[moving], segs.start[moving], lengths_m))
-                          if masks else pa.nulls(moving.shape[0], pa.binary())),
-            "info": pa.nulls(moving.shape[0], pa.string()),
-        })
-        yield from _batches(frags, ASSEMBLED)
+                                        masks.gather(segs.doc[m], segs.start[m], lengths_m))
+                          if masks else pa.nulls(m.shape[0], pa.binary())),
+            "info": pa.nulls(m.shape[0], pa.string()),
+        }, schema=ASSEMBLED)
 
     if kept.size:
         n_tokens = lengths[kept]

@@ -5,11 +5,11 @@ the driver turns each round's counts per (source, length bucket) into a
 :class:`~bfpack_spark.packing.plan.Routing`, tasks deal their items to the round's
 partitions, and one task per partition packs them by BFD. Sequences filled to the
 threshold are final; the rest go to the next round. The driver holds counts per
-(source, bucket) and per partition, never a row per document; chunks only for a last
-round of at most :data:`DRIVER_ITEMS`, which it packs itself (a Spark job costs more than
-BFD over a few thousand lengths), whatever the corpus. Items travel in *bundles* (one row
-of arrays per source and target, or per partition and group): Spark moves a few long
-arrays far more cheaply than one row per item.
+(source, bucket) and per partition, never a row per document; chunks only where a round
+leaves at most :data:`DRIVER_ITEMS` of them (whatever the corpus), and if they make a last
+round it packs them itself: a Spark job costs more than BFD over a few thousand lengths.
+Items travel in *bundles* (one row of arrays per source and target, or per partition and
+group): Spark moves a few long arrays far more cheaply than one row per item.
 """
 
 from __future__ import annotations
@@ -211,17 +211,20 @@ def _round_figures(packed: DataFrame) -> tuple[dict, dict, tuple[int, int], dict
     return finals, residue, (moved, moved_tokens), carried
 
 
-def _driver_round(spark, items: dict[str, np.ndarray], rnd: _Round) -> tuple[DataFrame, int, int, int]:
-    """A last round (one partition, every sequence final) packed on the driver, exactly as its task
-    would have: its bundles as a small DataFrame, its sequences, moved items and moved tokens."""
+def _driver_round(spark, items: dict[str, np.ndarray], rnd: _Round,
+                  threshold: float) -> tuple[DataFrame, int, int, int]:
+    """A last round (one partition, so every sequence is final) packed on the driver, exactly as its
+    task would have: its bundles as a small DataFrame, its sequences, moved items and moved tokens."""
     items = _canonical(items)
-    packed = pack_partition(items["length"], items["group"], rnd.seq_len, 0.0, rnd.max_segments)
+    packed = pack_partition(items["length"], items["group"], rnd.seq_len, threshold, rnd.max_segments)
     columns = _bundles({"doc_index": items["doc_index"], "chunk": items["chunk"], "rank": packed.rank,
                         "slot": packed.slot, "local": packed.local}, items["group"], "group", PACKED)
     names = ["part", *columns]
     columns["part"] = pa.array(np.zeros(len(columns["group"]), np.int32))
     rows = list(zip(*(columns[c].to_pylist() for c in names)))
     df = spark.createDataFrame(rows, ", ".join(f"`{c}` {spark_types(PACKED)[c]}" for c in names))
+    if not packed.final.all():
+        raise RuntimeError("a last plan round left sequences that are not final")
     moved = ~packed.local
     return df, packed.n_final, int(moved.sum()), int(items["length"][moved].sum())
 
@@ -272,7 +275,8 @@ def plan_bfd(kept: DataFrame, counts: np.ndarray, seq_len: int, n_partitions: in
         n_targets, threshold = merge_round(left, merge_items, fill_threshold, stalled)
         if n_targets == 1 and carried is not None:  # the last round, small: packed here
             t0 = time.perf_counter()
-            result.last_round, n_final, moved, moved_tokens = _driver_round(kept.sparkSession, carried, rnd)
+            result.last_round, n_final, moved, moved_tokens = _driver_round(kept.sparkSession, carried, rnd,
+                                                                            threshold)
             finals_by_round.append([n_final])
             result.moved_segments += moved
             result.moved_tokens += moved_tokens
