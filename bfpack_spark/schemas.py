@@ -21,20 +21,20 @@ def numbers(name: str, dtype: type) -> pa.Field:
     return pa.field(name, pa.binary(), metadata={"numpy": np.dtype(dtype).str})
 
 
-def numbers_dtype(schema: pa.Schema, name: str) -> np.dtype:
+def _numbers_dtype(schema: pa.Schema, name: str) -> np.dtype:
     """The numpy dtype of a :func:`numbers` field."""
     return np.dtype(schema.field(name).metadata[b"numpy"].decode())
 
 
 def numbers_array(schema: pa.Schema, name: str, offsets: np.ndarray, values: np.ndarray) -> pa.Array:
     """The :func:`numbers` column ``name`` of ``schema``: row i holds ``values[offsets[i]:offsets[i + 1]]``."""
-    return ids_as_binary(offsets, values.astype(numbers_dtype(schema, name), copy=False))
+    return ids_as_binary(offsets, values.astype(_numbers_dtype(schema, name), copy=False))
 
 
 def numbers_of(table: pa.Table | pa.RecordBatch, schema: pa.Schema, name: str) -> tuple[np.ndarray, np.ndarray]:
     """The :func:`numbers` column ``name`` (as ``schema`` defines it) of ``table``: every row's
     values concatenated, and the rows' offsets into them."""
-    return binary_as_ids(table.column(name), numbers_dtype(schema, name))
+    return binary_as_ids(table.column(name), _numbers_dtype(schema, name))
 
 #: Rows out of the read stage: one per document (kind DOC), one summary per group (GROUP,
 #: ``info`` = its counts as JSON) and one per file it wrote (FILE, ``info`` = a StagedFile).
@@ -85,11 +85,8 @@ PACKED = pa.schema([
     ("moved_tokens", pa.int64()),
     ("residue_buckets", pa.list_(pa.int32())),
     ("residue_counts", pa.list_(pa.int64())),
-    # the partition's residue itself, when small (the driver may pack the last round)
-    numbers("left_group", np.int32),
-    numbers("left_doc_index", np.int64),
-    numbers("left_chunk", np.int32),
-    numbers("left_length", np.int32),
+    # the partition's residue itself, when small (the driver may pack the last round): BUNDLE's items
+    *(f.with_name(f"left_{f.name}") for f in BUNDLE if f.name != "target"),
 ])
 
 #: What the assembly of one group is told: where its items go (PLAN: a packed bundle of round

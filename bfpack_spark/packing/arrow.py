@@ -95,7 +95,7 @@ def binary_as_ids(column: pa.Array | pa.ChunkedArray, dtype: npt.DTypeLike) -> t
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks else pa.array([], pa.large_binary())
     if column.null_count:
-        raise ValueError("a null where token ids were expected")
+        raise ValueError("a null where a list of numbers was expected")
     _, offsets_buffer, data = column.buffers()
     offsets = np.frombuffer(offsets_buffer, np.int64)[column.offset:column.offset + len(column) + 1]
     raw = np.frombuffer(data, np.uint8)[offsets[0]:offsets[-1]] if data is not None else np.empty(0, np.uint8)

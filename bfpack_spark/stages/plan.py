@@ -37,7 +37,7 @@ from bfpack_spark.packing.plan import (
     round_threshold,
     sequence_offsets,
 )
-from bfpack_spark.schemas import BUNDLE, PACKED, PLAN, numbers_array, numbers_dtype, numbers_of, spark_ddl, spark_types
+from bfpack_spark.schemas import BUNDLE, PACKED, PLAN, numbers_array, numbers_of, spark_ddl, spark_types
 from bfpack_spark.spark.partitioning import exact_partitions
 from bfpack_spark.stages.assemble import as_orders
 
@@ -181,7 +181,7 @@ class _Round:
         return pack
 
 
-_LEFT = ("left_group", "left_doc_index", "left_chunk", "left_length")
+_LEFT = tuple(name for name in PACKED.names if name.startswith("left_"))
 #: A last merge round of at most this many items is packed on the driver (a few MB, whatever the
 #: corpus): one Spark job less, for the few residual items a plan usually ends with.
 DRIVER_ITEMS = 65_536
@@ -192,22 +192,18 @@ def _round_figures(packed: DataFrame) -> tuple[dict, dict, tuple[int, int], dict
     (non-local) final items and their tokens; and the residual items themselves, where every
     partition handed its residue over (else None). One row per partition."""
     finals, residue, moved, moved_tokens = {}, {}, 0, 0
-    left: dict[str, list[np.ndarray]] | None = {name: [] for name in _LEFT}
-    for r in packed.filter(F.col("n_final").isNotNull()).select(
-            "part", "n_final", "moved", "moved_tokens", "residue_buckets", "residue_counts", *_LEFT).collect():
+    rows = packed.filter(F.col("n_final").isNotNull()).select(
+        "part", "n_final", "moved", "moved_tokens", "residue_buckets", "residue_counts", *_LEFT).collect()
+    for r in rows:
         finals[r["part"]] = r["n_final"]
         moved += r["moved"]
         moved_tokens += r["moved_tokens"]
         for b, n in zip(r["residue_buckets"], r["residue_counts"]):
             residue[(r["part"], b)] = n
-        if left is not None and r["left_length"] is None:
-            left = None
-        elif left is not None:
-            for name in _LEFT:
-                left[name].append(np.frombuffer(r[name], numbers_dtype(PACKED, name)))
-    carried = None if left is None else {
-        name.removeprefix("left_"): np.concatenate(v) if v else np.empty(0, numbers_dtype(PACKED, name))
-        for name, v in left.items()}
+    carried = None
+    if all(r["left_length"] is not None for r in rows):
+        left = pa.table({name: pa.array([r[name] for r in rows], pa.binary()) for name in _LEFT})
+        carried = {name.removeprefix("left_"): numbers_of(left, PACKED, name)[0] for name in _LEFT}
     return finals, residue, (moved, moved_tokens), carried
 
 
@@ -217,14 +213,14 @@ def _driver_round(spark, items: dict[str, np.ndarray], rnd: _Round,
     task would have: its bundles as a small DataFrame, its sequences, moved items and moved tokens."""
     items = _canonical(items)
     packed = pack_partition(items["length"], items["group"], rnd.seq_len, threshold, rnd.max_segments)
+    if not packed.final.all():
+        raise RuntimeError("a last plan round left sequences that are not final")
     columns = _bundles({"doc_index": items["doc_index"], "chunk": items["chunk"], "rank": packed.rank,
                         "slot": packed.slot, "local": packed.local}, items["group"], "group", PACKED)
     names = ["part", *columns]
     columns["part"] = pa.array(np.zeros(len(columns["group"]), np.int32))
     rows = list(zip(*(columns[c].to_pylist() for c in names)))
     df = spark.createDataFrame(rows, ", ".join(f"`{c}` {spark_types(PACKED)[c]}" for c in names))
-    if not packed.final.all():
-        raise RuntimeError("a last plan round left sequences that are not final")
     moved = ~packed.local
     return df, packed.n_final, int(moved.sum()), int(items["length"][moved].sum())
 
