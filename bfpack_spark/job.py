@@ -53,7 +53,7 @@ from bfpack_spark.spark.progress import stage_progress
 from bfpack_spark.spark.session import get_spark
 from bfpack_spark.stages.assemble import Assembly, assemble, reduce_partitions
 from bfpack_spark.stages.dedup import earlier_documents, find_duplicates, without_duplicates
-from bfpack_spark.stages.plan import PlanResult, plan_bfd
+from bfpack_spark.stages.plan import DRIVER_ITEMS, PlanResult, plan_bfd, plan_in_place
 from bfpack_spark.stages.read import ReadSettings, read_corpus
 from bfpack_spark.stats import packing_stats, stats_row, stats_table
 from bfpack_spark.tokenize import TokenizerError, document_bos, load_tokenizer
@@ -140,7 +140,9 @@ def _extra_column(config: PackConfig) -> str | None:
     return config.input.loss_mask_column if config.tokenized else config.input.prompt_column
 
 
-def _read_settings(config: PackConfig) -> ReadSettings:
+def _read_settings(config: PackConfig, n_groups: int) -> ReadSettings:
+    p = config.packing
+    in_place = p.strategy == "bfd" and p.partitions is None  # else the plan's first round is always routed
     return ReadSettings(
         id_column=config.input.id_column or None,
         column=config.input.token_column or config.input.text_column,
@@ -149,7 +151,9 @@ def _read_settings(config: PackConfig) -> ReadSettings:
         keep_empty=config.quality.empty_documents == "keep",
         limits=Limits(config.quality.max_document_bytes, config.quality.max_line_bytes),
         bos_token=config.tokenizer.bos_token, prepend_bos=config.tokenizer.prepend_bos,
-        extra_column=_extra_column(config), loss_masks=config.loss_masks, engine=config.tokenizer.engine)
+        extra_column=_extra_column(config), loss_masks=config.loss_masks, engine=config.tokenizer.engine,
+        in_place_fill=p.residual_fill if in_place else None, max_segments=p.max_segments_per_sequence,
+        in_place_carry=DRIVER_ITEMS // max(n_groups, 1))
 
 
 def run(config: PackConfig, spark=None) -> RunResult:
@@ -287,7 +291,8 @@ def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, tim
 
 def _read(run: _Run):
     with run.timer("read"):
-        read = read_corpus(run.spark, run.inputs.groups, _read_settings(run.config), run.staging, run.workspace)
+        settings = _read_settings(run.config, len(run.inputs.groups))
+        read = read_corpus(run.spark, run.inputs.groups, settings, run.staging, run.workspace)
         run.release.callback(read.docs.unpersist)
     return read
 
@@ -322,19 +327,24 @@ def _plan(run: _Run, read, dups, counts: _Counts) -> PlanResult:
     with run.timer("plan"):
         faults.check("plan")
         if p.strategy == "bfd":
-            kept = without_duplicates(read.docs, dups, n_groups)
-            run.release.callback(kept.unpersist)
             items = np.array([g["items"] for g in read.groups], np.int64).reshape(n_groups, -1)
             for g, dropped in dups.items_by_group.items():
                 items[g] -= dropped
             n_parts = packing_partitions(int(items.sum()), n_groups, p.merge_items_per_partition, p.partitions)
-            plan = plan_bfd(kept, items, L, n_parts, p.residual_fill, p.merge_items_per_partition,
-                            p.length_buckets, p.max_segments_per_sequence)
-            run.release.callback(plan.unpersist)
+            plan = None
+            if n_parts > 1 and not dups.items_by_group and all("in_place" in g for g in read.groups):
+                plan = plan_in_place(run.spark, read.groups, counts.tokens, L, p.merge_items_per_partition,
+                                     p.length_buckets, p.max_segments_per_sequence)
+            if plan is None:
+                kept = without_duplicates(read.docs, dups, n_groups)
+                run.release.callback(kept.unpersist)
+                plan = plan_bfd(kept, items, L, n_parts, p.residual_fill, p.merge_items_per_partition,
+                                p.length_buckets, p.max_segments_per_sequence)
+                run.release.callback(plan.unpersist)
         else:
             plan = PlanResult(None, -(-counts.tokens // L), n_groups)
-        log.info("plan: %d sequences (lower bound %d), %d residual items, %d merge rounds",
-                 plan.n_sequences, -(-counts.tokens // L), plan.residual_items, plan.merge_rounds)
+        log.info("plan: %d sequences (lower bound %d), round 0 %s, %d residual items, %d merge rounds",
+                 plan.n_sequences, -(-counts.tokens // L), plan.first_round, plan.residual_items, plan.merge_rounds)
     return plan
 
 
@@ -345,7 +355,7 @@ def _assemble(run: _Run, read, dups, plan: PlanResult, counts: _Counts) -> tuple
         ctx = Assembly(p.seq_len, p.strategy, run.staging, run.workspace, config.tokenizer.tokenizer,
                        config.tokenizer.eos_token, np.cumsum(counts.tokens_by_group) - counts.tokens_by_group,
                        counts.tokens, tuple(plan.first_ids), config.tokenizer.bos_token, config.loss_masks,
-                       p.max_segments_per_sequence)
+                       p.max_segments_per_sequence, p.residual_fill if plan.in_place else None)
         assembled = assemble(run.spark, plan.orders, dups.drops, len(run.inputs.groups), ctx,
                              reduce_partitions(plan.moved_segments, plan.moved_tokens, p.merge_items_per_partition))
     faults.check("staged")

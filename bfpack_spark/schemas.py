@@ -209,6 +209,8 @@ STATS = pa.schema([
     ("requests_retried", pa.int64()),            # object-store requests retried (throttled, dropped) up to the
                                                  # audit; null in runs of earlier versions
     ("tokenizer_engine", pa.string()),           # what encoded the text ("gigatoken 0.10.0"); null: tokenized input
+    ("plan_first_round", pa.string()),           # best-fit: "in place" (each group packed where it was read)
+                                                 # or "routed"; null: concat
 ])
 
 #: The input files of each run (what ``--mode incremental`` compares a new listing with).

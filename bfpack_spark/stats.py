@@ -76,6 +76,7 @@ def stats_row(*, run_id: str, started: str, config: Any, inputs: Any, documents_
         "loss_tokens": loss, "no_loss_tokens": None if loss is None else packing.n_tokens - loss,
         "requests_retried": requests_retried,
         "tokenizer_engine": engine,
+        "plan_first_round": plan.first_round,
     }
 
 

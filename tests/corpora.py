@@ -15,13 +15,17 @@ def lognormal_lengths(n: int, median: float, sigma: float, rng: np.random.Genera
 
 
 def write_tokenized(root: Path, n_files: int = 4, docs_per_file: int = 1500, median: float = 300,
-                    sigma: float = 1.3, seed: int = 0, row_group: int = 500) -> dict[str, list[int]]:
-    """Parquet files with columns id, tokens (list<int32>); returns {id: tokens}."""
+                    sigma: float = 1.3, seed: int = 0, row_group: int = 500,
+                    by_length: bool = False) -> dict[str, list[int]]:
+    """Parquet files with columns id, tokens (list<int32>); returns {id: tokens}. ``by_length``: the
+    documents sorted by length across the files (each file holds one length range)."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     docs: dict[str, list[int]] = {}
+    everyone = np.sort(lognormal_lengths(n_files * docs_per_file, median, sigma, rng)) if by_length else None
     for f in range(n_files):
-        lengths = lognormal_lengths(docs_per_file, median, sigma, rng)
+        lengths = (everyone[f * docs_per_file:(f + 1) * docs_per_file] if everyone is not None
+                   else lognormal_lengths(docs_per_file, median, sigma, rng))
         ids = [f"f{f}-d{i}" for i in range(docs_per_file)]
         tokens = [rng.integers(0, 100_000, n, dtype=np.int32) for n in lengths]
         table = pa.table({"id": ids, "tokens": pa.array(tokens, type=pa.list_(pa.int32()))})

@@ -7,8 +7,10 @@ from bfpack_spark.packing import bfd_layout
 from bfpack_spark.packing.layout import concat_layout, concat_pieces
 from bfpack_spark.packing.plan import (
     Routing,
+    in_place_is_tight,
     length_buckets,
     merge_round,
+    pack_in_place,
     pack_partition,
     packing_partitions,
     plan_bfd,
@@ -105,6 +107,32 @@ def test_a_plan_one_task_can_hold_is_one_process_bfd_whatever_the_groups_and_thr
     plan = plan_bfd(lengths, groups, 6, 2048, n_parts, 0.99, max_segments=cap)
     assert plan.n_sequences == bfd_layout(lengths, 2048, cap).n_sequences
     assert plan.residual_items == 0 and plan.merge_rounds == 0
+
+
+def test_an_in_place_first_round_is_taken_only_within_the_slack_of_the_lower_bound():
+    """One-process BFD never beats ceil(tokens / L), nor ceil(items / cap) under a cap: a plan
+    within 0.01% of that bound is within 0.01% of BFD."""
+    tokens = 100_000 * 2048 - 7  # lower bound 100,000 sequences: 10 over it allowed
+    assert in_place_is_tight(100_010, tokens, 150_000, 2048)
+    assert not in_place_is_tight(100_011, tokens, 150_000, 2048)
+    assert in_place_is_tight(150_015, tokens, 150_000 * 4, 2048, max_segments=4)  # bound 150,000
+    assert not in_place_is_tight(150_016, tokens, 150_000 * 4, 2048, max_segments=4)
+    assert in_place_is_tight(10, 10 * 512, 40, 512) and not in_place_is_tight(11, 10 * 512, 40, 512)
+
+
+def test_the_in_place_round_is_the_stage_0_of_a_plan_that_keeps_items_at_home():
+    lengths = lognormal(40_000, 300, 1.2, seed=9)
+    groups = contiguous_groups(len(lengths), 4)
+    plan = plan_bfd(lengths, groups, 4, 2048, 4, 0.99, 200_000, route=False)
+    for g in range(4):
+        mine = np.flatnonzero(groups == g)
+        chunks, packed = pack_in_place(lengths[mine], 2048, 0.99)
+        at_home = np.isin(plan.doc, mine)
+        assert np.array_equal(plan.doc[at_home], mine[chunks.doc])
+        ids = plan.seq[at_home][packed.final]  # this group's final sequences, numbered after earlier groups'
+        assert np.array_equal(ids - ids.min(), packed.rank[packed.final]) and packed.final.mean() > 0.99
+        assert np.array_equal(plan.slot[at_home][packed.final], packed.slot[packed.final])
+    assert in_place_is_tight(plan.n_sequences, int(lengths.sum()), len(plan.doc), 2048)
 
 
 def test_plans_are_deterministic():

@@ -13,6 +13,9 @@ own, in stages:
   (:func:`_interleave`), so no target gets systematically the short or the long end of
   a bucket: on length-sorted input that bias alone costs 0.1-0.2% more sequences (see
   BENCHMARKS.md).
+- Or, **in place**: each group packs its own items (:func:`pack_in_place`; ``plan_bfd(...,
+  route=False)`` with one partition per group). Nothing moves, and where groups are alike it is
+  as tight; the pipeline takes it only when :func:`in_place_is_tight` proves it.
 - Sequences filled to at least ``fill_threshold * L`` are *final*. The items of the
   others form the *residue*, packed again in **merge rounds** of
   ``ceil(residue / merge_items)`` length-stratified partitions, so that no task ever
@@ -39,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bfpack_spark.packing.bfd import _bfd_kernel, _validate_seq_len, validate_max_items
-from bfpack_spark.packing.chunking import chunk_documents
+from bfpack_spark.packing.chunking import Chunks, chunk_documents
 from bfpack_spark.packing.layout import Layout, _group_by_sequence, concat_layout
 
 DEFAULT_BUCKETS = 256
@@ -172,6 +175,31 @@ def pack_partition(lengths: npt.ArrayLike, groups: npt.ArrayLike, seq_len: int, 
     np.minimum.at(lo, bins, groups)
     np.maximum.at(hi, bins, groups)
     return Packed(bins, final_bin[bins], rank_of_bin[bins], slot, (lo == hi)[bins], int(final_bin.sum()))
+
+
+#: A plan whose first round packed every group where it was read is taken when it makes at most this
+#: share of sequences more than the lower bound ceil(tokens / L): one-process BFD never beats the
+#: bound, so such a plan is within this share of it too.
+IN_PLACE_SLACK = 1e-4
+
+
+def pack_in_place(doc_lengths: npt.ArrayLike, seq_len: int, fill_threshold: float,
+                  max_segments: int | None = None) -> tuple[Chunks, Packed]:
+    """A group's documents cut into items and packed by BFD on their own: the first round of a
+    plan that moves nothing where groups are alike (random order: each a sample of the corpus).
+    The read stage runs it on the lengths it has just read, the assembly again on the same lengths
+    (it is deterministic), so the plan of the final items never travels."""
+    chunks = chunk_documents(doc_lengths, seq_len)
+    return chunks, pack_partition(chunks.length, np.zeros(chunks.length.shape[0], np.int64), seq_len,
+                                  fill_threshold, max_segments)
+
+
+def in_place_is_tight(n_sequences: int, tokens: int, items: int, seq_len: int,
+                      max_segments: int | None = None) -> bool:
+    """Whether an in-place plan of ``n_sequences`` is within IN_PLACE_SLACK of the lower bound:
+    ceil(tokens / L), or with a cap on segments ceil(items / cap) where that is more."""
+    lower = max(-(-tokens // seq_len), -(-items // max_segments) if max_segments else 0)
+    return n_sequences <= lower + int(lower * IN_PLACE_SLACK)
 
 
 def round_threshold(n_parts: int, fill_threshold: float, stalled: bool = False) -> float:

@@ -30,6 +30,7 @@ from bfpack_spark.metrics import PackingStats
 from bfpack_spark.packing.arrow import ChunkedTokens, sequences_table
 from bfpack_spark.packing.chunking import chunk_documents
 from bfpack_spark.packing.layout import concat_pieces
+from bfpack_spark.packing.plan import pack_in_place
 from bfpack_spark.schemas import (
     ASSEMBLED,
     DOCUMENTS,
@@ -81,6 +82,7 @@ class Assembly:
     bos_token: str | None = None
     loss_masks: bool = False                # the documents carry loss masks, and so do the sequences
     max_segments: int | None = None         # the cap on segments per sequence (for the histogram's range)
+    in_place_fill: float | None = None      # best-fit: round 0 packed each group on its own, to this fill
 
     def figures(self, table: pa.Table) -> dict:
         """The audit's figures of a sequences file part."""
@@ -156,9 +158,25 @@ def _concat_segments(lengths: np.ndarray, kept: np.ndarray, first_token: int, to
     return _Segments(kept[doc], start, length, seq, position - seq * seq_len, local)
 
 
-def _plan_segments(lengths: np.ndarray, kept: np.ndarray, bundles: pa.Table, ctx: Assembly) -> _Segments:
-    """The group's chunks and where the plan's bundles (one per round and partition) put them."""
-    chunks = chunk_documents(lengths[kept], ctx.seq_len)
+def _plan_segments(group: int, lengths: np.ndarray, kept: np.ndarray, bundles: pa.Table,
+                   ctx: Assembly) -> _Segments:
+    """The group's chunks and where the plan puts them: the bundles (one per round and partition)
+    place them all, or, where round 0 packed the group on its own, the items that round left; the
+    rest it places again here, from the same lengths."""
+    if ctx.in_place_fill is not None:
+        if kept.shape[0] != lengths.shape[0]:
+            raise RuntimeError("a plan packed in place with documents dropped after the read")
+        chunks, packed = pack_in_place(lengths, ctx.seq_len, ctx.in_place_fill, ctx.max_segments)
+        home = packed.final
+    else:
+        chunks, home = chunk_documents(lengths[kept], ctx.seq_len), np.zeros(0, bool)
+    seq = np.empty(len(chunks), np.int64)
+    slot = np.empty(len(chunks), np.int64)
+    local = np.ones(len(chunks), bool)
+    if home.shape[0]:
+        seq[home] = ctx.sequence_ids(np.zeros(1, np.int64), np.array([group]), packed.rank[home])
+        slot[home] = packed.slot[home]
+    rest = np.flatnonzero(~home) if home.shape[0] else np.arange(len(chunks))
     items = {c: numbers_of(bundles, ORDERS, c)[0] for c in ("doc_index", "chunk", "slot", "local")}
     items["rank"], rank_offsets = numbers_of(bundles, ORDERS, "rank")
     per_row = np.diff(rank_offsets)
@@ -167,12 +185,13 @@ def _plan_segments(lengths: np.ndarray, kept: np.ndarray, bundles: pa.Table, ctx
     part = np.repeat(bundles.column("part").to_numpy(), per_row)[final]
     items = {c: v[final] for c, v in items.items()}
     order = np.lexsort((items["chunk"], items["doc_index"]))
-    if not (order.shape[0] == len(chunks) and np.array_equal(items["doc_index"][order], kept[chunks.doc])
-            and np.array_equal(items["chunk"][order], chunks.index)):
-        raise RuntimeError(f"the plan ({order.shape[0]} segments) does not match this group's {len(chunks)} chunks")
-    seq = ctx.sequence_ids(stage[order], part[order], items["rank"][order])
-    return _Segments(kept[chunks.doc], chunks.start, chunks.length, seq, items["slot"][order],
-                     items["local"][order])
+    if not (order.shape[0] == rest.shape[0] and np.array_equal(items["doc_index"][order], kept[chunks.doc[rest]])
+            and np.array_equal(items["chunk"][order], chunks.index[rest])):
+        raise RuntimeError(f"the plan ({order.shape[0]} segments) does not match this group's "
+                           f"{rest.shape[0]} chunks")
+    seq[rest] = ctx.sequence_ids(stage[order], part[order], items["rank"][order])
+    slot[rest], local[rest] = items["slot"][order], items["local"][order]
+    return _Segments(kept[chunks.doc], chunks.start, chunks.length, seq, slot, local)
 
 
 def _excerpts(tokens: ChunkedTokens, docs: np.ndarray, ctx: Assembly) -> list[str]:
@@ -202,7 +221,7 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
     if ctx.strategy == "concat":
         segs = _concat_segments(lengths, kept, int(ctx.concat_offsets[group]), ctx.concat_total, L)
     else:
-        segs = _plan_segments(lengths, kept, orders.filter(pa.array(kind == PLAN)), ctx)
+        segs = _plan_segments(group, lengths, kept, orders.filter(pa.array(kind == PLAN)), ctx)
     doc_ids = stored.column("doc_id").combine_chunks()
     name = f"group-{group:07d}"
     run_id = ctx.staging.run_id

@@ -1,5 +1,11 @@
 """Stage 3, plan: where every chunk goes, from lengths alone, computed in Spark tasks.
 
+First, the plan the read stage's tasks have already made (:func:`plan_in_place`): each group
+packed on its own where it was read, the few items that leaves packed by the driver. Where
+groups are alike (a corpus in random order) it is as tight as one-process BFD, costs no Spark
+job and moves almost nothing; it is taken when it is provably within 0.01% of it (of the lower
+bound). Else the routed plan below runs.
+
 The steps are those of :mod:`bfpack_spark.packing.plan` (read its docstring first):
 the driver turns each round's counts per (source, length bucket) into a
 :class:`~bfpack_spark.packing.plan.Routing`, tasks deal their items to the round's
@@ -31,6 +37,7 @@ from bfpack_spark.packing.chunking import chunk_documents
 from bfpack_spark.packing.plan import (
     Routing,
     home_targets,
+    in_place_is_tight,
     length_buckets,
     merge_round,
     pack_partition,
@@ -64,6 +71,11 @@ class PlanResult:
     moved_tokens: int = 0
     rounds: list[DataFrame] = field(default_factory=list)  # each round's packed bundles (cached)
     last_round: DataFrame | None = None  # a last round packed on the driver (a small local table)
+    first_round: str | None = None  # "in place": each group packed where it was read (no order travels); "routed"
+
+    @property
+    def in_place(self) -> bool:
+        return self.first_round == IN_PLACE
 
     def unpersist(self) -> None:
         for df in self.rounds:
@@ -181,6 +193,8 @@ class _Round:
         return pack
 
 
+IN_PLACE = "in place"
+_PLAN_COLUMNS = ("group", "part", "doc_index", "chunk", "rank", "slot", "local")
 _LEFT = tuple(name for name in PACKED.names if name.startswith("left_"))
 #: A last merge round of at most this many items is packed on the driver (a few MB, whatever the
 #: corpus): one Spark job less, for the few residual items a plan usually ends with.
@@ -225,6 +239,46 @@ def _driver_round(spark, items: dict[str, np.ndarray], rnd: _Round,
     return df, packed.n_final, int(moved.sum()), int(items["length"][moved].sum())
 
 
+def plan_in_place(spark, groups: list[dict], tokens: int, seq_len: int, merge_items: int, n_buckets: int,
+                  max_segments: int | None = None) -> PlanResult | None:
+    """The plan whose first round the read stage's tasks packed, each group on its own where it was
+    read (``groups[g]["in_place"]``), the items they left packed by the driver in one last round.
+    Nothing of it moves but those items' sequences. None where it does not serve, and the routed
+    plan runs instead: a group left more items than it could hand over, they are more than one
+    merge partition holds, or the plan is not within IN_PLACE_SLACK of the lower bound (groups
+    unlike each other: each holds one length range, say), and so maybe not of one-process BFD."""
+    figures = [g["in_place"] for g in groups]
+    if any(f["residue"] is None for f in figures) or sum(f["residual_items"] for f in figures) > merge_items:
+        return None
+    n_final = [f["n_final"] for f in figures]
+    residue = {name: np.array([v for f in figures for v in f["residue"][name]], np.int64)
+               for name in ("doc_index", "chunk", "length")}
+    residue["group"] = np.repeat(np.arange(len(figures)), [f["residual_items"] for f in figures])
+    n_items = int(sum(np.asarray(g["items"]).sum() for g in groups))
+    result = PlanResult(None, 0, len(groups), n_items=n_items, residual_items=residue["length"].shape[0],
+                        first_round=IN_PLACE)
+    finals_by_round = [n_final]
+    if result.residual_items:
+        rnd = _Round(seq_len, n_buckets, max_segments)
+        result.last_round, n_last, result.moved_segments, result.moved_tokens = _driver_round(
+            spark, residue, rnd, round_threshold(1, fill_threshold=0.0))
+        finals_by_round.append([n_last])
+        result.residual_sequences, result.merge_rounds = n_last, 1
+        result.orders = as_orders(result.last_round, PLAN, stage=F.lit(1), **{c: F.col(c) for c in _PLAN_COLUMNS})
+    result.n_sequences = sum(map(sum, finals_by_round))
+    if not in_place_is_tight(result.n_sequences, tokens, n_items, seq_len, max_segments):
+        return None
+    result.first_ids = _first_ids(finals_by_round)
+    return result
+
+
+def _first_ids(finals_by_round: list[list[int]]) -> list[np.ndarray]:
+    """First sequence id of each partition, per round."""
+    first = sequence_offsets([n for finals in finals_by_round for n in finals])
+    bounds = np.cumsum([0] + [len(f) for f in finals_by_round])
+    return [first[bounds[r]:bounds[r + 1]] for r in range(len(finals_by_round))]
+
+
 def _counts_matrix(counts: dict, n_sources: int, n_buckets: int) -> np.ndarray:
     matrix = np.zeros((n_sources, n_buckets), np.int64)
     for (s, b), n in counts.items():
@@ -246,7 +300,7 @@ def plan_bfd(kept: DataFrame, counts: np.ndarray, seq_len: int, n_partitions: in
     items = (kept.select("group", "doc_index", "n_tokens")
              .mapInArrow(rnd.route_documents(routing), spark_ddl(BUNDLE)))
     n_items = int(counts.sum())
-    result = PlanResult(None, 0, n_partitions, n_items=n_items)
+    result = PlanResult(None, 0, n_partitions, n_items=n_items, first_round="routed")
     finals_by_round: list[list[int]] = []  # final sequences per partition, per round
     n_targets, threshold, stalled = n_partitions, round_threshold(n_partitions, fill_threshold), False
     while True:
@@ -281,15 +335,12 @@ def plan_bfd(kept: DataFrame, counts: np.ndarray, seq_len: int, n_partitions: in
             break
         routing = Routing.from_counts(_counts_matrix(residue, n_sources, width), n_targets)
         items = packed.mapInArrow(rnd.route_residue(routing), spark_ddl(BUNDLE))
-    first = sequence_offsets([n for finals in finals_by_round for n in finals])
-    bounds = np.cumsum([0] + [len(f) for f in finals_by_round])
-    result.first_ids = [first[bounds[r]:bounds[r + 1]] for r in range(len(finals_by_round))]
+    result.first_ids = _first_ids(finals_by_round)
     result.n_sequences = int(sum(map(sum, finals_by_round)))
     result.residual_sequences = result.n_sequences - sum(finals_by_round[0])
     rounds = result.rounds + ([result.last_round] if result.last_round is not None else [])
     result.merge_rounds = len(rounds) - 1
     result.orders = reduce(DataFrame.unionByName, [
-        as_orders(packed, PLAN, stage=F.lit(stage), **{c: F.col(c) for c in (
-            "group", "part", "doc_index", "chunk", "rank", "slot", "local")})
+        as_orders(packed, PLAN, stage=F.lit(stage), **{c: F.col(c) for c in _PLAN_COLUMNS})
         for stage, packed in enumerate(rounds)])
     return result

@@ -3,7 +3,9 @@
 Reads every split of the group, tokenizes texts (or checks given token ids) and adds
 the end-of-document token. A document's tokens go to the run's workspace, never
 through Spark; Spark gets one row per document (group, position, id, length, where it
-was read), which is all the dedup and the plan need.
+was read), which is all the dedup and the plan need. For best-fit, each task also packs its
+group's items on their own (BFD over its lengths: milliseconds) and reports the sequences that
+makes and the items it leaves: where groups are alike, that is the plan's first round.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from bfpack_spark.io.staging import StagedFile, Staging
 from bfpack_spark.io.workspace import Workspace
 from bfpack_spark.packing import flatten_token_lists
 from bfpack_spark.packing.arrow import frame_documents, prompt_and_text
-from bfpack_spark.packing.plan import item_histogram
+from bfpack_spark.packing.plan import item_histogram, pack_in_place
 from bfpack_spark.schemas import DOC, FILE, GROUP, READ, REJECTS, STORED, spark_ddl
 from bfpack_spark.spark.partitioning import map_slices
 from bfpack_spark.tokenize import Tokenizer, document_bos, encode_texts, load_tokenizer
@@ -51,6 +53,11 @@ class ReadSettings:
     extra_column: str | None = None  # each document's loss mask (tokenized input) or prompt (text)
     loss_masks: bool = False
     engine: str = "auto"
+    # best-fit: the fill threshold of a first round packed where each group was read (None: not
+    # tried), the cap on segments per sequence, and the residual items a group may hand over
+    in_place_fill: float | None = None
+    max_segments: int | None = None
+    in_place_carry: int = 0
 
 
 def _flat(tokens: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +155,7 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
                workspace: Workspace) -> Iterator[pa.RecordBatch]:
     """Read one group: its documents go to the workspace (tokens) and to Spark (one small row each,
     kind DOC, in canonical order); its rejects to a file of the rejects table (a FILE row); and a
-    GROUP row counts the records the readers consumed, for the audit."""
+    GROUP row counts the records the readers consumed, for the audit (and holds the in-place round's figures)."""
     faults.check("read")
     tokenizer = load_tokenizer(settings.tokenizer, settings.eos_token, settings.bos_token, settings.engine)
     bos = document_bos(tokenizer, settings.prepend_bos)
@@ -158,6 +165,7 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
     doc_index = n_records = n_tokens = 0
     rejects: list[Reject] = []
     histogram = np.zeros(min(settings.length_buckets, settings.seq_len), np.int64)
+    doc_lengths: list[np.ndarray] = []
     with workspace.group_writer(group, STORED) as store:
         for split in splits:
             for raw in read_split(split, settings.id_column, settings.column, settings.tokenized,
@@ -191,13 +199,28 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
                     doc_index += len(raw)
                     n_tokens += int(lengths.sum())
                     histogram += item_histogram(lengths, settings.seq_len, settings.length_buckets)
+                    doc_lengths.append(lengths)
     if rejects:
         written = staging.write("rejects", f"read-{group:07d}", rejects_table(rejects, staging.run_id))
         yield _info_row(FILE, group, written.to_json())
     engine = None if settings.tokenized else tokenizer.engine
-    yield _info_row(GROUP, group, json.dumps({"records": n_records, "documents": doc_index, "tokens": n_tokens,
-                                              "rejects": len(rejects), "items": histogram.tolist(),
-                                              "engine": engine}))
+    counts = {"records": n_records, "documents": doc_index, "tokens": n_tokens, "rejects": len(rejects),
+              "items": histogram.tolist(), "engine": engine}
+    if settings.in_place_fill is not None:
+        counts["in_place"] = _in_place(np.concatenate(doc_lengths or [np.empty(0, np.int64)]), settings)
+    yield _info_row(GROUP, group, json.dumps(counts))
+
+
+def _in_place(lengths: np.ndarray, settings: ReadSettings) -> dict:
+    """The group's items packed on their own (a few milliseconds): its final sequences, and the
+    items left (handed over when at most ``in_place_carry``), for the plan to weigh."""
+    chunks, packed = pack_in_place(lengths, settings.seq_len, settings.in_place_fill or 0.0, settings.max_segments)
+    left = np.flatnonzero(~packed.final)
+    residue = None
+    if left.shape[0] <= settings.in_place_carry:
+        residue = {"doc_index": chunks.doc[left].tolist(), "chunk": chunks.index[left].tolist(),
+                   "length": chunks.length[left].tolist()}
+    return {"n_final": packed.n_final, "residual_items": int(left.shape[0]), "residue": residue}
 
 
 def _lengths(raw: RawBatch) -> np.ndarray:
