@@ -53,7 +53,7 @@ from bfpack_spark.spark.progress import stage_progress
 from bfpack_spark.spark.session import get_spark
 from bfpack_spark.stages.assemble import Assembly, assemble, reduce_partitions
 from bfpack_spark.stages.dedup import earlier_documents, find_duplicates, without_duplicates
-from bfpack_spark.stages.plan import DRIVER_ITEMS, PlanResult, plan_bfd, plan_in_place
+from bfpack_spark.stages.plan import DRIVER_ITEMS, PlanResult, plan_bfd, plan_in_place, plan_on_driver
 from bfpack_spark.stages.read import ReadSettings, read_corpus
 from bfpack_spark.stats import packing_stats, stats_row, stats_table
 from bfpack_spark.tokenize import TokenizerError, document_bos, load_tokenizer
@@ -332,9 +332,11 @@ def _plan(run: _Run, read, dups, counts: _Counts) -> PlanResult:
                 items[g] -= dropped
             n_parts = packing_partitions(int(items.sum()), n_groups, p.merge_items_per_partition, p.partitions)
             plan = None
-            if n_parts > 1 and not dups.items_by_group and all("in_place" in g for g in read.groups):
-                plan = plan_in_place(run.spark, read.groups, counts.tokens, L, p.merge_items_per_partition,
-                                     p.length_buckets, p.max_segments_per_sequence)
+            if not dups.items_by_group and all("in_place" in g for g in read.groups):  # the read's work holds
+                plan = (plan_on_driver(run.spark, read.groups, L, p.length_buckets, p.max_segments_per_sequence)
+                        if n_parts == 1 else
+                        plan_in_place(run.spark, read.groups, counts.tokens, L, p.merge_items_per_partition,
+                                      p.length_buckets, p.max_segments_per_sequence))
             if plan is None:
                 kept = without_duplicates(read.docs, dups, n_groups)
                 run.release.callback(kept.unpersist)

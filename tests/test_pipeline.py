@@ -186,21 +186,23 @@ def test_spark_plan_equals_the_one_process_plan(spark, n_parts, merge_items, dri
     assert rows["local"].tolist() == want.local.tolist()
 
 
-@pytest.mark.parametrize("by_length, cap, first_round", [
-    (False, None, "in place"), (True, None, "routed"), (False, 16, "routed")])
-def test_best_fit_tables_hold_the_one_process_plan(spark, tmp_path, by_length, cap, first_round):
+@pytest.mark.parametrize("by_length, cap, merge_items, first_round", [
+    (False, None, 3000, "in place"), (True, None, 3000, "routed"), (False, 16, 3000, "routed"),
+    (True, 16, 200_000, "driver")])
+def test_best_fit_tables_hold_the_one_process_plan(spark, tmp_path, by_length, cap, merge_items, first_round):
     """More items than one task plans: groups alike (random order) are packed where they were read,
     their few residual items by the driver; groups that each hold one length range would lose
     tightness that way, and the routed plan runs (so it does under a cap on segments that binds:
-    no plan reaches the lower bound then). Either way every segment of the sequences table sits
-    where the one-process plan of the same steps puts it."""
+    no plan reaches the lower bound then). Fewer: the driver packs them all, from the lengths the
+    read's tasks hand over. Every segment of the sequences table sits where the one-process plan
+    of the same steps puts it."""
     import pyarrow.parquet as pq
 
     from bfpack_spark.job import _plan_inputs
     from bfpack_spark.packing.plan import plan_bfd
 
     docs = write_tokenized(tmp_path / "corpus", median=100, by_length=by_length)
-    settings = {"packing.merge_items_per_partition": 3000, "input.target_items_per_partition": 1600,
+    settings = {"packing.merge_items_per_partition": merge_items, "input.target_items_per_partition": 1600,
                 "packing.max_segments_per_sequence": cap}
     result = pack(spark, tmp_path / "corpus", tmp_path / "out", **settings)
     assert result.stats["plan_first_round"] == first_round and result.stats["audit_passed"]
@@ -208,7 +210,8 @@ def test_best_fit_tables_hold_the_one_process_plan(spark, tmp_path, by_length, c
         "input.paths": [str(tmp_path / "corpus")], "input.token_column": "tokens", "output.output": str(tmp_path),
         "packing.seq_len": L, **settings}))
     n_groups = len(inputs.groups)
-    assert n_groups > 1 and result.stats["packing_partitions"] == n_groups
+    n_parts = 1 if first_round == "driver" else n_groups
+    assert n_groups > 1 and result.stats["packing_partitions"] == n_parts
     documents = table(tmp_path / "out", "documents")
     ids = dict(zip(zip(documents.column("source").to_pylist(), documents.column("row").to_pylist()),
                    documents.column("doc_id").to_pylist()))
@@ -220,15 +223,16 @@ def test_best_fit_tables_hold_the_one_process_plan(spark, tmp_path, by_length, c
             n = sum(meta.row_group(i).num_rows for i in row_groups)
             canonical += [ids[(split.source, split.first_row + k)] for k in range(n)]
             group += [g] * n
-    want = plan_bfd([len(docs[d]) for d in canonical], group, n_groups, L, n_groups, 0.99, 3000,
-                    route=first_round == "routed", max_segments=cap)
+    want = plan_bfd([len(docs[d]) for d in canonical], group, n_groups, L, n_parts, 0.99, merge_items,
+                    route=first_round != "in place", max_segments=cap)
     sequences = table(tmp_path / "out", "sequences")
     got = {(d, s): q for q, ds, ss in zip(sequences.column("seq_id").to_pylist(),
                                           sequences.column("doc_ids").to_pylist(),
                                           sequences.column("seg_starts").to_pylist()) for d, s in zip(ds, ss)}
     assert result.stats["sequences"] == want.n_sequences == sequences.num_rows
     assert got == {(canonical[d], int(s)): int(q) for d, s, q in zip(want.doc, want.start, want.seq)}
-    assert result.stats["residual_items"] == want.residual_items > 0  # and a last round packed them
+    assert result.stats["residual_items"] == want.residual_items
+    assert result.stats["merge_rounds"] == want.merge_rounds == (first_round != "driver")
 
 
 @pytest.mark.parametrize("n", [1, 7, 64])

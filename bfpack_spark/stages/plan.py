@@ -71,7 +71,9 @@ class PlanResult:
     moved_tokens: int = 0
     rounds: list[DataFrame] = field(default_factory=list)  # each round's packed bundles (cached)
     last_round: DataFrame | None = None  # a last round packed on the driver (a small local table)
-    first_round: str | None = None  # "in place": each group packed where it was read (no order travels); "routed"
+    # how round 0 ran: "in place" (each group packed where it was read: no order travels), "driver"
+    # (one partition, packed by the driver), "routed" (Spark tasks); None: no plan (concat)
+    first_round: str | None = None
 
     @property
     def in_place(self) -> bool:
@@ -194,11 +196,13 @@ class _Round:
 
 
 IN_PLACE = "in place"
+DRIVER = "driver"
 _PLAN_COLUMNS = ("group", "part", "doc_index", "chunk", "rank", "slot", "local")
 _LEFT = tuple(name for name in PACKED.names if name.startswith("left_"))
-#: A last merge round of at most this many items is packed on the driver (a few MB, whatever the
-#: corpus): one Spark job less, for the few residual items a plan usually ends with.
-DRIVER_ITEMS = 65_536
+#: The driver packs at most this many items itself (about 10 MB of numbers, whatever the corpus): a
+#: whole plan one task could hold, or the last round of one (the few residual items a plan usually
+#: ends with). A Spark job costs more than BFD over that many lengths.
+DRIVER_ITEMS = 262_144
 
 
 def _round_figures(packed: DataFrame) -> tuple[dict, dict, tuple[int, int], dict[str, np.ndarray] | None]:
@@ -237,6 +241,29 @@ def _driver_round(spark, items: dict[str, np.ndarray], rnd: _Round,
     df = spark.createDataFrame(rows, ", ".join(f"`{c}` {spark_types(PACKED)[c]}" for c in names))
     moved = ~packed.local
     return df, packed.n_final, int(moved.sum()), int(items["length"][moved].sum())
+
+
+def plan_on_driver(spark, groups: list[dict], seq_len: int, n_buckets: int,
+                   max_segments: int | None = None) -> PlanResult | None:
+    """A plan of one partition (one-process BFD over every chunk), made by the driver from the
+    document lengths each read task handed over with its counts (``groups[g]["in_place"]["lengths"]``);
+    None when a group had too many to hand over."""
+    figures = [g["in_place"] for g in groups]
+    if any(f.get("lengths") is None for f in figures):
+        return None
+    parts = []
+    for g, f in enumerate(figures):
+        chunks = chunk_documents(np.asarray(f["lengths"], np.int64), seq_len)
+        parts.append({"group": np.full(len(chunks), g, np.int64), "doc_index": chunks.doc, "chunk": chunks.index,
+                      "length": chunks.length})
+    items = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    if not items["length"].shape[0]:
+        return None
+    df, n_final, moved, moved_tokens = _driver_round(spark, items, _Round(seq_len, n_buckets, max_segments),
+                                                     round_threshold(1, fill_threshold=0.0))
+    return PlanResult(as_orders(df, PLAN, stage=F.lit(0), **{c: F.col(c) for c in _PLAN_COLUMNS}), n_final, 1,
+                      first_ids=_first_ids([[n_final]]), n_items=items["length"].shape[0], moved_segments=moved,
+                      moved_tokens=moved_tokens, last_round=df, first_round=DRIVER)
 
 
 def plan_in_place(spark, groups: list[dict], tokens: int, seq_len: int, merge_items: int, n_buckets: int,

@@ -57,7 +57,7 @@ class ReadSettings:
     # tried), the cap on segments per sequence, and the residual items a group may hand over
     in_place_fill: float | None = None
     max_segments: int | None = None
-    in_place_carry: int = 0
+    in_place_carry: int = 0  # also: a group of at most this many items hands over its document lengths
 
 
 def _flat(tokens: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -213,14 +213,17 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
 
 def _in_place(lengths: np.ndarray, settings: ReadSettings) -> dict:
     """The group's items packed on their own (a few milliseconds): its final sequences, and the
-    items left (handed over when at most ``in_place_carry``), for the plan to weigh."""
+    items left (handed over when at most ``in_place_carry``), for the plan to weigh; and when the
+    group has at most that many items, its documents' lengths (the driver may plan a small corpus)."""
     chunks, packed = pack_in_place(lengths, settings.seq_len, settings.in_place_fill or 0.0, settings.max_segments)
     left = np.flatnonzero(~packed.final)
     residue = None
     if left.shape[0] <= settings.in_place_carry:
         residue = {"doc_index": chunks.doc[left].tolist(), "chunk": chunks.index[left].tolist(),
                    "length": chunks.length[left].tolist()}
-    return {"n_final": packed.n_final, "residual_items": int(left.shape[0]), "residue": residue}
+    small = len(chunks) <= settings.in_place_carry
+    return {"n_final": packed.n_final, "residual_items": int(left.shape[0]), "residue": residue,
+            "lengths": lengths.tolist() if small else None}
 
 
 def _lengths(raw: RawBatch) -> np.ndarray:
