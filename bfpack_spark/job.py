@@ -335,8 +335,8 @@ def _plan(run: _Run, read, dups, counts: _Counts) -> PlanResult:
             if not dups.items_by_group and all("in_place" in g for g in read.groups):  # the read's work holds
                 plan = (plan_on_driver(run.spark, read.groups, L, p.length_buckets, p.max_segments_per_sequence)
                         if n_parts == 1 else
-                        plan_in_place(run.spark, read.groups, counts.tokens, L, p.merge_items_per_partition,
-                                      p.length_buckets, p.max_segments_per_sequence))
+                        plan_in_place(read.residue, read.groups, counts.tokens, L, p.residual_fill,
+                                      p.merge_items_per_partition, p.length_buckets, p.max_segments_per_sequence))
             if plan is None:
                 kept = without_duplicates(read.docs, dups, n_groups)
                 run.release.callback(kept.unpersist)

@@ -37,8 +37,10 @@ def numbers_of(table: pa.Table | pa.RecordBatch, schema: pa.Schema, name: str) -
     return binary_as_ids(table.column(name), _numbers_dtype(schema, name))
 
 #: Rows out of the read stage: one per document (kind DOC), one summary per group (GROUP,
-#: ``info`` = its counts as JSON) and one per file it wrote (FILE, ``info`` = a StagedFile).
-DOC, GROUP, FILE = 0, 1, 2
+#: ``info`` = its counts as JSON), one per file it wrote (FILE, ``info`` = a StagedFile) and, for
+#: best-fit, the chunks its own BFD left (RESIDUE, ``info`` = their doc_index, chunk and length as
+#: JSON; never collected: merge rounds in Spark tasks read them).
+DOC, GROUP, FILE, RESIDUE = 0, 1, 2, 3
 READ = pa.schema([
     ("kind", pa.int8()),
     ("group", pa.int32()),

@@ -186,21 +186,27 @@ def test_spark_plan_equals_the_one_process_plan(spark, n_parts, merge_items, dri
     assert rows["local"].tolist() == want.local.tolist()
 
 
-@pytest.mark.parametrize("by_length, cap, merge_items, first_round", [
-    (False, None, 3000, "in place"), (True, None, 3000, "routed"), (False, 16, 3000, "routed"),
-    (True, 16, 200_000, "driver")])
-def test_best_fit_tables_hold_the_one_process_plan(spark, tmp_path, by_length, cap, merge_items, first_round):
+@pytest.mark.parametrize("by_length, cap, merge_items, driver_items, first_round", [
+    (False, None, 3000, None, "in place"), (False, None, 3000, 0, "in place"), (False, None, 40, 0, "routed"),
+    (True, None, 3000, None, "routed"), (False, 16, 3000, None, "routed"), (True, 16, 200_000, None, "driver")])
+def test_best_fit_tables_hold_the_one_process_plan(spark, tmp_path, monkeypatch, by_length, cap, merge_items,
+                                                   driver_items, first_round):
     """More items than one task plans: groups alike (random order) are packed where they were read,
     their few residual items by the driver; groups that each hold one length range would lose
     tightness that way, and the routed plan runs (so it does under a cap on segments that binds:
     no plan reaches the lower bound then). Fewer: the driver packs them all, from the lengths the
     read's tasks hand over. Every segment of the sequences table sits where the one-process plan
-    of the same steps puts it."""
+    of the same steps puts it. ``driver_items`` 0: no group hands its residue to the driver, and
+    merge rounds in Spark tasks deal it from the read's RESIDUE rows (at 40 items a partition,
+    two of them, a sequence more than the bound: the routed plan runs after all)."""
     import pyarrow.parquet as pq
 
+    from bfpack_spark import job
     from bfpack_spark.job import _plan_inputs
     from bfpack_spark.packing.plan import plan_bfd
 
+    if driver_items is not None:
+        monkeypatch.setattr(job, "DRIVER_ITEMS", driver_items)
     docs = write_tokenized(tmp_path / "corpus", median=100, by_length=by_length)
     settings = {"packing.merge_items_per_partition": merge_items, "input.target_items_per_partition": 1600,
                 "packing.max_segments_per_sequence": cap}
@@ -232,7 +238,7 @@ def test_best_fit_tables_hold_the_one_process_plan(spark, tmp_path, by_length, c
     assert result.stats["sequences"] == want.n_sequences == sequences.num_rows
     assert got == {(canonical[d], int(s)): int(q) for d, s, q in zip(want.doc, want.start, want.seq)}
     assert result.stats["residual_items"] == want.residual_items
-    assert result.stats["merge_rounds"] == want.merge_rounds == (first_round != "driver")
+    assert result.stats["merge_rounds"] == want.merge_rounds >= (first_round != "driver")
 
 
 @pytest.mark.parametrize("n", [1, 7, 64])

@@ -20,6 +20,7 @@ group): Spark moves a few long arrays far more cheaply than one row per item.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -153,6 +154,20 @@ class _Round:
                     yield self._dealt(int(p), _canonical({c: v[left] for c, v in items.items()}), routing)
         return route
 
+    def route_spilled(self, routing: Routing):
+        """The first merge round after an in-place one: deal each group's residue (its RESIDUE row,
+        the chunks in canonical order) to the round's partitions."""
+        def route(batches) -> Iterator[pa.RecordBatch]:
+            table = _table(batches)
+            if table is None:
+                return
+            for g, info in zip(table.column("group").to_pylist(), table.column("info").to_pylist()):
+                items = {name: np.asarray(values, np.int64) for name, values in json.loads(info).items()}
+                if items["length"].shape[0]:
+                    items["group"] = np.full(items["length"].shape[0], g, np.int32)
+                    yield self._dealt(g, items, routing)
+        return route
+
     def _dealt(self, source: int, items: dict[str, np.ndarray], routing: Routing) -> pa.RecordBatch:
         length = items["length"]
         target = routing.targets(source, length, length_buckets(length, self.seq_len, self.n_buckets))
@@ -195,8 +210,7 @@ class _Round:
         return pack
 
 
-IN_PLACE = "in place"
-DRIVER = "driver"
+IN_PLACE, DRIVER, ROUTED = "in place", "driver", "routed"
 _PLAN_COLUMNS = ("group", "part", "doc_index", "chunk", "rank", "slot", "local")
 _LEFT = tuple(name for name in PACKED.names if name.startswith("left_"))
 #: The driver packs at most this many items itself (about 10 MB of numbers, whatever the corpus): a
@@ -259,43 +273,50 @@ def plan_on_driver(spark, groups: list[dict], seq_len: int, n_buckets: int,
     items = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     if not items["length"].shape[0]:
         return None
-    df, n_final, moved, moved_tokens = _driver_round(spark, items, _Round(seq_len, n_buckets, max_segments),
-                                                     round_threshold(1, fill_threshold=0.0))
-    return PlanResult(as_orders(df, PLAN, stage=F.lit(0), **{c: F.col(c) for c in _PLAN_COLUMNS}), n_final, 1,
-                      first_ids=_first_ids([[n_final]]), n_items=items["length"].shape[0], moved_segments=moved,
-                      moved_tokens=moved_tokens, last_round=df, first_round=DRIVER)
+    result = PlanResult(None, 0, 1, n_items=items["length"].shape[0], first_round=DRIVER)
+    _pack_rounds(spark, result, _Rounds(_Round(seq_len, n_buckets, max_segments), 0.0, 1, 0), [], items=None,
+                 n_targets=1, threshold=round_threshold(1, fill_threshold=0.0), carried=items)
+    return result
 
 
-def plan_in_place(spark, groups: list[dict], tokens: int, seq_len: int, merge_items: int, n_buckets: int,
-                  max_segments: int | None = None) -> PlanResult | None:
+def plan_in_place(residue_rows: DataFrame, groups: list[dict], tokens: int, seq_len: int, fill_threshold: float,
+                  merge_items: int, n_buckets: int, max_segments: int | None = None,
+                  driver_items: int = DRIVER_ITEMS) -> PlanResult | None:
     """The plan whose first round the read stage's tasks packed, each group on its own where it was
-    read (``groups[g]["in_place"]``), the items they left packed by the driver in one last round.
-    Nothing of it moves but those items' sequences. None where it does not serve, and the routed
-    plan runs instead: a group left more items than it could hand over, they are more than one
-    merge partition holds, or the plan is not within IN_PLACE_SLACK of the lower bound (groups
+    read (``groups[g]["in_place"]``); the chunks it left go through merge rounds as in the routed
+    plan: packed by the driver when few (handed over with the groups' counts), else dealt from the
+    read's RESIDUE rows (``residue_rows``) to Spark tasks. Nothing moves but those chunks'
+    sequences. None where it does not serve, and the routed plan runs instead: a group left too
+    many chunks to hand on, or the plan is not within IN_PLACE_SLACK of the lower bound (groups
     unlike each other: each holds one length range, say), and so maybe not of one-process BFD."""
     figures = [g["in_place"] for g in groups]
-    if any(f["residue"] is None for f in figures) or sum(f["residual_items"] for f in figures) > merge_items:
+    if not all(f["spilled"] for f in figures):
         return None
-    n_final = [f["n_final"] for f in figures]
-    residue = {name: np.array([v for f in figures for v in f["residue"][name]], np.int64)
-               for name in ("doc_index", "chunk", "length")}
-    residue["group"] = np.repeat(np.arange(len(figures)), [f["residual_items"] for f in figures])
+    rnd = _Round(seq_len, n_buckets, max_segments)
     n_items = int(sum(np.asarray(g["items"]).sum() for g in groups))
-    result = PlanResult(None, 0, len(groups), n_items=n_items, residual_items=residue["length"].shape[0],
-                        first_round=IN_PLACE)
-    finals_by_round = [n_final]
-    if result.residual_items:
-        rnd = _Round(seq_len, n_buckets, max_segments)
-        result.last_round, n_last, result.moved_segments, result.moved_tokens = _driver_round(
-            spark, residue, rnd, round_threshold(1, fill_threshold=0.0))
-        finals_by_round.append([n_last])
-        result.residual_sequences, result.merge_rounds = n_last, 1
-        result.orders = as_orders(result.last_round, PLAN, stage=F.lit(1), **{c: F.col(c) for c in _PLAN_COLUMNS})
-    result.n_sequences = sum(map(sum, finals_by_round))
+    left = sum(f["residual_items"] for f in figures)
+    result = PlanResult(None, 0, len(groups), n_items=n_items, residual_items=left, first_round=IN_PLACE)
+    finals_by_round = [[f["n_final"] for f in figures]]
+    if left:
+        n_targets, threshold = merge_round(left, merge_items, fill_threshold, stalled=False)
+        carried = items = None
+        if n_targets == 1 and left <= driver_items and all(f["residue"] is not None for f in figures):
+            carried = {name: np.array([v for f in figures for v in f["residue"][name]], np.int64)
+                       for name in ("doc_index", "chunk", "length")}
+            carried["group"] = np.repeat(np.arange(len(figures)), [f["residual_items"] for f in figures])
+        else:
+            counts = np.zeros((len(figures), min(n_buckets, seq_len)), np.int64)
+            for g, f in enumerate(figures):
+                counts[g, f["residue_buckets"]] = f["residue_counts"]
+            items = residue_rows.mapInArrow(rnd.route_spilled(Routing.from_counts(counts, n_targets)),
+                                            spark_ddl(BUNDLE))
+        _pack_rounds(residue_rows.sparkSession, result, _Rounds(rnd, fill_threshold, merge_items, driver_items),
+                     finals_by_round, items, n_targets, threshold, carried, n_items=left)
+    else:
+        _finish(result, finals_by_round)
     if not in_place_is_tight(result.n_sequences, tokens, n_items, seq_len, max_segments):
+        result.unpersist()
         return None
-    result.first_ids = _first_ids(finals_by_round)
     return result
 
 
@@ -313,27 +334,38 @@ def _counts_matrix(counts: dict, n_sources: int, n_buckets: int) -> np.ndarray:
     return matrix
 
 
-def plan_bfd(kept: DataFrame, counts: np.ndarray, seq_len: int, n_partitions: int, fill_threshold: float,
-             merge_items: int, n_buckets: int, max_segments: int | None = None,
-             driver_items: int = DRIVER_ITEMS) -> PlanResult:
-    """Best-fit plan of the packable documents ``kept`` (DOC rows, each group's in one partition);
-    ``counts[g, b]``: the chunks of group ``g``'s documents in length bucket ``b``; ``max_segments``:
-    the cap on segments per sequence, in every round; a last round of one partition and at most
-    ``driver_items`` items is packed on the driver (the same plan, one Spark job less)."""
-    rnd = _Round(seq_len, n_buckets, max_segments)
-    width = min(n_buckets, seq_len)
-    n_groups = counts.shape[0]
-    routing = Routing.from_counts(counts, n_partitions, home_targets(n_groups, n_partitions))
-    items = (kept.select("group", "doc_index", "n_tokens")
-             .mapInArrow(rnd.route_documents(routing), spark_ddl(BUNDLE)))
-    n_items = int(counts.sum())
-    result = PlanResult(None, 0, n_partitions, n_items=n_items, first_round="routed")
-    finals_by_round: list[list[int]] = []  # final sequences per partition, per round
-    n_targets, threshold, stalled = n_partitions, round_threshold(n_partitions, fill_threshold), False
+@dataclass(frozen=True)
+class _Rounds:
+    """How rounds are packed: the tasks, the fill threshold, the largest partition of a merge round,
+    the largest round the driver packs itself."""
+
+    rnd: _Round
+    fill_threshold: float
+    merge_items: int
+    driver_items: int
+
+
+def _pack_rounds(spark, result: PlanResult, how: _Rounds, finals_by_round: list[list[int]], items: DataFrame | None,
+                 n_targets: int, threshold: float, carried: dict[str, np.ndarray] | None = None,
+                 n_items: int = 0) -> None:
+    """Pack rounds until every item is final, starting with round ``len(finals_by_round)``: its
+    ``items`` (BUNDLE rows) dealt to ``n_targets`` partitions, or ``carried`` (the items themselves,
+    one partition) packed by the driver; then ``result`` is complete."""
+    rnd, width = how.rnd, min(how.rnd.n_buckets, how.rnd.seq_len)
     while True:
         t0 = time.perf_counter()
+        stage = len(finals_by_round)
+        if carried is not None:  # one partition, small: packed here
+            result.last_round, n_final, moved, moved_tokens = _driver_round(spark, carried, rnd, threshold)
+            finals_by_round.append([n_final])
+            result.moved_segments += moved
+            result.moved_tokens += moved_tokens
+            log.info("plan round %d: %d items packed by the driver into %d sequences (%.1fs)",
+                     stage, carried["length"].shape[0], n_final, time.perf_counter() - t0)
+            break
+        assert items is not None
         packed = (exact_partitions(items, n_targets, "target")
-                  .mapInArrow(rnd.pack(threshold, driver_items // n_targets), spark_ddl(PACKED))
+                  .mapInArrow(rnd.pack(threshold, how.driver_items // n_targets), spark_ddl(PACKED))
                   .persist(StorageLevel.MEMORY_AND_DISK))
         result.rounds.append(packed)
         finals, residue, (moved, moved_tokens), carried = _round_figures(packed)
@@ -342,32 +374,51 @@ def plan_bfd(kept: DataFrame, counts: np.ndarray, seq_len: int, n_partitions: in
         result.moved_tokens += moved_tokens
         left = sum(residue.values())
         log.info("plan round %d: %d partitions, %d sequences final, %d items left (%.1fs)",
-                 len(result.rounds) - 1, n_targets, sum(finals.values()), left, time.perf_counter() - t0)
-        if len(result.rounds) == 1:
+                 stage, n_targets, sum(finals.values()), left, time.perf_counter() - t0)
+        if stage == 0:
             result.residual_items = left
         if left == 0:
             break
-        stalled = len(result.rounds) > 1 and left > n_items // 2
+        stalled = stage > 0 and left > n_items // 2
         n_sources, n_items = n_targets, left
-        n_targets, threshold = merge_round(left, merge_items, fill_threshold, stalled)
-        if n_targets == 1 and carried is not None:  # the last round, small: packed here
-            t0 = time.perf_counter()
-            result.last_round, n_final, moved, moved_tokens = _driver_round(kept.sparkSession, carried, rnd,
-                                                                            threshold)
-            finals_by_round.append([n_final])
-            result.moved_segments += moved
-            result.moved_tokens += moved_tokens
-            log.info("plan round %d: %d items packed by the driver into %d sequences (%.1fs)",
-                     len(result.rounds), left, n_final, time.perf_counter() - t0)
-            break
-        routing = Routing.from_counts(_counts_matrix(residue, n_sources, width), n_targets)
-        items = packed.mapInArrow(rnd.route_residue(routing), spark_ddl(BUNDLE))
+        n_targets, threshold = merge_round(left, how.merge_items, how.fill_threshold, stalled)
+        if n_targets > 1:
+            carried = None
+        if carried is None:
+            routing = Routing.from_counts(_counts_matrix(residue, n_sources, width), n_targets)
+            items = packed.mapInArrow(rnd.route_residue(routing), spark_ddl(BUNDLE))
+    _finish(result, finals_by_round)
+
+
+def _finish(result: PlanResult, finals_by_round: list[list[int]]) -> None:
+    """Sequence ids, counts and orders of a plan whose rounds are all packed (the rounds with a
+    DataFrame are the last ones: an in-place first round has none)."""
     result.first_ids = _first_ids(finals_by_round)
     result.n_sequences = int(sum(map(sum, finals_by_round)))
     result.residual_sequences = result.n_sequences - sum(finals_by_round[0])
+    result.merge_rounds = len(finals_by_round) - 1
     rounds = result.rounds + ([result.last_round] if result.last_round is not None else [])
-    result.merge_rounds = len(rounds) - 1
-    result.orders = reduce(DataFrame.unionByName, [
-        as_orders(packed, PLAN, stage=F.lit(stage), **{c: F.col(c) for c in _PLAN_COLUMNS})
-        for stage, packed in enumerate(rounds)])
+    first = len(finals_by_round) - len(rounds)
+    if rounds:
+        result.orders = reduce(DataFrame.unionByName, [
+            as_orders(packed, PLAN, stage=F.lit(first + i), **{c: F.col(c) for c in _PLAN_COLUMNS})
+            for i, packed in enumerate(rounds)])
+
+
+def plan_bfd(kept: DataFrame, counts: np.ndarray, seq_len: int, n_partitions: int, fill_threshold: float,
+             merge_items: int, n_buckets: int, max_segments: int | None = None,
+             driver_items: int = DRIVER_ITEMS) -> PlanResult:
+    """Best-fit plan of the packable documents ``kept`` (DOC rows, each group's in one partition),
+    its first round routed; ``counts[g, b]``: the chunks of group ``g``'s documents in length bucket
+    ``b``; ``max_segments``: the cap on segments per sequence, in every round; a last round of one
+    partition and at most ``driver_items`` items is packed on the driver (the same plan, one Spark
+    job less)."""
+    rnd = _Round(seq_len, n_buckets, max_segments)
+    routing = Routing.from_counts(counts, n_partitions, home_targets(counts.shape[0], n_partitions))
+    items = (kept.select("group", "doc_index", "n_tokens")
+             .mapInArrow(rnd.route_documents(routing), spark_ddl(BUNDLE)))
+    n_items = int(counts.sum())
+    result = PlanResult(None, 0, n_partitions, n_items=n_items, first_round=ROUTED)
+    _pack_rounds(kept.sparkSession, result, _Rounds(rnd, fill_threshold, merge_items, driver_items), [], items,
+                 n_partitions, round_threshold(n_partitions, fill_threshold), n_items=n_items)
     return result

@@ -28,8 +28,8 @@ from bfpack_spark.io.staging import StagedFile, Staging
 from bfpack_spark.io.workspace import Workspace
 from bfpack_spark.packing import flatten_token_lists
 from bfpack_spark.packing.arrow import frame_documents, prompt_and_text
-from bfpack_spark.packing.plan import item_histogram, pack_in_place
-from bfpack_spark.schemas import DOC, FILE, GROUP, READ, REJECTS, STORED, spark_ddl
+from bfpack_spark.packing.plan import item_histogram, length_buckets, pack_in_place
+from bfpack_spark.schemas import DOC, FILE, GROUP, READ, REJECTS, RESIDUE, STORED, spark_ddl
 from bfpack_spark.spark.partitioning import map_slices
 from bfpack_spark.tokenize import Tokenizer, document_bos, encode_texts, load_tokenizer
 
@@ -207,23 +207,36 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
     counts = {"records": n_records, "documents": doc_index, "tokens": n_tokens, "rejects": len(rejects),
               "items": histogram.tolist(), "engine": engine}
     if settings.in_place_fill is not None:
-        counts["in_place"] = _in_place(np.concatenate(doc_lengths or [np.empty(0, np.int64)]), settings)
+        counts["in_place"], residue = _in_place(np.concatenate(doc_lengths or [np.empty(0, np.int64)]),
+                                                settings.in_place_fill, settings)
+        if residue is not None:
+            yield _info_row(RESIDUE, group, json.dumps(residue))
     yield _info_row(GROUP, group, json.dumps(counts))
 
 
-def _in_place(lengths: np.ndarray, settings: ReadSettings) -> dict:
-    """The group's items packed on their own (a few milliseconds): its final sequences, and the
-    items left (handed over when at most ``in_place_carry``), for the plan to weigh; and when the
-    group has at most that many items, its documents' lengths (the driver may plan a small corpus)."""
-    chunks, packed = pack_in_place(lengths, settings.seq_len, settings.in_place_fill or 0.0, settings.max_segments)
+#: A group whose own BFD leaves more than this share of its chunks is unlike the corpus (it holds one
+#: length range, say): its residue is not handed on, and the plan's first round is routed.
+IN_PLACE_RESIDUE = 1 / 8
+
+
+def _in_place(lengths: np.ndarray, fill: float, settings: ReadSettings) -> tuple[dict, dict | None]:
+    """The group's chunks packed on their own (a few milliseconds), for the plan to weigh: the figures
+    (its final sequences; the chunks left, with their length buckets, and the chunks themselves
+    when at most ``in_place_carry``, for the driver; the documents' lengths when the group has
+    at most that many chunks, so the driver can plan a small corpus), and the chunks left for a
+    RESIDUE row (None when they are too many)."""
+    chunks, packed = pack_in_place(lengths, settings.seq_len, fill, settings.max_segments)
     left = np.flatnonzero(~packed.final)
-    residue = None
-    if left.shape[0] <= settings.in_place_carry:
-        residue = {"doc_index": chunks.doc[left].tolist(), "chunk": chunks.index[left].tolist(),
-                   "length": chunks.length[left].tolist()}
-    small = len(chunks) <= settings.in_place_carry
-    return {"n_final": packed.n_final, "residual_items": int(left.shape[0]), "residue": residue,
-            "lengths": lengths.tolist() if small else None}
+    residue = {"doc_index": chunks.doc[left].tolist(), "chunk": chunks.index[left].tolist(),
+               "length": chunks.length[left].tolist()}
+    buckets = np.bincount(length_buckets(chunks.length[left], settings.seq_len, settings.length_buckets))
+    carry = settings.in_place_carry
+    figures = {"n_final": packed.n_final, "residual_items": int(left.shape[0]),
+               "residue_buckets": np.flatnonzero(buckets).tolist(), "residue_counts": buckets[buckets > 0].tolist(),
+               "residue": residue if left.shape[0] <= carry else None,
+               "spilled": left.shape[0] <= max(carry, len(chunks) * IN_PLACE_RESIDUE),
+               "lengths": lengths.tolist() if len(chunks) <= carry else None}
+    return figures, residue if figures["spilled"] else None
 
 
 def _lengths(raw: RawBatch) -> np.ndarray:
@@ -244,7 +257,8 @@ class ReadResult:
     docs: DataFrame                 # DOC rows: group, doc_index, doc_id, n_tokens, source, row
     files: list[StagedFile]
     groups: list[dict]              # per group: records, documents, tokens, rejects, items (per length bucket),
-                                    # engine (the tokenizer engine that encoded its text)
+                                    # engine (the tokenizer engine that encoded its text), in_place (best-fit)
+    residue: DataFrame              # RESIDUE rows: group, info (the chunks each group's own BFD left)
 
     def total(self, key: str) -> int:
         return sum(g[key] for g in self.groups)
@@ -260,7 +274,7 @@ def read_corpus(spark: SparkSession, groups: list[list[Split]], settings: ReadSe
     n = len(groups)
     rows = map_slices(spark, groups, n, lambda g, mine: read_group(g, mine[0], settings, staging, workspace),
                       spark_ddl(READ)).persist(StorageLevel.MEMORY_AND_DISK)
-    info = rows.filter(F.col("kind") != DOC).select("kind", "group", "info").collect()
+    info = rows.filter(F.col("kind").isin(GROUP, FILE)).select("kind", "group", "info").collect()
     counts: list[dict] = [{} for _ in range(n)]
     files = []
     for r in info:
@@ -269,4 +283,4 @@ def read_corpus(spark: SparkSession, groups: list[list[Split]], settings: ReadSe
         else:
             files.append(StagedFile.from_json(r["info"]))
     docs = rows.filter(F.col("kind") == DOC).drop("kind", "info")
-    return ReadResult(docs, files, counts)
+    return ReadResult(docs, files, counts, rows.filter(F.col("kind") == RESIDUE).select("group", "info"))
