@@ -142,7 +142,7 @@ def main() -> None:
                   f"moved tokens {s['moved_tokens'] / max(1, s['tokens']):.1%}; "
                   f"groups {s['input_groups']}, audit {'passed' if s['audit_passed'] else 'FAILED'}"
                   + (f", first round {s['plan_first_round']}" if s.get("plan_first_round") else ""))
-            print("   stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items()))
+            print("   stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in dict(s["stage_seconds"]).items()))
             shutil.rmtree(out, ignore_errors=True)
     best = {spec: min(times) for spec, times in results.items()}
     print(f"\nbest of {args.repeat} rounds: " + ", ".join(f"{k} {v:.1f}s" for k, v in best.items()))

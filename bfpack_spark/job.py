@@ -17,6 +17,7 @@ never a row per document, so its memory does not grow with the corpus.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from bfpack_spark.io.retry import RetryPolicy, set_policy
 from bfpack_spark.io.staging import Staging
 from bfpack_spark.io.workspace import Workspace, clean_workspaces, remove_if_empty, workspace_root
 from bfpack_spark.metrics import PackingStats
-from bfpack_spark.packing.plan import packing_partitions
+from bfpack_spark.packing.plan import packing_partitions, warm_up
 from bfpack_spark.schemas import INPUTS, TABLES
 from bfpack_spark.spark.partitioning import count_retries
 from bfpack_spark.spark.progress import stage_progress
@@ -290,6 +291,8 @@ def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, tim
 
 
 def _read(run: _Run):
+    if run.config.packing.strategy == "bfd":  # the plan's kernels load while the read runs
+        threading.Thread(target=warm_up, name="bfpack-warm-up", daemon=True).start()
     with run.timer("read"):
         settings = _read_settings(run.config, len(run.inputs.groups))
         read = read_corpus(run.spark, run.inputs.groups, settings, run.staging, run.workspace)

@@ -194,6 +194,13 @@ def pack_in_place(doc_lengths: npt.ArrayLike, seq_len: int, fill_threshold: floa
                                   fill_threshold, max_segments)
 
 
+def warm_up() -> None:
+    """Load the plan's kernels (from numba's cache: a quarter of a second at a process's first
+    call). Spark's Python daemon does it before it forks the workers, and the driver while the
+    read runs, so that no task and no plan waits for it."""
+    pack_in_place(np.array([1, 2], np.int64), 2, 0.5)
+
+
 def in_place_is_tight(n_sequences: int, tokens: int, items: int, seq_len: int,
                       max_segments: int | None = None) -> bool:
     """Whether an in-place plan of ``n_sequences`` is within IN_PLACE_SLACK of the lower bound:

@@ -251,8 +251,10 @@ def _driver_round(spark, items: dict[str, np.ndarray], rnd: _Round,
                         "slot": packed.slot, "local": packed.local}, items["group"], "group", PACKED)
     names = ["part", *columns]
     columns["part"] = pa.array(np.zeros(len(columns["group"]), np.int32))
-    rows = list(zip(*(columns[c].to_pylist() for c in names)))
-    df = spark.createDataFrame(rows, ", ".join(f"`{c}` {spark_types(PACKED)[c]}" for c in names))
+    # through pandas, so that Spark takes it as Arrow in the JVM: a list of rows would cost a job of
+    # Python tasks (a second in a fresh process) to unpickle
+    df = spark.createDataFrame(pa.table(columns).select(names).to_pandas(),
+                               ", ".join(f"`{c}` {spark_types(PACKED)[c]}" for c in names))
     moved = ~packed.local
     return df, packed.n_final, int(moved.sum()), int(items["length"][moved].sum())
 
