@@ -290,13 +290,20 @@ def _pack(spark, config: PackConfig, inputs: InputPlan, output: DeltaOutput, tim
     return RunResult(output.run_id, config.output.output, stats, packing, concat)
 
 
+def _warm_up() -> None:
+    try:
+        warm_up()
+    except Exception:  # the plan loads the kernels itself, and reports what fails there
+        log.debug("loading the plan's kernels ahead failed", exc_info=True)
+
+
 def _read(run: _Run):
     if run.config.packing.strategy == "bfd":  # the plan's kernels load while the read runs
-        threading.Thread(target=warm_up, name="bfpack-warm-up", daemon=True).start()
+        threading.Thread(target=_warm_up, name="bfpack-warm-up", daemon=True).start()
     with run.timer("read"):
         settings = _read_settings(run.config, len(run.inputs.groups))
         read = read_corpus(run.spark, run.inputs.groups, settings, run.staging, run.workspace)
-        run.release.callback(read.docs.unpersist)
+        run.release.callback(read.rows.unpersist)
     return read
 
 
@@ -345,7 +352,9 @@ def _plan(run: _Run, read, dups, counts: _Counts) -> PlanResult:
                 run.release.callback(kept.unpersist)
                 plan = plan_bfd(kept, items, L, n_parts, p.residual_fill, p.merge_items_per_partition,
                                 p.length_buckets, p.max_segments_per_sequence)
-                run.release.callback(plan.unpersist)
+            run.release.callback(plan.unpersist)
+            for g in read.groups:  # the lengths and residue handed over: planned now
+                g.pop("in_place", None)
         else:
             plan = PlanResult(None, -(-counts.tokens // L), n_groups)
         log.info("plan: %d sequences (lower bound %d), round 0 %s, %d residual items, %d merge rounds",

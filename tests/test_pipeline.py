@@ -232,11 +232,14 @@ def test_best_fit_tables_hold_the_one_process_plan(spark, tmp_path, monkeypatch,
     want = plan_bfd([len(docs[d]) for d in canonical], group, n_groups, L, n_parts, 0.99, merge_items,
                     route=first_round != "in place", max_segments=cap)
     sequences = table(tmp_path / "out", "sequences")
-    got = {(d, s): q for q, ds, ss in zip(sequences.column("seq_id").to_pylist(),
-                                          sequences.column("doc_ids").to_pylist(),
-                                          sequences.column("seg_starts").to_pylist()) for d, s in zip(ds, ss)}
+    got = {q: list(zip(ds, ss)) for q, ds, ss in zip(sequences.column("seq_id").to_pylist(),
+                                                     sequences.column("doc_ids").to_pylist(),
+                                                     sequences.column("seg_starts").to_pylist())}
+    expected: dict[int, list] = {}  # each sequence's segments in slot order
+    for i in np.lexsort((want.slot, want.seq)):
+        expected.setdefault(int(want.seq[i]), []).append((canonical[want.doc[i]], int(want.start[i])))
     assert result.stats["sequences"] == want.n_sequences == sequences.num_rows
-    assert got == {(canonical[d], int(s)): int(q) for d, s, q in zip(want.doc, want.start, want.seq)}
+    assert got == expected
     assert result.stats["residual_items"] == want.residual_items
     assert result.stats["merge_rounds"] == want.merge_rounds >= (first_round != "driver")
 

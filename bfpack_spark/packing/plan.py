@@ -178,8 +178,9 @@ def pack_partition(lengths: npt.ArrayLike, groups: npt.ArrayLike, seq_len: int, 
 
 
 #: A plan whose first round packed every group where it was read is taken when it makes at most this
-#: share of sequences more than the lower bound ceil(tokens / L): one-process BFD never beats the
-#: bound, so such a plan is within this share of it too.
+#: share of sequences more than the lower bound (:func:`in_place_is_tight`): one-process BFD never
+#: beats the bound, so such a plan is within this share of it too. Below 10,000 sequences that is
+#: the bound itself.
 IN_PLACE_SLACK = 1e-4
 
 

@@ -81,7 +81,7 @@ class Assembly:
     first_ids: tuple[np.ndarray, ...] = ()  # best-fit: first sequence id of each partition, per round
     bos_token: str | None = None
     loss_masks: bool = False                # the documents carry loss masks, and so do the sequences
-    max_segments: int | None = None         # the cap on segments per sequence (for the histogram's range)
+    max_segments: int | None = None         # the cap on segments per sequence (the in-place round's too)
     in_place_fill: float | None = None      # best-fit: round 0 packed each group on its own, to this fill
 
     def figures(self, table: pa.Table) -> dict:
@@ -163,20 +163,19 @@ def _plan_segments(group: int, lengths: np.ndarray, kept: np.ndarray, bundles: p
     """The group's chunks and where the plan puts them: the bundles (one per round and partition)
     place them all, or, where round 0 packed the group on its own, the items that round left; the
     rest it places again here, from the same lengths."""
-    if ctx.in_place_fill is not None:
-        if kept.shape[0] != lengths.shape[0]:
-            raise RuntimeError("a plan packed in place with documents dropped after the read")
-        chunks, packed = pack_in_place(lengths, ctx.seq_len, ctx.in_place_fill, ctx.max_segments)
-        home = packed.final
-    else:
-        chunks, home = chunk_documents(lengths[kept], ctx.seq_len), np.zeros(0, bool)
+    chunks = chunk_documents(lengths[kept], ctx.seq_len)
     seq = np.empty(len(chunks), np.int64)
     slot = np.empty(len(chunks), np.int64)
     local = np.ones(len(chunks), bool)
-    if home.shape[0]:
+    home = np.zeros(len(chunks), bool)  # final in an in-place round 0
+    if ctx.in_place_fill is not None:
+        if kept.shape[0] != lengths.shape[0]:
+            raise RuntimeError("a plan packed in place with documents dropped after the read")
+        packed = pack_in_place(lengths, ctx.seq_len, ctx.in_place_fill, ctx.max_segments)[1]
+        home = packed.final
         seq[home] = ctx.sequence_ids(np.zeros(1, np.int64), np.array([group]), packed.rank[home])
         slot[home] = packed.slot[home]
-    rest = np.flatnonzero(~home) if home.shape[0] else np.arange(len(chunks))
+    rest = np.flatnonzero(~home)
     items = {c: numbers_of(bundles, ORDERS, c)[0] for c in ("doc_index", "chunk", "slot", "local")}
     items["rank"], rank_offsets = numbers_of(bundles, ORDERS, "rank")
     per_row = np.diff(rank_offsets)

@@ -1,10 +1,12 @@
-"""Stage 3, plan: where every chunk goes, from lengths alone, computed in Spark tasks.
+"""Stage 3, plan: where every chunk goes, from lengths alone.
 
-First, the plan the read stage's tasks have already made (:func:`plan_in_place`): each group
-packed on its own where it was read, the few items that leaves packed by the driver. Where
-groups are alike (a corpus in random order) it is as tight as one-process BFD, costs no Spark
-job and moves almost nothing; it is taken when it is provably within 0.01% of it (of the lower
-bound). Else the routed plan below runs.
+First, what the read stage's tasks have already made. A corpus one task could plan is planned
+by the driver from the lengths they handed over (:func:`plan_on_driver`: one-process BFD). A
+larger one takes each group packed on its own where it was read as the first round
+(:func:`plan_in_place`), the few items that leaves packed in merge rounds (by the driver when
+few). Where groups are alike (a corpus in random order) that is as tight as one-process BFD,
+costs no Spark job and moves almost nothing; it is taken when it is provably within 0.01% of it
+(of the lower bound). Else the routed plan below runs, in Spark tasks.
 
 The steps are those of :mod:`bfpack_spark.packing.plan` (read its docstring first):
 the driver turns each round's counts per (source, length bucket) into a
@@ -13,7 +15,7 @@ partitions, and one task per partition packs them by BFD. Sequences filled to th
 threshold are final; the rest go to the next round. The driver holds counts per
 (source, bucket) and per partition, never a row per document; chunks only where a round
 leaves at most :data:`DRIVER_ITEMS` of them (whatever the corpus), and if they make a last
-round it packs them itself: a Spark job costs more than BFD over a few thousand lengths.
+round it packs them itself: a Spark job costs more than BFD over that many lengths.
 Items travel in *bundles* (one row of arrays per source and target, or per partition and
 group): Spark moves a few long arrays far more cheaply than one row per item.
 """
@@ -54,10 +56,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PlanResult:
-    """The plan: every round's packed bundles (``orders``, as PLAN orders) and its figures.
+    """The plan: every round's packed bundles (``orders``, as PLAN orders; None where no round has
+    any: concat, or an in-place plan that left nothing) and its figures.
 
     An item's sequence id is ``first_ids[stage][part] + rank`` for the round ``stage`` in
-    which its sequence became final (O(partitions) numbers, computed on the driver).
+    which its sequence became final (O(partitions) numbers, computed on the driver). An
+    in-place round 0 has one partition per group and no bundles: the assembly packs it again.
     """
 
     orders: DataFrame | None
@@ -154,7 +158,7 @@ class _Round:
                     yield self._dealt(int(p), _canonical({c: v[left] for c, v in items.items()}), routing)
         return route
 
-    def route_spilled(self, routing: Routing):
+    def route_residue_rows(self, routing: Routing):
         """The first merge round after an in-place one: deal each group's residue (its RESIDUE row,
         the chunks in canonical order) to the round's partitions."""
         def route(batches) -> Iterator[pa.RecordBatch]:
@@ -276,8 +280,10 @@ def plan_on_driver(spark, groups: list[dict], seq_len: int, n_buckets: int,
     if not items["length"].shape[0]:
         return None
     result = PlanResult(None, 0, 1, n_items=items["length"].shape[0], first_round=DRIVER)
-    _pack_rounds(spark, result, _Rounds(_Round(seq_len, n_buckets, max_segments), 0.0, 1, 0), [], items=None,
-                 n_targets=1, threshold=round_threshold(1, fill_threshold=0.0), carried=items)
+    # one round, of one partition, packed here: no fill threshold, no merge round, nothing for Spark
+    _pack_rounds(spark, result, _Rounds(_Round(seq_len, n_buckets, max_segments), fill_threshold=0.0,
+                                        merge_items=1, driver_items=0),
+                 [], items=None, n_targets=1, threshold=0.0, carried=items)
     return result
 
 
@@ -292,34 +298,52 @@ def plan_in_place(residue_rows: DataFrame, groups: list[dict], tokens: int, seq_
     many chunks to hand on, or the plan is not within IN_PLACE_SLACK of the lower bound (groups
     unlike each other: each holds one length range, say), and so maybe not of one-process BFD."""
     figures = [g["in_place"] for g in groups]
-    if not all(f["spilled"] for f in figures):
-        return None
-    rnd = _Round(seq_len, n_buckets, max_segments)
     n_items = int(sum(np.asarray(g["items"]).sum() for g in groups))
     left = sum(f["residual_items"] for f in figures)
+    at_least = sum(f["n_final"] for f in figures) + -(-sum(f["residual_tokens"] for f in figures) // seq_len)
+    if not all(f["residue_row"] for f in figures) or not in_place_is_tight(at_least, tokens, n_items, seq_len,
+                                                                            max_segments):
+        log.info("plan: round 0 routed (in place: %d of %d groups handed their residue on; at least %d sequences)",
+                 sum(f["residue_row"] for f in figures), len(figures), at_least)
+        return None
+    rnd = _Round(seq_len, n_buckets, max_segments)
     result = PlanResult(None, 0, len(groups), n_items=n_items, residual_items=left, first_round=IN_PLACE)
     finals_by_round = [[f["n_final"] for f in figures]]
+    try:
+        _merge_in_place(residue_rows, result, figures, finals_by_round,
+                        _Rounds(rnd, fill_threshold, merge_items, driver_items))
+    except BaseException:
+        result.unpersist()
+        raise
+    if not in_place_is_tight(result.n_sequences, tokens, n_items, seq_len, max_segments):
+        log.info("plan: round 0 routed (in place made %d sequences)", result.n_sequences)
+        result.unpersist()
+        return None
+    return result
+
+
+def _merge_in_place(residue_rows: DataFrame, result: PlanResult, figures: list[dict],
+                    finals_by_round: list[list[int]], how: _Rounds) -> None:
+    """The merge rounds of an in-place plan: its residue packed by the driver when small and handed
+    over, else dealt from the RESIDUE rows to Spark tasks."""
+    rnd, left = how.rnd, result.residual_items
     if left:
-        n_targets, threshold = merge_round(left, merge_items, fill_threshold, stalled=False)
+        n_targets, threshold = merge_round(left, how.merge_items, how.fill_threshold, stalled=False)
         carried = items = None
-        if n_targets == 1 and left <= driver_items and all(f["residue"] is not None for f in figures):
+        if n_targets == 1 and left <= how.driver_items and all(f["residue"] is not None for f in figures):
             carried = {name: np.array([v for f in figures for v in f["residue"][name]], np.int64)
                        for name in ("doc_index", "chunk", "length")}
             carried["group"] = np.repeat(np.arange(len(figures)), [f["residual_items"] for f in figures])
         else:
-            counts = np.zeros((len(figures), min(n_buckets, seq_len)), np.int64)
+            counts = np.zeros((len(figures), min(rnd.n_buckets, rnd.seq_len)), np.int64)
             for g, f in enumerate(figures):
                 counts[g, f["residue_buckets"]] = f["residue_counts"]
-            items = residue_rows.mapInArrow(rnd.route_spilled(Routing.from_counts(counts, n_targets)),
+            items = residue_rows.mapInArrow(rnd.route_residue_rows(Routing.from_counts(counts, n_targets)),
                                             spark_ddl(BUNDLE))
-        _pack_rounds(residue_rows.sparkSession, result, _Rounds(rnd, fill_threshold, merge_items, driver_items),
-                     finals_by_round, items, n_targets, threshold, carried, n_items=left)
+        _pack_rounds(residue_rows.sparkSession, result, how, finals_by_round, items, n_targets, threshold, carried,
+                     n_items=left)
     else:
         _finish(result, finals_by_round)
-    if not in_place_is_tight(result.n_sequences, tokens, n_items, seq_len, max_segments):
-        result.unpersist()
-        return None
-    return result
 
 
 def _first_ids(finals_by_round: list[list[int]]) -> list[np.ndarray]:

@@ -221,22 +221,25 @@ IN_PLACE_RESIDUE = 1 / 8
 
 def _in_place(lengths: np.ndarray, fill: float, settings: ReadSettings) -> tuple[dict, dict | None]:
     """The group's chunks packed on their own (a few milliseconds), for the plan to weigh: the figures
-    (its final sequences; the chunks left, with their length buckets, and the chunks themselves
-    when at most ``in_place_carry``, for the driver; the documents' lengths when the group has
-    at most that many chunks, so the driver can plan a small corpus), and the chunks left for a
-    RESIDUE row (None when they are too many)."""
+    (its final sequences; the chunks left, their tokens and length buckets, and the chunks
+    themselves when at most ``in_place_carry``, for the driver; ``residue_row``: whether they are
+    in a RESIDUE row; the documents' lengths when the group has at most that many chunks, so the
+    driver can plan a small corpus), and the chunks left for a RESIDUE row (None when they are too
+    many). Groups hand over at most ``in_place_carry`` each, so that the driver's intake is bounded
+    whatever the corpus: a small corpus of uneven groups is planned by one Spark task instead."""
     chunks, packed = pack_in_place(lengths, settings.seq_len, fill, settings.max_segments)
     left = np.flatnonzero(~packed.final)
-    residue = {"doc_index": chunks.doc[left].tolist(), "chunk": chunks.index[left].tolist(),
-               "length": chunks.length[left].tolist()}
-    buckets = np.bincount(length_buckets(chunks.length[left], settings.seq_len, settings.length_buckets))
     carry = settings.in_place_carry
+    handed_on = left.shape[0] <= max(carry, len(chunks) * IN_PLACE_RESIDUE)
+    residue = ({"doc_index": chunks.doc[left].tolist(), "chunk": chunks.index[left].tolist(),
+                "length": chunks.length[left].tolist()} if handed_on else None)
+    buckets = np.bincount(length_buckets(chunks.length[left], settings.seq_len, settings.length_buckets))
     figures = {"n_final": packed.n_final, "residual_items": int(left.shape[0]),
+               "residual_tokens": int(chunks.length[left].sum()),
                "residue_buckets": np.flatnonzero(buckets).tolist(), "residue_counts": buckets[buckets > 0].tolist(),
-               "residue": residue if left.shape[0] <= carry else None,
-               "spilled": left.shape[0] <= max(carry, len(chunks) * IN_PLACE_RESIDUE),
+               "residue": residue if left.shape[0] <= carry else None, "residue_row": handed_on,
                "lengths": lengths.tolist() if len(chunks) <= carry else None}
-    return figures, residue if figures["spilled"] else None
+    return figures, residue
 
 
 def _lengths(raw: RawBatch) -> np.ndarray:
@@ -254,6 +257,7 @@ class ReadResult:
     """What the read stage leaves: the documents (cached, one group per partition), the
     rejects files it wrote, and each group's counts."""
 
+    rows: DataFrame                 # every row of the read (cached): release this one
     docs: DataFrame                 # DOC rows: group, doc_index, doc_id, n_tokens, source, row
     files: list[StagedFile]
     groups: list[dict]              # per group: records, documents, tokens, rejects, items (per length bucket),
@@ -283,4 +287,4 @@ def read_corpus(spark: SparkSession, groups: list[list[Split]], settings: ReadSe
         else:
             files.append(StagedFile.from_json(r["info"]))
     docs = rows.filter(F.col("kind") == DOC).drop("kind", "info")
-    return ReadResult(docs, files, counts, rows.filter(F.col("kind") == RESIDUE).select("group", "info"))
+    return ReadResult(rows, docs, files, counts, rows.filter(F.col("kind") == RESIDUE).select("group", "info"))
