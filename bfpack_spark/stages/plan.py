@@ -217,7 +217,8 @@ class _Round:
 IN_PLACE, DRIVER, ROUTED = "in place", "driver", "routed"
 _PLAN_COLUMNS = ("group", "part", "doc_index", "chunk", "rank", "slot", "local")
 _LEFT = tuple(name for name in PACKED.names if name.startswith("left_"))
-#: The driver packs at most this many items itself (about 10 MB of numbers, whatever the corpus): a
+#: The driver packs at most this many items itself (10 MB as arrays, a few tens of MB while the read's
+#: JSON hands them over; whatever the corpus): a
 #: whole plan one task could hold, or the last round of one (the few residual items a plan usually
 #: ends with). A Spark job costs more than BFD over that many lengths.
 DRIVER_ITEMS = 262_144
