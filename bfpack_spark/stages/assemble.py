@@ -163,16 +163,18 @@ def _plan_segments(group: int, lengths: np.ndarray, kept: np.ndarray, bundles: p
     """The group's chunks and where the plan puts them: the bundles (one per round and partition)
     place them all, or, where round 0 packed the group on its own, the items that round left; the
     rest it places again here, from the same lengths."""
-    chunks = chunk_documents(lengths[kept], ctx.seq_len)
-    seq = np.empty(len(chunks), np.int64)
-    slot = np.empty(len(chunks), np.int64)
-    local = np.ones(len(chunks), bool)
-    home = np.zeros(len(chunks), bool)  # final in an in-place round 0
+    packed = None
     if ctx.in_place_fill is not None:
         if kept.shape[0] != lengths.shape[0]:
             raise RuntimeError("a plan packed in place with documents dropped after the read")
-        packed = pack_in_place(lengths, ctx.seq_len, ctx.in_place_fill, ctx.max_segments)[1]
-        home = packed.final
+        chunks, packed = pack_in_place(lengths, ctx.seq_len, ctx.in_place_fill, ctx.max_segments)
+    else:
+        chunks = chunk_documents(lengths[kept], ctx.seq_len)
+    seq = np.empty(len(chunks), np.int64)
+    slot = np.empty(len(chunks), np.int64)
+    local = np.ones(len(chunks), bool)
+    home = np.zeros(len(chunks), bool) if packed is None else packed.final  # final in an in-place round 0
+    if packed is not None:
         seq[home] = ctx.sequence_ids(np.zeros(1, np.int64), np.array([group]), packed.rank[home])
         slot[home] = packed.slot[home]
     rest = np.flatnonzero(~home)

@@ -336,9 +336,9 @@ def _merge_in_place(residue_rows: DataFrame, result: PlanResult, figures: list[d
                        for name in ("doc_index", "chunk", "length")}
             carried["group"] = np.repeat(np.arange(len(figures)), [f["residual_items"] for f in figures])
         else:
-            counts = np.zeros((len(figures), min(rnd.n_buckets, rnd.seq_len)), np.int64)
-            for g, f in enumerate(figures):
-                counts[g, f["residue_buckets"]] = f["residue_counts"]
+            counts = _counts_matrix({(g, b): n for g, f in enumerate(figures)
+                                     for b, n in zip(f["residue_buckets"], f["residue_counts"])},
+                                    len(figures), min(rnd.n_buckets, rnd.seq_len))
             items = residue_rows.mapInArrow(rnd.route_residue_rows(Routing.from_counts(counts, n_targets)),
                                             spark_ddl(BUNDLE))
         _pack_rounds(residue_rows.sparkSession, result, how, finals_by_round, items, n_targets, threshold, carried,
