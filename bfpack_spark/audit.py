@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bfpack_spark.figures import MOD, add_figures
-from bfpack_spark.io.files import filesystem, join
+from bfpack_spark.io.store.fs import filesystem, join
 from bfpack_spark.spark.partitioning import map_slices
 
 

@@ -31,9 +31,10 @@ from bfpack_spark.config import (
     flag_kind,
     load_config,
 )
-from bfpack_spark.io.delta import DeltaError
-from bfpack_spark.io.inputs import PYTHON_STDLIB, InputError
-from bfpack_spark.io.lock import RunLockedError
+from bfpack_spark.errors import InputError
+from bfpack_spark.io.listing.listing import PYTHON_STDLIB
+from bfpack_spark.io.store.lock import RunLockedError
+from bfpack_spark.io.tables.delta import DeltaError
 from bfpack_spark.metrics import format_comparison
 from bfpack_spark.tokenize import TokenizerError
 
@@ -187,7 +188,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _export(args: argparse.Namespace) -> int:
     from bfpack_spark.export import ExportError, export
-    from bfpack_spark.io.files import set_storage_options
+    from bfpack_spark.io.store.fs import set_storage_options
     from bfpack_spark.spark.session import quiet_native_stderr
 
     try:

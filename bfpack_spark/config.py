@@ -14,13 +14,14 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from bfpack_spark.io.files import redacted
-from bfpack_spark.io.inputs import PYTHON_STDLIB
+from bfpack_spark.io.listing.listing import PYTHON_STDLIB
+from bfpack_spark.io.store.fs import redacted
 from bfpack_spark.tokenize import DEFAULT_TOKENIZER
 
 #: The id column when none is named: optional (files without it get file:row ids).
@@ -448,9 +449,10 @@ def recorded_loss_masks(settings: dict) -> bool:
     return settings["input"].get("loss_mask_column") is not None or settings["input"].get("prompt_column") is not None
 
 
-def default_run_id(config: PackConfig, input_listing: list[tuple[str, int, str]]) -> str:
-    """``run-<hash>`` of the config's fingerprint and the input files (name, size, content digest):
-    the same files, however their location is spelled, with the same settings, are the same run."""
+def default_run_id(config: PackConfig, input_listing: Iterable[tuple[str, int, str]]) -> str:
+    """``run-<hash>`` of the config's fingerprint and the input files (name, size, and version: the ETag, or
+    the modification time, as listed): the same files, however their location is spelled, with the same
+    settings, are the same run."""
     h = hashlib.sha256(config.fingerprint().encode())
     for name, size, digest in input_listing:
         h.update(f"{name}\0{size}\0{digest}\n".encode())

@@ -1,10 +1,11 @@
 """What an output root already holds, for runs that add to it: whether their settings agree,
 and (scheduled rebuilds of a growing corpus) which input files were packed.
 
-Every run records its input files in the ``inputs`` table (uri, size, and a digest of the
-file's first and last 64 KiB). ``--mode incremental`` packs only the files no committed run
-recorded, as a new run appended to every table (with ``--repack-changed``, also the runs whose
-files changed since, replacing their rows). A file is packed when the run that recorded
+Every run records its input files in the ``inputs`` table as their listing gave them (uri, size,
+modification time, and the ETag on S3). ``--mode incremental`` lists the input, compares it with
+those rows, and packs only the files no committed run recorded (reading none of the others), as a
+new run appended to every table (with ``--repack-changed``, also the runs whose files changed
+since, replacing their rows). A file is packed when the run that recorded
 it committed its ``stats`` row (the last commit of a run): a run that crashed before that
 recorded nothing, so its rerun picks the same new files, gets the same run id, and adds its
 rows once, as ``append`` does.
@@ -13,21 +14,22 @@ rows once, as ``append`` does.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from bfpack_spark.config import recorded_append_eos, recorded_loss_masks
-from bfpack_spark.io.delta import snapshot_dataset
-from bfpack_spark.io.files import InputError, InputFile, join
+from bfpack_spark.errors import InputError
+from bfpack_spark.io.listing.listing import Listing, content_digest
+from bfpack_spark.io.store.fs import join
+from bfpack_spark.io.tables.delta import snapshot_dataset
+from bfpack_spark.schemas import INPUTS
 
-
-@dataclass(frozen=True)
-class PackedFile:
-    size: int
-    digest: str
-    run_id: str
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def committed_runs(root: str) -> set[str]:
@@ -52,11 +54,12 @@ def _committed_inputs(root: str, required: bool = True) -> tuple[set[str], list[
     return committed, rows
 
 
-def packed_files(root: str) -> dict[str, PackedFile]:
-    """The input files of every committed run under ``root`` that no later run replaced, by uri."""
+def packed_files(root: str) -> pa.Table:
+    """The ``inputs`` rows of every committed run under ``root`` that no later run replaced."""
     _, rows = _committed_inputs(root)
     replaced = {r.get("replaces") for r in rows}
-    return {r["uri"]: PackedFile(r["size"], r["digest"], r["run_id"]) for r in rows if r["run_id"] not in replaced}
+    kept = [r for r in rows if r["run_id"] not in replaced]
+    return pa.Table.from_pylist(kept, schema=INPUTS) if kept else INPUTS.empty_table()
 
 
 def unfinished_replacements(root: str) -> dict[str, str]:
@@ -69,33 +72,74 @@ def unfinished_replacements(root: str) -> dict[str, str]:
     return {r["replaces"]: r["run_id"] for r in rows if r.get("replaces") in committed}
 
 
-def select_files(listed: list[tuple[InputFile, str]], packed: dict[str, PackedFile],
-                 repack_changed: bool = False) -> tuple[list[InputFile], dict[str, str]]:
-    """The listed files (with their digests) an incremental run packs, and the re-packed ones' runs.
+@dataclass(frozen=True)
+class Selection:
+    """The listed files an incremental run packs, and the runs it re-packs ({uri: run replaced})."""
+
+    files: Listing
+    replaces: dict[str, str]
+
+
+def _changed(listing: Listing, packed: pa.Table) -> dict[str, str]:
+    """{uri: run that packed it} of the listed files packed before that changed since, by what the listing
+    says: the size, and the ETag where the store gives one, else the modification time. Rows of bfpack
+    before 0.2 hold a digest of the file's edges instead: those files alone are read, in a thread pool."""
+    listed = listing.table.select(["uri", "size", "modified_ns", "etag"])
+    both = listed.join(packed.select(["uri", "size", "modified", "etag", "digest", "run_id"]), "uri",
+                       join_type="inner", right_suffix="_packed")
+    if not both.num_rows:
+        return {}
+    rows = both.to_pylist()
+    changed = {}
+    legacy = []
+    for r in rows:
+        if r["size"] != r["size_packed"]:
+            changed[r["uri"]] = r["run_id"]
+        elif r["etag_packed"] is not None and r["etag"] is not None:
+            if r["etag"] != r["etag_packed"]:
+                changed[r["uri"]] = r["run_id"]
+        elif r["modified"] is not None:
+            if modified_us(r["modified_ns"]) != r["modified"]:
+                changed[r["uri"]] = r["run_id"]
+        elif r["digest"] is not None:
+            legacy.append(r)
+    with ThreadPoolExecutor(16) as pool:
+        digests = list(pool.map(lambda r: content_digest(r["uri"], r["size"]), legacy))
+    changed.update((r["uri"], r["run_id"]) for r, d in zip(legacy, digests) if d != r["digest"])
+    return changed
+
+
+def modified_us(modified_ns: int) -> datetime:
+    """A listed modification time as the ``inputs`` table records it (UTC, microseconds)."""
+    return EPOCH + timedelta(microseconds=modified_ns // 1000)
+
+
+def select_files(listing: Listing, packed: pa.Table, repack_changed: bool = False) -> Selection:
+    """The listed files an incremental run packs, and the re-packed ones' runs.
 
     New files are packed. A file packed before that has changed since is an error: its rows
     are in the tables, and packing it again would add its documents twice. With
     ``repack_changed``, the run that packed it is re-packed instead: its sequences mix the
     documents of all its files, so all of them are packed again (as they are now) and that
-    run's rows are replaced. Returns (files, {uri: run replaced}).
+    run's rows are replaced. No file an earlier run packed is read (but for rows of bfpack before 0.2).
     """
-    changed = {}
-    for f, digest in listed:
-        old = packed.get(f.uri)
-        if old is not None and (old.size, old.digest) != (f.size, digest):
-            if not repack_changed:
-                raise InputError(f"{f.uri} changed after run {old.run_id} packed it (size {old.size:,} -> "
-                                 f"{f.size:,}); re-pack it (and the rest of its run) with --repack-changed, "
-                                 "or rebuild with --mode overwrite")
-            changed[f.uri] = old.run_id
-    runs = set(changed.values())
-    replaces = {uri: p.run_id for uri, p in packed.items() if p.run_id in runs}
-    listed_uris = {f.uri for f, _ in listed}
-    gone = sorted(uri for uri in replaces if uri not in listed_uris)
+    changed = _changed(listing, packed)
+    if changed and not repack_changed:
+        uri = min(changed)
+        old = packed.filter(pc.equal(packed.column("uri"), uri)).to_pylist()[0]
+        now = listing.table.filter(pc.equal(listing.table.column("uri"), uri)).column("size")[0].as_py()
+        raise InputError(f"{uri} changed after run {old['run_id']} packed it (size {old['size']:,} -> {now:,}); "
+                         "re-pack it (and the rest of its run) with --repack-changed, or rebuild with --mode overwrite")
+    runs = pa.array(sorted(set(changed.values())), pa.string())
+    again = packed.filter(pc.is_in(packed.column("run_id"), runs))
+    replaces = dict(zip(again.column("uri").to_pylist(), again.column("run_id").to_pylist()))
+    gone = sorted(set(replaces) - set(listing.column("uri"))) if replaces else []
     if gone:
         raise InputError(f"re-packing run {replaces[gone[0]]} needs all its files, but {gone[0]} is no longer "
                          "in the input; restore it, or rebuild with --mode overwrite")
-    return [f for f, _ in listed if f.uri not in packed or f.uri in replaces], replaces
+    keep = pc.or_(pc.invert(pc.is_in(listing.table.column("uri"), packed.column("uri"))),
+                  pc.is_in(listing.table.column("uri"), again.column("uri")))
+    return Selection(Listing(listing.table.filter(keep)), replaces)
 
 
 #: Settings every run appended to one output root must share: the tables' sequences must be alike.

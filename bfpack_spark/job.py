@@ -8,7 +8,7 @@
    documents and rejects files; segments of mixed sequences move once, to a final reduce.
 5. **audit** (:mod:`~bfpack_spark.audit`): the writers' figures against the read and the plan,
    and against every written file's footer.
-6. **commit** (:mod:`~bfpack_spark.io.delta`): one atomic Delta commit per table, stats last.
+6. **commit** (:mod:`~bfpack_spark.io.tables.delta`): one atomic Delta commit per table, stats last.
 
 The driver holds aggregates only (per-group and per-partition counts, file descriptions),
 never a row per document, so its memory does not grow with the corpus.
@@ -25,39 +25,32 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from bfpack_spark import faults
 from bfpack_spark.audit import AuditError, check, read_footers
-from bfpack_spark.config import DEFAULT_ID_COLUMN, PackConfig, default_run_id
+from bfpack_spark.config import PackConfig, default_run_id
 from bfpack_spark.figures import add_figures
-from bfpack_spark.incremental import (
-    check_compatible,
-    committed_runs,
-    packed_files,
-    select_files,
-    unfinished_replacements,
-)
-from bfpack_spark.io.delta import RETENTION_SECONDS, DeltaOutput, read_stats_row
-from bfpack_spark.io.files import join, set_storage_options
-from bfpack_spark.io.inputs import InputPlan, check_output, content_digest, plan_inputs
-from bfpack_spark.io.lock import OutputLock
-from bfpack_spark.io.readers import Limits
-from bfpack_spark.io.retry import RetryPolicy, set_policy
-from bfpack_spark.io.staging import Staging
-from bfpack_spark.io.workspace import Workspace, clean_workspaces, remove_if_empty, workspace_root
+from bfpack_spark.incremental import committed_runs, unfinished_replacements
+from bfpack_spark.io.formats.base import Fields, Limits
+from bfpack_spark.io.listing.plan import InputPlan
+from bfpack_spark.io.store.fs import join, set_storage_options
+from bfpack_spark.io.store.lock import OutputLock
+from bfpack_spark.io.store.retry import RetryPolicy, set_policy
+from bfpack_spark.io.store.workspace import Workspace, clean_workspaces, remove_if_empty, workspace_root
+from bfpack_spark.io.tables.delta import RETENTION_SECONDS, DeltaOutput, read_stats_row
+from bfpack_spark.io.tables.staging import Staging
 from bfpack_spark.metrics import PackingStats
 from bfpack_spark.packing.plan import packing_partitions, warm_up
-from bfpack_spark.schemas import INPUTS, TABLES
+from bfpack_spark.schemas import TABLES
 from bfpack_spark.spark.partitioning import count_retries
 from bfpack_spark.spark.progress import stage_progress
 from bfpack_spark.spark.session import get_spark
 from bfpack_spark.stages.assemble import Assembly, assemble, reduce_partitions
 from bfpack_spark.stages.dedup import earlier_documents, find_duplicates, without_duplicates
+from bfpack_spark.stages.inputs import extra_column, inputs_table, plan_inputs
 from bfpack_spark.stages.plan import DRIVER_ITEMS, PlanResult, plan_bfd, plan_in_place, plan_on_driver
 from bfpack_spark.stages.read import ReadSettings, read_corpus
 from bfpack_spark.stats import packing_stats, stats_row, stats_table
-from bfpack_spark.tokenize import TokenizerError, document_bos, load_tokenizer
 
 __all__ = ["AuditError", "RunResult", "run"]
 
@@ -101,58 +94,18 @@ class RunResult:
         return join(self.output, name)
 
 
-def _plan_inputs(config: PackConfig) -> InputPlan:
-    """Everything that can go wrong before Spark starts: tokenizer, inputs, output root."""
-    tokenizer = load_tokenizer(config.tokenizer.tokenizer, config.tokenizer.eos_token, config.tokenizer.bos_token,
-                               "reference")  # a check of its special tokens: no text is encoded here
-    if config.append_eos and tokenizer.eos_id is None:
-        raise TokenizerError(f"{tokenizer.name} has no end-of-document token; name one with --eos-token "
-                             f"or turn it off with --no-append-eos")
-    document_bos(tokenizer, config.tokenizer.prepend_bos)
-    check_output(config.output.output)
-    select = None
-    digests: dict[str, str] = {}
-    replaces: dict[str, str] = {}
-    if config.output.mode != "overwrite":
-        check_compatible(config.output.output, config.to_dict())
-    if config.output.mode == "incremental":
-        packed = packed_files(config.output.output)
-
-        def select(files: list) -> list:
-            digests.update((f.uri, content_digest(f)) for f in files)
-            chosen, replaced = select_files([(f, digests[f.uri]) for f in files], packed,
-                                            config.output.repack_changed)
-            replaces.update(replaced)
-            return chosen
-
-    plan = plan_inputs(config.input.paths, config.input.format,
-                       config.input.token_column or config.input.text_column, config.tokenized,
-                       config.packing.seq_len, config.input.target_items_per_partition,
-                       config.input.min_partitions, config.input.id_column or None, select,
-                       id_required=config.input.id_column not in (None, "", DEFAULT_ID_COLUMN),
-                       extra_column=_extra_column(config))
-    plan.digests.update(digests)
-    plan.replaces.update(replaces)
-    return plan
-
-
-def _extra_column(config: PackConfig) -> str | None:
-    """The column beside the tokens or text: a loss mask, or a prompt."""
-    return config.input.loss_mask_column if config.tokenized else config.input.prompt_column
-
-
 def _read_settings(config: PackConfig, n_groups: int) -> ReadSettings:
     p = config.packing
     in_place = p.strategy == "bfd" and p.partitions is None  # else the plan's first round is always routed
+    fields = Fields(config.input.token_column or config.input.text_column, config.tokenized,
+                    config.input.id_column or None, extra_column(config),
+                    Limits(config.quality.max_document_bytes, config.quality.max_line_bytes))
     return ReadSettings(
-        id_column=config.input.id_column or None,
-        column=config.input.token_column or config.input.text_column,
-        tokenized=config.tokenized, tokenizer=config.tokenizer.tokenizer, eos_token=config.tokenizer.eos_token,
+        fields=fields, tokenizer=config.tokenizer.tokenizer, eos_token=config.tokenizer.eos_token,
         append_eos=config.append_eos, seq_len=config.packing.seq_len, length_buckets=config.packing.length_buckets,
         keep_empty=config.quality.empty_documents == "keep",
-        limits=Limits(config.quality.max_document_bytes, config.quality.max_line_bytes),
         bos_token=config.tokenizer.bos_token, prepend_bos=config.tokenizer.prepend_bos,
-        extra_column=_extra_column(config), loss_masks=config.loss_masks, engine=config.tokenizer.engine,
+        loss_masks=config.loss_masks, engine=config.tokenizer.engine,
         in_place_fill=p.residual_fill if in_place else None, max_segments=p.max_segments_per_sequence,
         in_place_carry=DRIVER_ITEMS // max(n_groups, 1))
 
@@ -165,15 +118,15 @@ def run(config: PackConfig, spark=None) -> RunResult:
     timer = StageTimer()
     started = datetime.now(UTC).isoformat()
     with timer("plan inputs", announce=False):  # a mistake found here is the only line printed
-        inputs = _plan_inputs(config)
+        inputs = plan_inputs(config)
     root = config.output.output
-    if not inputs.files:
+    if not len(inputs.listing):
         if unfinished_replacements(root):
             _finish_replacements(spark, config)
         log.debug("no input file is new since the last run into %s", root)  # RunResult.nothing_new says it
         return RunResult("", root, {}, nothing_new=True)
-    run_id = config.output.run_id or default_run_id(config, inputs.listing())
-    log.info("run %s: %d input files in %d groups", run_id, len(inputs.files), len(inputs.groups))
+    run_id = config.output.run_id or default_run_id(config, inputs.listing.identity())
+    log.info("run %s: %d input files in %d groups", run_id, len(inputs.listing), inputs.n_groups)
     for old in sorted(set(inputs.replaces.values())):
         log.info("run %s re-packs run %s (a file of it changed) and replaces its rows", run_id, old)
     spark = spark or _spark(config)
@@ -226,14 +179,6 @@ def _finish_replacements(spark, config: PackConfig) -> None:
     with OutputLock(config.output.output, "replacements"):
         _remove_replaced(DeltaOutput(spark, config.output.output, "replacements", "append",
                                      config.output.delta_writer))
-
-
-def inputs_table(run_id: str, inputs: InputPlan) -> pa.Table:
-    """The ``inputs`` rows of a run: its files, as an incremental run will compare them."""
-    rows = [{"run_id": run_id, "uri": f.uri, "source": name, "size": size, "digest": digest,
-             "replaces": inputs.replaces.get(f.uri)}
-            for f, (name, size, digest) in zip(inputs.files, inputs.listing())]
-    return pa.Table.from_pylist(rows, schema=INPUTS)
 
 
 @dataclass
@@ -301,8 +246,8 @@ def _read(run: _Run):
     if run.config.packing.strategy == "bfd":  # the plan's kernels load while the read runs
         threading.Thread(target=_warm_up, name="bfpack-warm-up", daemon=True).start()
     with run.timer("read"):
-        settings = _read_settings(run.config, len(run.inputs.groups))
-        read = read_corpus(run.spark, run.inputs.groups, settings, run.staging, run.workspace)
+        settings = _read_settings(run.config, run.inputs.n_groups)
+        read = read_corpus(run.spark, run.inputs, settings, run.staging, run.workspace)
         run.release.callback(read.rows.unpersist)
     return read
 
@@ -333,7 +278,7 @@ def _duplicates(run: _Run, read):
 
 
 def _plan(run: _Run, read, dups, counts: _Counts) -> PlanResult:
-    p, n_groups, L = run.config.packing, len(run.inputs.groups), run.config.packing.seq_len
+    p, n_groups, L = run.config.packing, run.inputs.n_groups, run.config.packing.seq_len
     with run.timer("plan"):
         faults.check("plan")
         if p.strategy == "bfd":
@@ -370,7 +315,7 @@ def _assemble(run: _Run, read, dups, plan: PlanResult, counts: _Counts) -> tuple
                        config.tokenizer.eos_token, np.cumsum(counts.tokens_by_group) - counts.tokens_by_group,
                        counts.tokens, tuple(plan.first_ids), config.tokenizer.bos_token, config.loss_masks,
                        p.max_segments_per_sequence, p.residual_fill if plan.in_place else None)
-        assembled = assemble(run.spark, plan.orders, dups.drops, len(run.inputs.groups), ctx,
+        assembled = assemble(run.spark, plan.orders, dups.drops, run.inputs.n_groups, ctx,
                              reduce_partitions(plan.moved_segments, plan.moved_tokens, p.merge_items_per_partition))
     faults.check("staged")
     return {name: [f for f in read.files + assembled.files if f.table == name] for name in TABLES}, assembled.figures

@@ -28,8 +28,8 @@ from typing import Any, Literal
 import numpy as np
 
 from bfpack_spark import masks as masking
-from bfpack_spark.io.files import read_parquet
-from bfpack_spark.io.snapshot import SequencesSnapshot, open_sequences
+from bfpack_spark.io.store.fs import read_parquet
+from bfpack_spark.io.tables.snapshot import SequencesSnapshot, open_sequences
 from bfpack_spark.masks import labels, pad, position_ids
 
 try:

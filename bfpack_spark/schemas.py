@@ -215,14 +215,20 @@ STATS = pa.schema([
                                                  # or "routed"; null: concat
 ])
 
-#: The input files of each run (what ``--mode incremental`` compares a new listing with).
+#: When a file was last modified, as its listing says (UTC, microseconds).
+MODIFIED = pa.timestamp("us", tz="UTC")
+
+#: The input files of each run, as their listing gave them (what ``--mode incremental`` compares a
+#: new listing with).
 INPUTS = pa.schema([
     ("run_id", pa.string()),
     ("uri", pa.string()),
     ("source", pa.string()),
     ("size", pa.int64()),
-    ("digest", pa.string()),
+    ("digest", pa.string()),    # bfpack before 0.2: a digest of the file's first and last 64 KiB; null since
     ("replaces", pa.string()),  # the earlier run that packed this file, where this run re-packed it
+    ("modified", MODIFIED),     # the listing's modification time
+    ("etag", pa.string()),      # the listing's ETag (S3); null on stores that give none
 ])
 
 TABLES: dict[str, pa.Schema] = {"sequences": SEQUENCES, "documents": DOCUMENTS, "rejects": REJECTS,
@@ -230,11 +236,11 @@ TABLES: dict[str, pa.Schema] = {"sequences": SEQUENCES, "documents": DOCUMENTS, 
 
 _DDL = {
     pa.int8(): "tinyint", pa.int32(): "int", pa.int64(): "bigint", pa.string(): "string",
-    pa.float64(): "double", pa.bool_(): "boolean", pa.binary(): "binary",
+    pa.float64(): "double", pa.bool_(): "boolean", pa.binary(): "binary", MODIFIED: "timestamp",
 }
 _DELTA = {
     pa.int8(): "byte", pa.int32(): "integer", pa.int64(): "long", pa.string(): "string",
-    pa.float64(): "double", pa.bool_(): "boolean",
+    pa.float64(): "double", pa.bool_(): "boolean", MODIFIED: "timestamp",
 }
 
 

@@ -53,7 +53,7 @@ def stats_row(*, run_id: str, started: str, config: Any, inputs: Any, documents_
         "run_id": run_id, "started_at": started, "mode": config.output.mode,
         "strategy": config.packing.strategy,
         "seq_len": config.packing.seq_len, "config": json.dumps(config.to_dict(), sort_keys=True),
-        "input_files": len(inputs.files), "input_groups": len(inputs.groups),
+        "input_files": len(inputs.listing), "input_groups": inputs.n_groups,
         "packing_partitions": plan.n_partitions, "documents_read": documents_read,
         "documents_packed": packing.n_documents, "documents_rejected": rejected, "tokens": packing.n_tokens,
         "chunks": packing.n_segments, "sequences": packing.n_sequences, "lower_bound": packing.lower_bound,

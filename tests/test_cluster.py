@@ -17,7 +17,7 @@ import pytest
 from chispa import assert_df_equality
 from deltalake import DeltaTable
 
-from bfpack_spark.io.delta import read_table
+from bfpack_spark.io.tables.delta import read_table
 
 from corpora import bos_tokenizer, write_jsonl, write_masked, write_tokenized
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bfpack_spark.config import ConfigError, load_config
-from bfpack_spark.io.files import InputError
+from bfpack_spark.errors import InputError
 from bfpack_spark.job import AuditError, run
 from bfpack_spark.tokenize import TokenizerError
 

@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("bfpack_spark.io", "bfpack_spark.config", "bfpack_spark.schemas", "bfpack_spark.metrics",
                     "bfpack_spark.figures", "bfpack_spark.stats", "bfpack_spark.faults", "bfpack_spark.tokenize")),
     ("kernels", ("bfpack_spark.packing", "bfpack_spark.masks")),
+    ("leaves", ("bfpack_spark.errors",)),
 ]
 
 

@@ -7,7 +7,7 @@ from chispa import assert_df_equality
 from deltalake import DeltaTable
 
 from bfpack_spark.config import load_config
-from bfpack_spark.io.delta import read_table
+from bfpack_spark.io.tables.delta import read_table
 from bfpack_spark.job import run
 from bfpack_spark.packing import bfd_layout
 
@@ -202,8 +202,9 @@ def test_best_fit_tables_hold_the_one_process_plan(spark, tmp_path, monkeypatch,
     import pyarrow.parquet as pq
 
     from bfpack_spark import job
-    from bfpack_spark.job import _plan_inputs
+    from bfpack_spark.io.formats.parquet import row_groups_in
     from bfpack_spark.packing.plan import plan_bfd
+    from bfpack_spark.stages.inputs import plan_inputs
 
     if driver_items is not None:
         monkeypatch.setattr(job, "DRIVER_ITEMS", driver_items)
@@ -212,10 +213,10 @@ def test_best_fit_tables_hold_the_one_process_plan(spark, tmp_path, monkeypatch,
                 "packing.max_segments_per_sequence": cap}
     result = pack(spark, tmp_path / "corpus", tmp_path / "out", **settings)
     assert result.stats["plan_first_round"] == first_round and result.stats["audit_passed"]
-    inputs = _plan_inputs(load_config(None, {
+    inputs = plan_inputs(load_config(None, {
         "input.paths": [str(tmp_path / "corpus")], "input.token_column": "tokens", "output.output": str(tmp_path),
         "packing.seq_len": L, **settings}))
-    n_groups = len(inputs.groups)
+    n_groups = inputs.n_groups
     n_parts = 1 if first_round == "driver" else n_groups
     assert n_groups > 1 and result.stats["packing_partitions"] == n_parts
     documents = table(tmp_path / "out", "documents")
@@ -225,10 +226,10 @@ def test_best_fit_tables_hold_the_one_process_plan(spark, tmp_path, monkeypatch,
     for g, splits in enumerate(inputs.groups):
         for split in splits:
             meta = pq.ParquetFile(split.uri).metadata
-            row_groups = split.row_groups if split.row_groups is not None else range(meta.num_row_groups)
-            n = sum(meta.row_group(i).num_rows for i in row_groups)
-            canonical += [ids[(split.source, split.first_row + k)] for k in range(n)]
-            group += [g] * n
+            for rg, first_row in row_groups_in(meta, split.byte_range):
+                n = meta.row_group(rg).num_rows
+                canonical += [ids[(split.source, first_row + k)] for k in range(n)]
+                group += [g] * n
     want = plan_bfd([len(docs[d]) for d in canonical], group, n_groups, L, n_parts, 0.99, merge_items,
                     route=first_round != "in place", max_segments=cap)
     sequences = table(tmp_path / "out", "sequences")

@@ -6,23 +6,32 @@ import json
 import pytest
 import zstandard
 
-from bfpack_spark.io import readers
-from bfpack_spark.io.inputs import Split
-from bfpack_spark.io.readers import Limits, _lines, read_jsonl, reason_code
+from bfpack_spark.io.formats import inflate, jsonl, read_split
+from bfpack_spark.io.formats.base import Fields, Limits, Split, reason_code
+from bfpack_spark.io.formats.fetch import Opened
+
+
+def split_of(path, fmt="jsonl", compression=None, byte_range=None) -> Split:
+    return Split(str(path), path.name, fmt, path.stat().st_size, compression, byte_range)
+
+
+def read(split, id_column, column, tokenized, limits):
+    """Every batch of one split."""
+    return list(read_split(split, Fields(column, tokenized, id_column, None, limits)))
 
 
 def lines_of(path, size, n_splits, max_bytes=10**9, monkeypatch=None):
     step = -(-size // n_splits)
     out = []
     for s in range(0, size, step):
-        out.extend(_lines(Split(str(path), "f.jsonl", "jsonl", byte_range=(s, min(s + step, size))), max_bytes))
-    return [(at, None if isinstance(line, readers.LineHead) else line) for at, line in out]
+        out.extend(jsonl.lines(Opened(split_of(path, byte_range=(s, min(s + step, size)))), max_bytes))
+    return [(at, None if isinstance(line, jsonl.LineHead) else line) for at, line in out]
 
 
 @pytest.mark.parametrize("block", [7, 64, 8 * 2**20])
 @pytest.mark.parametrize("n_splits", [1, 2, 3, 7, 50])
 def test_every_line_belongs_to_exactly_one_split(tmp_path, monkeypatch, block, n_splits):
-    monkeypatch.setattr(readers, "BLOCK_BYTES", block)
+    monkeypatch.setattr(jsonl, "BLOCK_BYTES", block)
     rows = ['{"id": "a"}', "x" * 300, "", '{"id": "b"}', "y" * 5, "z" * 90, '{"id": "c"}']
     data = ("\n".join(rows) + "\n").encode()
     path = tmp_path / "f.jsonl"
@@ -35,7 +44,7 @@ def test_every_line_belongs_to_exactly_one_split(tmp_path, monkeypatch, block, n
 
 
 def test_last_line_without_newline_and_long_lines(tmp_path, monkeypatch):
-    monkeypatch.setattr(readers, "BLOCK_BYTES", 16)
+    monkeypatch.setattr(jsonl, "BLOCK_BYTES", 16)
     path = tmp_path / "f.jsonl"
     path.write_bytes(b"short\n" + b"L" * 200 + b"\nafter\nend")
     assert lines_of(path, path.stat().st_size, 4, max_bytes=50) == [
@@ -47,8 +56,7 @@ def jsonl_bytes(n, start=0):
 
 
 def read_all(path, compression):
-    split = Split(str(path), path.name, "jsonl", compression, has_ids=True)
-    batches = list(read_jsonl(split, "id", "text", False, Limits(10**6)))
+    batches = read(split_of(path, "jsonl", compression), "id", "text", False, Limits(10**6))
     return [d for b in batches for d in b.ids.to_pylist()], [r.reason for b in batches for r in b.rejects], \
         sum(b.n_records for b in batches)
 
@@ -79,30 +87,30 @@ def test_zstd_frames_and_garbage(tmp_path):
 
 
 def test_globs_mean_the_same_on_uris_as_on_local_paths(tmp_path):
-    from bfpack_spark.io.inputs import glob_regex, list_inputs
+    from bfpack_spark.io.listing.listing import glob_regex, list_inputs
 
     (tmp_path / "sub" / "deep").mkdir(parents=True)
     for rel in ("a.jsonl", "b.jsonl", "sub/c.jsonl", "sub/deep/d.jsonl"):
         (tmp_path / rel).write_text('{"text": "x"}\n')
     for pattern in ("*.jsonl", "**/*.jsonl", "sub/*.jsonl", "[ab].jsonl"):
-        local = [f.source for f in list_inputs([f"{tmp_path}/{pattern}"])]
-        uri = [f.source for f in list_inputs([f"file://{tmp_path}/{pattern}"])]
+        local = list_inputs([f"{tmp_path}/{pattern}"]).column("source")
+        uri = list_inputs([f"file://{tmp_path}/{pattern}"]).column("source")
         assert local == uri, pattern
-    assert [f.source for f in list_inputs([f"file://{tmp_path}/*.jsonl"])] == ["a.jsonl", "b.jsonl"]
+    assert list_inputs([f"file://{tmp_path}/*.jsonl"]).column("source") == ["a.jsonl", "b.jsonl"]
     assert glob_regex("**/*.jsonl").fullmatch("x.jsonl") and not glob_regex("*.jsonl").fullmatch("s/x.jsonl")
 
 
 def test_ids_are_decided_per_file_however_it_is_split(tmp_path):
-    from bfpack_spark.io.inputs import plan_inputs
+    from bfpack_spark.io.listing.listing import list_inputs
+    from bfpack_spark.io.listing.plan import plan_groups
 
     lines = [json.dumps({"id": f"d{i}", "text": "t" * 50}) for i in range(200)]
     lines[150] = json.dumps({"text": "this one lost its id"})
     (tmp_path / "ids.jsonl").write_text("\n".join(lines) + "\n")
-    plan = plan_inputs([str(tmp_path / "ids.jsonl")], "auto", "text", False, 2048, target_items=1,
-                       min_groups=8, id_column="id")
+    plan = plan_groups(list_inputs([str(tmp_path / "ids.jsonl")]), "text", False, 2048, target_items=1, min_groups=8)
     splits = [s for g in plan.groups for s in g]
-    assert len(splits) > 1 and all(s.has_ids for s in splits)
-    batches = [b for s in splits for b in read_jsonl(s, "id", "text", False, Limits(10**6))]
+    assert len(splits) > 1 and all(s.byte_range for s in splits)
+    batches = [b for s in splits for b in read(s, "id", "text", False, Limits(10**6))]
     ids = [d for b in batches for d in b.ids.to_pylist()]
     assert ids == [f"d{i}" for i in range(200) if i != 150]
     assert [r.reason for b in batches for r in b.rejects] == ["id field 'id' is missing"]
@@ -122,8 +130,7 @@ def test_a_damaged_parquet_row_group_rejects_its_rows_and_no_others(tmp_path):
     start = second.dictionary_page_offset or second.data_page_offset
     data[start:start + second.total_compressed_size] = b"\xff" * second.total_compressed_size
     path.write_bytes(bytes(data))
-    split = Split(str(path), "f.parquet", "parquet", row_groups=(0, 1, 2))
-    batches = list(readers.read_split(split, "id", "text", False, Limits(10**9)))
+    batches = read(split_of(path, "parquet"), "id", "text", False, Limits(10**9))
     docs = [t for b in batches for t in b.texts]
     rejects = [r for b in batches for r in b.rejects]
     assert docs == texts[:100] + texts[200:]
@@ -136,7 +143,7 @@ def test_a_damaged_parquet_row_group_rejects_its_rows_and_no_others(tmp_path):
 @pytest.mark.parametrize("codec", ["gzip", "zstd"])
 def test_a_bad_checksum_keeps_every_line_that_decodes(tmp_path, monkeypatch, codec, piece):
     """The checksum is only seen at the end: the decoder drops what it decoded in that call."""
-    monkeypatch.setattr(readers, "COMPRESSED_BLOCK_BYTES", piece)
+    monkeypatch.setattr(inflate, "COMPRESSED_BLOCK_BYTES", piece)
     data = jsonl_bytes(3000)
     if codec == "gzip":
         damaged = bytearray(gzip.compress(data))
@@ -153,7 +160,7 @@ def test_a_bad_checksum_keeps_every_line_that_decodes(tmp_path, monkeypatch, cod
 
 
 def test_damage_inside_a_zstd_frame_keeps_the_lines_before_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(readers, "COMPRESSED_BLOCK_BYTES", 1024)
+    monkeypatch.setattr(inflate, "COMPRESSED_BLOCK_BYTES", 1024)
     data = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(jsonl_bytes(20000)))
     data[len(data) * 3 // 10] ^= 0xFF
     (tmp_path / "m.jsonl.zst").write_bytes(bytes(data))
@@ -168,8 +175,7 @@ def test_a_byte_order_mark_and_an_oversized_line(tmp_path):
     path = tmp_path / "b.jsonl"
     big = json.dumps({"id": "big", "text": "x" * 5000})
     path.write_bytes(b"\xef\xbb\xbf" + jsonl_bytes(2) + big.encode() + b"\n")
-    split = Split(str(path), "b.jsonl", "jsonl", has_ids=True)
-    batches = list(read_jsonl(split, "id", "text", False, Limits(1000, 2000)))
+    batches = read(split_of(path), "id", "text", False, Limits(1000, 2000))
     assert [i for b in batches for i in b.ids.to_pylist()] == ["d0", "d1"]
     [reject] = [r for b in batches for r in b.rejects]
     assert "larger than max_line_bytes" in reject.reason and reject.excerpt.startswith('{"id": "big"')
@@ -183,8 +189,7 @@ def test_max_document_bytes_measures_the_text_not_the_line(tmp_path):
              {"id": "wide", "text": "\u00e9" * 600},  # 600 characters, 1,200 bytes of UTF-8
              {"id": "fits", "text": "e" * 1000}]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))  # \u escapes: each line longer than its text
-    [batch] = list(read_jsonl(Split(str(path), "m.jsonl", "jsonl", has_ids=True), "id", "text", False,
-                              Limits(1000, 10_000)))
+    [batch] = read(split_of(path), "id", "text", False, Limits(1000, 10_000))
     assert batch.ids.to_pylist() == ["meta", "fits"]
     [reject] = batch.rejects
     assert reject.doc_id == "wide" and reason_code(reject.reason) == "too_large"
@@ -193,7 +198,7 @@ def test_max_document_bytes_measures_the_text_not_the_line(tmp_path):
 
 def test_gzip_padding_right_after_a_piece_boundary(tmp_path, monkeypatch):
     member = gzip.compress(jsonl_bytes(50))
-    monkeypatch.setattr(readers, "COMPRESSED_BLOCK_BYTES", len(member))  # the member ends a piece
+    monkeypatch.setattr(inflate, "COMPRESSED_BLOCK_BYTES", len(member))  # the member ends a piece
     (tmp_path / "p.jsonl.gz").write_bytes(member + b"\0" * 100)
     ids, reasons, _ = read_all(tmp_path / "p.jsonl.gz", "gzip")
     assert ids == [f"d{i}" for i in range(50)] and reasons == []
@@ -204,10 +209,10 @@ def test_a_parquet_file_planned_without_its_footer_is_still_checked_for_the_colu
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"id": ["a", "b"], "body": ["x", "y"]}), tmp_path / "f.parquet")
-    split = Split(str(tmp_path / "f.parquet"), "f.parquet", "parquet", row_groups=None)
-    [batch] = list(readers.read_split(split, "id", "text", False, Limits(10**9)))
+    [batch] = read(split_of(tmp_path / "f.parquet", "parquet"), "id", "text", False, Limits(10**9))
     assert [r.row for r in batch.rejects] == [0, 1] and batch.n_records == 2
-    assert "no column 'text'" in batch.rejects[0].reason
+    assert "text column 'text' is missing in this file" in batch.rejects[0].reason
+    assert reason_code(batch.rejects[0].reason) == "missing_text"
 
 
 def test_parquet_and_text_file_rejects_keep_the_start_of_what_was_wrong(tmp_path):
@@ -215,13 +220,11 @@ def test_parquet_and_text_file_rejects_keep_the_start_of_what_was_wrong(tmp_path
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"id": ["big", "ok"], "text": ["x" * 5000, "fine"]}), tmp_path / "p.parquet")
-    split = Split(str(tmp_path / "p.parquet"), "p.parquet", "parquet", row_groups=None)
-    [batch] = list(readers.read_split(split, "id", "text", False, Limits(1000)))
+    [batch] = read(split_of(tmp_path / "p.parquet", "parquet"), "id", "text", False, Limits(1000))
     [reject] = batch.rejects
     assert reject.doc_id == "big" and reject.excerpt == "x" * 160 + "..." and batch.ids.to_pylist() == ["ok"]
     (tmp_path / "t.txt").write_text("y" * 5000)
-    [batch] = list(readers.read_split(Split(str(tmp_path / "t.txt"), "t.txt", "text"), None, "text", False,
-                                      Limits(1000)))
+    [batch] = read(split_of(tmp_path / "t.txt", "text"), None, "text", False, Limits(1000))
     assert batch.rejects[0].excerpt.startswith("yyyy") and reason_code(batch.rejects[0].reason) == "too_large"
 
 
@@ -236,8 +239,7 @@ def test_ids_that_are_not_valid_unicode_are_rejects_with_their_reason(tmp_path):
     ids = pa.Array.from_buffers(pa.string(), 3, [None, pa.py_buffer(np.array([0, 2, 7, 10], np.int32)),
                                                 pa.py_buffer(data)])
     pq.write_table(pa.table({"id": ids, "text": ["a", "b", ""]}), tmp_path / "u.parquet")
-    split = Split(str(tmp_path / "u.parquet"), "u.parquet", "parquet", row_groups=None)
-    [batch] = list(readers.read_split(split, "id", "text", False, Limits(10**9)))
+    [batch] = read(split_of(tmp_path / "u.parquet", "parquet"), "id", "text", False, Limits(10**9))
     assert batch.ids.to_pylist() == ["ok", "ok2"] and batch.rows.tolist() == [0, 2]
     [reject] = batch.rejects
     assert reject.row == 1 and reject.doc_id is None
@@ -245,7 +247,6 @@ def test_ids_that_are_not_valid_unicode_are_rejects_with_their_reason(tmp_path):
     batch.ids.validate(full=True)
 
     (tmp_path / "s.jsonl").write_text('{"id": "a", "text": "x"}\n{"id": "\\ud800", "text": "y"}\n')
-    [batch] = list(read_jsonl(Split(str(tmp_path / "s.jsonl"), "s.jsonl", "jsonl", has_ids=True), "id", "text",
-                              False, Limits(10**6)))
+    [batch] = read(split_of(tmp_path / "s.jsonl"), "id", "text", False, Limits(10**6))
     assert batch.ids.to_pylist() == ["a"] and batch.texts == ["x"]
     assert [r.reason for r in batch.rejects] == ["id field 'id' holds an unpaired surrogate escape (invalid Unicode)"]

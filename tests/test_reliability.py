@@ -13,10 +13,10 @@ from chispa import assert_df_equality
 from deltalake import DeltaTable
 
 from bfpack_spark.config import load_config
+from bfpack_spark.errors import InputError
 from bfpack_spark.faults import InjectedFault
-from bfpack_spark.io.delta import read_table, snapshot_dataset
-from bfpack_spark.io.files import InputError
-from bfpack_spark.io.lock import LOCK_NAME, OutputLock, RunLockedError
+from bfpack_spark.io.store.lock import LOCK_NAME, OutputLock, RunLockedError
+from bfpack_spark.io.tables.delta import read_table, snapshot_dataset
 from bfpack_spark.job import AuditError, run
 from bfpack_spark.spark.session import first_line
 
@@ -335,7 +335,7 @@ def test_append_to_a_stats_table_of_the_old_schema_migrates_it(spark, tokenized,
     rewritten in the new schema, old rows kept; another table's foreign schema stops the run."""
     from deltalake import write_deltalake
 
-    from bfpack_spark.io.delta import DeltaError
+    from bfpack_spark.io.tables.delta import DeltaError
     from bfpack_spark.schemas import STATS
 
     old_fields = [f for f in STATS if not f.name.startswith("audit_") and not f.name.endswith("_histogram")]

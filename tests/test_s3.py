@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from bfpack_spark.config import load_config
-from bfpack_spark.io.delta import snapshot_dataset
-from bfpack_spark.io.files import InputError
-from bfpack_spark.io.lock import OutputLock, RunLockedError, S3Lock
+from bfpack_spark.errors import InputError
+from bfpack_spark.io.store.lock import OutputLock, RunLockedError, S3Lock
+from bfpack_spark.io.tables.delta import snapshot_dataset
 from bfpack_spark.job import run
 
 from corpora import write_jsonl
@@ -299,6 +299,6 @@ def test_wrong_credentials_behind_a_throttling_store_fail_in_seconds_with_the_st
     ("An error occurred (InvalidAccessKeyId) when calling the PutObject operation (503)", False),
 ])
 def test_retries_by_kind(message, retried):
-    from bfpack_spark.io.retry import transient
+    from bfpack_spark.io.store.retry import transient
 
     assert transient(OSError(message)) is retried

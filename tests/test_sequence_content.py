@@ -11,8 +11,8 @@ import pytest
 from deltalake import DeltaTable
 
 from bfpack_spark.config import load_config
-from bfpack_spark.io.delta import snapshot_dataset
-from bfpack_spark.io.inputs import InputError
+from bfpack_spark.errors import InputError
+from bfpack_spark.io.tables.delta import snapshot_dataset
 from bfpack_spark.job import run
 from bfpack_spark.packing import bfd_layout
 from bfpack_spark.tokenize import load_tokenizer

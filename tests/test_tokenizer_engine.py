@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from bfpack_spark import tokenize
-from bfpack_spark.io.inputs import python_stdlib_files
+from bfpack_spark.io.listing.listing import PYTHON_STDLIB, list_inputs
 from bfpack_spark.tokenize import FastEncoder, encode_texts, hf_structure, load_tokenizer, tiktoken_ranks
 
 from corpora import bos_tokenizer, llama3_style_tokenizer
@@ -40,7 +40,7 @@ def _read(paths) -> list[str]:
 @functools.cache
 def demo_corpus() -> list[str]:
     """The demo's corpus: the running Python's standard-library sources."""
-    return _read(f.uri for f in python_stdlib_files())
+    return _read(list_inputs([PYTHON_STDLIB]).column("uri"))
 
 
 def repo_corpus() -> list[str]:
@@ -238,7 +238,7 @@ def test_a_document_with_endoftext_in_its_text_is_packed_as_before(spark, tmp_pa
     """End to end on Spark: the same tables whichever engine runs (the reference is how it was packed
     before), the special token's characters as text, the engine in the stats row, one run id."""
     from bfpack_spark.config import load_config
-    from bfpack_spark.io.delta import snapshot_dataset
+    from bfpack_spark.io.tables.delta import snapshot_dataset
     from bfpack_spark.job import run
 
     from corpora import write_jsonl

@@ -7,7 +7,7 @@ import pytest
 from deltalake import DeltaTable
 
 from bfpack_spark.config import load_config
-from bfpack_spark.io.files import InputError
+from bfpack_spark.errors import InputError
 from bfpack_spark.job import run
 from bfpack_spark.spark.session import first_line
 

@@ -32,9 +32,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from bfpack_spark.export.formats import FORMATS, ShardSpec, hf_schema, token_dtype, write_shard
-from bfpack_spark.io.files import filesystem, join, parquet_row_groups, read_parquet
-from bfpack_spark.io.snapshot import SequencesSnapshot, TableFile, open_sequences
-from bfpack_spark.io.workspace import atomic_output
+from bfpack_spark.io.store.fs import filesystem, join, parquet_row_groups, read_parquet
+from bfpack_spark.io.store.workspace import atomic_output
+from bfpack_spark.io.tables.snapshot import SequencesSnapshot, TableFile, open_sequences
 
 log = logging.getLogger("bfpack")
 

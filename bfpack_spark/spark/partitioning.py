@@ -22,7 +22,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from bfpack_spark.io import retry
+from bfpack_spark.io.store import retry
 
 _KEYS: dict[int, list[int]] = {}
 _SEED = 42

@@ -19,8 +19,8 @@ from pyspark.java_gateway import launch_gateway
 from pyspark.sql import DataFrame, SparkSession
 
 from bfpack_spark.config import DEBUG_ENV
-from bfpack_spark.io.files import STORAGE_ENV
-from bfpack_spark.io.retry import RETRY_ENV
+from bfpack_spark.io.store.fs import STORAGE_ENV
+from bfpack_spark.io.store.retry import RETRY_ENV
 
 #: Settings bfpack relies on; a user's --spark-conf wins over them.
 DEFAULTS = {

@@ -23,9 +23,9 @@ from pyspark.sql import functions as F
 
 from bfpack_spark import faults
 from bfpack_spark.figures import document_figures, segment_bins, sequence_figures
-from bfpack_spark.io.readers import Reject, position
-from bfpack_spark.io.staging import StagedFile, Staging
-from bfpack_spark.io.workspace import Workspace
+from bfpack_spark.io.formats.base import Reject, position
+from bfpack_spark.io.store.workspace import Workspace
+from bfpack_spark.io.tables.staging import StagedFile, Staging
 from bfpack_spark.metrics import PackingStats
 from bfpack_spark.packing.arrow import ChunkedTokens, sequences_table
 from bfpack_spark.packing.chunking import chunk_documents

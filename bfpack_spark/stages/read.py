@@ -22,10 +22,11 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from bfpack_spark import faults
-from bfpack_spark.io.inputs import Split
-from bfpack_spark.io.readers import Limits, RawBatch, Reject, read_split, reason_code
-from bfpack_spark.io.staging import StagedFile, Staging
-from bfpack_spark.io.workspace import Workspace
+from bfpack_spark.io.formats import read_group_splits
+from bfpack_spark.io.formats.base import Fields, RawBatch, Reject, Split, reason_code, splits_of
+from bfpack_spark.io.listing.plan import InputPlan
+from bfpack_spark.io.store.workspace import Workspace
+from bfpack_spark.io.tables.staging import StagedFile, Staging
 from bfpack_spark.packing import flatten_token_lists
 from bfpack_spark.packing.arrow import frame_documents, prompt_and_text
 from bfpack_spark.packing.plan import item_histogram, length_buckets, pack_in_place
@@ -38,19 +39,15 @@ from bfpack_spark.tokenize import Tokenizer, document_bos, encode_texts, load_to
 class ReadSettings:
     """What stage 1 needs to know; small and picklable, shipped to every task."""
 
-    id_column: str | None
-    column: str
-    tokenized: bool
+    fields: Fields
     tokenizer: str
     eos_token: str | None
     append_eos: bool
     seq_len: int
     length_buckets: int
     keep_empty: bool
-    limits: Limits
     bos_token: str | None = None
     prepend_bos: bool | None = None
-    extra_column: str | None = None  # each document's loss mask (tokenized input) or prompt (text)
     loss_masks: bool = False
     engine: str = "auto"
     # best-fit: the fill threshold of a first round packed where each group was read (None: not
@@ -118,7 +115,7 @@ def _check_masks(raw: RawBatch, column: str) -> None:
     raw.masks = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int8)))
 
 
-def _doc_rows(group: int, first_doc: int, source: str, raw: RawBatch, lengths: np.ndarray) -> pa.RecordBatch:
+def _doc_rows(group: int, first_doc: int, raw: RawBatch, lengths: np.ndarray) -> pa.RecordBatch:
     n = len(raw)
     return pa.RecordBatch.from_pydict({
         "kind": pa.array(np.full(n, DOC, np.int8)),
@@ -126,7 +123,7 @@ def _doc_rows(group: int, first_doc: int, source: str, raw: RawBatch, lengths: n
         "doc_index": pa.array(np.arange(first_doc, first_doc + n, dtype=np.int64)),
         "doc_id": raw.ids,
         "n_tokens": pa.array(lengths.astype(np.int64)),
-        "source": pa.repeat(source, n),
+        "source": raw.sources,
         "row": pa.array(raw.rows),
         "info": pa.nulls(n, pa.string()),
     }, schema=READ)
@@ -151,59 +148,69 @@ def rejects_table(rejects: list[Reject], run_id: str) -> pa.Table:
     }, schema=REJECTS)
 
 
+class _Encoder:
+    """What a read task does to each batch of documents: drop empty ones, check given token ids and
+    loss masks, or tokenize texts (and prompts); then frame each document with BOS/EOS."""
+
+    def __init__(self, settings: ReadSettings):
+        self.settings = settings
+        self.tokenizer = load_tokenizer(settings.tokenizer, settings.eos_token, settings.bos_token, settings.engine)
+        self.bos = document_bos(self.tokenizer, settings.prepend_bos)
+        self.eos = self.tokenizer.eos_id if settings.append_eos else None
+        context = TaskContext.get()
+        self.threads = context.cpus() if context is not None else 1  # spark.task.cpus: the cores a task may use
+
+    def __call__(self, raw: RawBatch) -> None:
+        s, fields = self.settings, self.settings.fields
+        if not s.keep_empty:
+            raw.reject_where(_lengths(raw) == 0, "empty document (quality.empty_documents: skip)")
+        if fields.tokenized:
+            _check_token_ids(raw, self.tokenizer)
+            if fields.extra is not None:
+                _check_masks(raw, fields.extra)
+        elif len(raw):
+            raw.tokens = encode_texts(self.tokenizer, raw.texts, self.threads)
+            if raw.prompts:
+                raw.tokens, raw.masks = prompt_and_text(encode_texts(self.tokenizer, raw.prompts, self.threads),
+                                                        raw.tokens)
+            raw.texts, raw.prompts = [], []
+        if len(raw) and (self.bos is not None or self.eos is not None or s.loss_masks):
+            raw.tokens, raw.masks = frame_documents(raw.tokens, raw.masks, self.bos, self.eos, s.loss_masks)
+        raw.reject_where(_lengths(raw) == 0, "no tokens: the tokenizer made nothing of this text")
+
+
 def read_group(group: int, splits: list[Split], settings: ReadSettings, staging: Staging,
                workspace: Workspace) -> Iterator[pa.RecordBatch]:
     """Read one group: its documents go to the workspace (tokens) and to Spark (one small row each,
     kind DOC, in canonical order); its rejects to a file of the rejects table (a FILE row); and a
     GROUP row counts the records the readers consumed, for the audit (and holds the in-place round's figures)."""
     faults.check("read")
-    tokenizer = load_tokenizer(settings.tokenizer, settings.eos_token, settings.bos_token, settings.engine)
-    bos = document_bos(tokenizer, settings.prepend_bos)
-    eos = tokenizer.eos_id if settings.append_eos else None
-    context = TaskContext.get()
-    threads = context.cpus() if context is not None else 1  # spark.task.cpus: the cores this task may use
+    encode = _Encoder(settings)
     doc_index = n_records = n_tokens = 0
     rejects: list[Reject] = []
     histogram = np.zeros(min(settings.length_buckets, settings.seq_len), np.int64)
     doc_lengths: list[np.ndarray] = []
     with workspace.group_writer(group, STORED) as store:
-        for split in splits:
-            for raw in read_split(split, settings.id_column, settings.column, settings.tokenized,
-                                  settings.limits, settings.extra_column):
-                n_records += raw.n_records
-                if not settings.keep_empty:
-                    raw.reject_where(_lengths(raw) == 0, "empty document (quality.empty_documents: skip)")
-                if settings.tokenized:
-                    _check_token_ids(raw, tokenizer)
-                    if settings.extra_column is not None:
-                        _check_masks(raw, settings.extra_column)
-                elif len(raw):
-                    raw.tokens = encode_texts(tokenizer, raw.texts, threads)
-                    if raw.prompts:
-                        raw.tokens, raw.masks = prompt_and_text(encode_texts(tokenizer, raw.prompts, threads),
-                                                                raw.tokens)
-                    raw.texts, raw.prompts = [], []
-                if len(raw) and (bos is not None or eos is not None or settings.loss_masks):
-                    raw.tokens, raw.masks = frame_documents(raw.tokens, raw.masks, bos, eos, settings.loss_masks)
-                raw.reject_where(_lengths(raw) == 0, "no tokens: the tokenizer made nothing of this text")
-                for r in raw.rejects:
-                    r.source = split.source
-                rejects.extend(raw.rejects)
-                if len(raw):
-                    lengths = _lengths(raw)
-                    masks = raw.masks if raw.masks is not None else pa.nulls(len(raw), pa.list_(pa.int8()))
-                    store.write_batch(pa.RecordBatch.from_pydict({
-                        "doc_id": raw.ids, "source": pa.repeat(split.source, len(raw)),
-                        "row": pa.array(raw.rows), "tokens": raw.tokens, "loss_mask": masks}, schema=STORED))
-                    yield _doc_rows(group, doc_index, split.source, raw, lengths)
-                    doc_index += len(raw)
-                    n_tokens += int(lengths.sum())
-                    histogram += item_histogram(lengths, settings.seq_len, settings.length_buckets)
-                    doc_lengths.append(lengths)
+        for raw in read_group_splits(splits, settings.fields):
+            n_records += raw.n_records
+            encode(raw)
+            rejects.extend(raw.rejects)
+            if not len(raw):
+                continue
+            lengths = _lengths(raw)
+            masks = raw.masks if raw.masks is not None else pa.nulls(len(raw), pa.list_(pa.int8()))
+            store.write_batch(pa.RecordBatch.from_pydict({
+                "doc_id": raw.ids, "source": raw.sources, "row": pa.array(raw.rows), "tokens": raw.tokens,
+                "loss_mask": masks}, schema=STORED))
+            yield _doc_rows(group, doc_index, raw, lengths)
+            doc_index += len(raw)
+            n_tokens += int(lengths.sum())
+            histogram += item_histogram(lengths, settings.seq_len, settings.length_buckets)
+            doc_lengths.append(lengths)
     if rejects:
         written = staging.write("rejects", f"read-{group:07d}", rejects_table(rejects, staging.run_id))
         yield _info_row(FILE, group, written.to_json())
-    engine = None if settings.tokenized else tokenizer.engine
+    engine = None if settings.fields.tokenized else encode.tokenizer.engine
     counts = {"records": n_records, "documents": doc_index, "tokens": n_tokens, "rejects": len(rejects),
               "items": histogram.tolist(), "engine": engine}
     if settings.in_place_fill is not None:
@@ -272,11 +279,12 @@ class ReadResult:
         return ", ".join(sorted({g["engine"] for g in self.groups if g.get("engine")})) or None
 
 
-def read_corpus(spark: SparkSession, groups: list[list[Split]], settings: ReadSettings, staging: Staging,
+def read_corpus(spark: SparkSession, inputs: InputPlan, settings: ReadSettings, staging: Staging,
                 workspace: Workspace) -> ReadResult:
     """Run the read stage: one task per group (partition ``g`` reads group ``g``)."""
-    n = len(groups)
-    rows = map_slices(spark, groups, n, lambda g, mine: read_group(g, mine[0], settings, staging, workspace),
+    n = inputs.n_groups
+    rows = map_slices(spark, inputs.group_payloads(), n,
+                      lambda g, mine: read_group(g, splits_of(mine[0]), settings, staging, workspace),
                       spark_ddl(READ)).persist(StorageLevel.MEMORY_AND_DISK)
     info = rows.filter(F.col("kind").isin(GROUP, FILE)).select("kind", "group", "info").collect()
     counts: list[dict] = [{} for _ in range(n)]

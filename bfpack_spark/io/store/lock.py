@@ -9,7 +9,7 @@ The lock is ``<root>/_bfpack.lock``, naming the run that holds it.
   ``If-None-Match: *``, so exactly one of two runs creates it. The holder rewrites it every
   ``HEARTBEAT`` seconds (``If-Match`` its own last version); a lock whose heartbeat is older
   than ``EXPIRY`` belongs to a dead run and is taken over with ``If-Match`` on the stale
-  version, so two runs cannot both take it over. Needs boto3 (``pip install 'bfpack-spark[s3]'``).
+  version, so two runs cannot both take it over.
 - Other stores (gs://, abfs://...): no lock; each table's commit is still atomic (Delta), and
   a warning says to keep one writer per output root.
 """
@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 
-from bfpack_spark.io import retry
+from bfpack_spark.io.store import retry, s3
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +65,9 @@ class S3Lock:
 
     def __init__(self, root: str, run_id: str):
         try:
-            import boto3
-            from botocore.config import Config
+            self.client = s3.client(read_timeout=10)
         except ImportError:
-            raise RunLockedError("the run lock on S3 needs boto3: pip install 'bfpack-spark[s3]'") from None
-        from bfpack_spark.io.files import s3_settings
-
-        opts = s3_settings()
-        self.client = boto3.client(
-            "s3", endpoint_url=opts.get("AWS_ENDPOINT_URL"),
-            region_name=opts.get("AWS_REGION") or opts.get("AWS_DEFAULT_REGION"),
-            aws_access_key_id=opts.get("AWS_ACCESS_KEY_ID"), aws_secret_access_key=opts.get("AWS_SECRET_ACCESS_KEY"),
-            aws_session_token=opts.get("AWS_SESSION_TOKEN"),
-            # one attempt per call: bfpack_spark.io.retry retries by kind, and recognises a write of ours
-            config=Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=5, read_timeout=10))
+            raise RunLockedError("the run lock on S3 needs boto3: pip install boto3") from None
         bucket_key = root.split("://", 1)[1]
         self.bucket, _, prefix = bucket_key.partition("/")
         self.key = posixpath.join(prefix.strip("/"), LOCK_NAME) if prefix.strip("/") else LOCK_NAME

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bfpack_spark.figures import add_figures
-from bfpack_spark.io.files import filesystem, join
+from bfpack_spark.io.store.fs import filesystem, join
 
 #: Columns whose values repeat (dictionary encoding pays); token ids and ids do not.
 _DICTIONARY_COLUMNS = {"run_id", "source", "reason"}
@@ -132,7 +132,9 @@ class TableWriter:
             self._writer = pq.ParquetWriter(
                 self._out, self.schema, compression="zstd",
                 use_dictionary=[c for c in self.schema.names if c in _DICTIONARY_COLUMNS],
-                write_statistics=[f.name for f in self.schema if not pa.types.is_nested(f.type)],  # as Delta
+                # as Delta: no nested columns (nor timestamps, whose statistics' text form readers disagree on)
+                write_statistics=[f.name for f in self.schema
+                                  if not pa.types.is_nested(f.type) and not pa.types.is_timestamp(f.type)],
                 metadata_collector=self._collected)
         self._writer.write_table(part, row_group_size=max(1024, ROW_GROUP_BYTES * part.num_rows
                                                           // max(1, part.nbytes)))

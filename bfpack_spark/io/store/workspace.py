@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from bfpack_spark.io.files import filesystem, join
+from bfpack_spark.io.store.fs import filesystem, join
 
 WORK_DIR = "_bfpack_work"
 

@@ -1,4 +1,10 @@
-"""Where input and output live: files, URIs, and the pieces of input one task reads."""
+"""File systems for every URI bfpack reads or writes (local paths, ``s3://``, ``gs://``, ``file://``),
+each request to an object store retried by kind (:mod:`.retry`); the run's storage options.
+
+Tasks and the driver alike open files here: :func:`filesystem` for pyarrow's file systems,
+:func:`open_input` and :func:`read_bytes` for an input file whose size the listing gave (on S3 one
+ranged ``GET`` per read, no ``HEAD``: :mod:`.s3`).
+"""
 
 from __future__ import annotations
 
@@ -7,21 +13,22 @@ import json
 import os
 import posixpath
 import re
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from bfpack_spark.io import retry
+from bfpack_spark.errors import InputError
+from bfpack_spark.io.store import retry, s3
 
 #: The environment variable that carries ``output.storage_options`` (JSON) to every process of
 #: a run: the driver sets it before Spark starts, and Spark passes it to executors.
 STORAGE_ENV = "BFPACK_STORAGE_OPTIONS"
 #: Option names whose values are never logged or stored (the stats table keeps the config).
 SECRET = re.compile(r"secret|token|password|key", re.IGNORECASE)
-#: pyarrow's S3 client makes each request once: :mod:`~bfpack_spark.io.retry` retries it by kind
+#: pyarrow's S3 client makes each request once: :mod:`~bfpack_spark.io.store.retry` retries it by kind
 #: (and counts it), so a wrong endpoint still fails in seconds. Uploads are the exception (below).
 S3_ATTEMPTS = 0
 #: The upload parts inside one of pyarrow's output streams cannot be re-sent from outside it, so its
@@ -31,32 +38,10 @@ S3_UPLOAD_ATTEMPTS = 13
 READ_AHEAD = 2**20
 
 
-class InputError(ValueError):
-    """The input cannot be read as configured; the message says what to change."""
 
 
-@dataclass(frozen=True)
-class Split:
-    """A piece of one input file that one task reads."""
-
-    uri: str
-    source: str                      # stable name: the file's path relative to its input root
-    format: str                      # "jsonl", "parquet" or "text" (one document per file)
-    compression: str | None = None   # JSON lines: "gzip", "zstd" or None
-    row_groups: tuple[int, ...] | None = ()  # Parquet: the row groups to read (None: all; footer unread)
-    first_row: int = 0               # Parquet: index in the file of the first row read
-    byte_range: tuple[int, int] | None = None  # uncompressed JSON lines: [start, end)
-    has_ids: bool = False            # JSON lines: the file's first record has the id field
-    est_items: int = 1
 
 
-@dataclass(frozen=True)
-class InputFile:
-    uri: str
-    source: str
-    size: int
-    format: str
-    compression: str | None = None
 
 
 def storage_options() -> dict[str, str]:
@@ -209,30 +194,20 @@ class RetryingStore(pafs.FileSystemHandler):
         raise OSError(f"{self.fs.type_name} cannot append to {path}")
 
 
-class _ResumedReader:
-    """A file read by ranged requests, each retried by kind; a request cut off mid-response is
-    made again from the same offset on a newly opened file (pyarrow's client does not retry it)."""
+class _BlockReader:
+    """A file-like reader of a file of known size by ranged requests of at least :data:`READ_AHEAD`
+    bytes (a small read and the next one share a request); subclasses make the request."""
 
-    def __init__(self, store: RetryingStore, path: str):
-        self.store, self.path, self.pos, self.closed = store, path, 0, False
-        self._file = self._open()
-        self.size = self._file.size()
+    def __init__(self, size: int):
+        self.size, self.pos, self.closed = size, 0, False
         self._block, self._block_at = b"", 0
 
-    def _open(self) -> pa.NativeFile:
-        return self.store._call(f"open {self.path}", lambda: self.store.fs.open_input_file(self.path))
-
     def _read_at(self, offset: int, n: int) -> bytes:
-        def request() -> bytes:
-            if self._file is None:
-                self._file = self.store.fs.open_input_file(self.path)
-            try:
-                return self._file.read_at(n, offset)
-            except Exception:
-                self._file = None  # re-opened for the next attempt
-                raise
+        raise NotImplementedError
 
-        return self.store._call(f"read {self.path} at {offset}", request)
+    def prime(self, offset: int, data: bytes) -> None:
+        """Hold ``data``, the bytes from ``offset``, for the reads that fall in them."""
+        self._block_at, self._block = offset, data
 
     def read(self, n: int = -1) -> bytes:
         n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
@@ -240,7 +215,8 @@ class _ResumedReader:
             return b""
         start = self.pos - self._block_at
         if not (0 <= start and start + n <= len(self._block)):
-            self._block_at, self._block = self.pos, self._read_at(self.pos, max(n, READ_AHEAD))
+            self._block_at = self.pos
+            self._block = self._read_at(self.pos, min(max(n, READ_AHEAD), self.size - self.pos))
             start = 0
         data = self._block[start:start + n]
         self.pos += len(data)
@@ -263,7 +239,34 @@ class _ResumedReader:
         return False
 
     def close(self) -> None:
-        self.closed, self._file, self._block = True, None, b""
+        self.closed, self._block = True, b""
+
+
+class _ResumedReader(_BlockReader):
+    """A file of a pyarrow file system read by ranged requests, each retried by kind; a request cut
+    off mid-response is made again from the same offset on a newly opened file (pyarrow's client does
+    not retry it)."""
+
+    def __init__(self, store: RetryingStore, path: str):
+        self.store, self.path = store, path
+        self._file: pa.NativeFile | None = store._call(f"open {path}", lambda: store.fs.open_input_file(path))
+        super().__init__(self._file.size())
+
+    def _read_at(self, offset: int, n: int) -> bytes:
+        def request() -> bytes:
+            if self._file is None:
+                self._file = self.store.fs.open_input_file(self.path)
+            try:
+                return self._file.read_at(n, offset)
+            except Exception:
+                self._file = None  # re-opened for the next attempt
+                raise
+
+        return self.store._call(f"read {self.path} at {offset}", request)
+
+    def close(self) -> None:
+        super().close()
+        self._file = None
 
 
 class _RecognisedWriter:
@@ -333,19 +336,75 @@ def parquet_row_groups(uri: str, columns: list[str]) -> Iterator[pa.Table]:
             yield parquet.read_row_group(i, columns=columns)
 
 
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+def is_local(uri: str) -> bool:
+    """Whether ``uri`` is a path on a local (or mounted) file system."""
+    return "://" not in uri or uri.startswith("file://")
 
 
-def detect_format(path: str) -> tuple[str, str | None] | None:
-    """("jsonl"|"parquet", compression) from the file name, or None when unknown."""
-    name = path.lower()
-    compression = None
-    for suffix, codec in COMPRESSION_SUFFIXES.items():
-        if name.endswith(suffix):
-            compression, name = codec, name[: -len(suffix)]
-    if name.endswith(".parquet") and compression is None:
-        return "parquet", None
-    if any(name.endswith(s) for s in JSONL_SUFFIXES):
-        return "jsonl", compression
-    return None
+def read_bytes(uri: str, size: int, start: int = 0, end: int | None = None) -> bytes:
+    """Bytes ``[start, end)`` of a file whose ``size`` the listing gave: one request on S3 (no ``HEAD``)."""
+    end = size if end is None else min(end, size)
+    if uri.startswith(("s3://", "s3a://")):
+        return s3.get_range(*s3.split_uri(uri), start, end)
+    if is_local(uri):
+        with open(uri.removeprefix("file://"), "rb") as fh:
+            fh.seek(start)
+            return fh.read(max(0, end - start))
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as fh:
+        return fh.read_at(max(0, end - start), start)
+
+
+def open_input(uri: str, size: int, tail: int = 0) -> pa.NativeFile:
+    """A file whose ``size`` the listing gave, for random access: on S3 read by ranged ``GET`` s of at
+    least :data:`READ_AHEAD` bytes, without the ``HEAD`` pyarrow's S3 file system opens a file with;
+    ``tail``: its last bytes are read at once (a Parquet footer: its length, then the footer, one request)."""
+    if uri.startswith(("s3://", "s3a://")):
+        reader = _RangedObject(uri, size)
+        if tail:
+            start = max(0, size - tail)
+            reader.prime(start, reader._read_at(start, size - start))
+        return pa.PythonFile(reader, mode="r")
+    if is_local(uri):
+        return pa.OSFile(uri.removeprefix("file://"))
+    fs, path = filesystem(uri)
+    return fs.open_input_file(path)
+
+
+class _RangedObject(_BlockReader):
+    """An S3 object of known size, read by ranged ``GET`` s (:func:`.s3.get_range`: no ``HEAD``)."""
+
+    def __init__(self, uri: str, size: int):
+        self.bucket, self.key = s3.split_uri(uri)
+        super().__init__(size)
+
+    def _read_at(self, offset: int, n: int) -> bytes:
+        return s3.get_range(self.bucket, self.key, offset, offset + n)
+
+
+def check_writable(root: str) -> None:
+    """Fail early, with one line, when the output root cannot be written."""
+    if not is_local(root):
+        fs, path = filesystem(root)
+        probe = posixpath.join(path, f"_bfpack.probe-{uuid.uuid4().hex[:8]}")
+        try:  # the bucket exists, and an object can be written and removed there
+            fs.create_dir(path, recursive=True)
+            with fs.open_output_stream(probe) as out:
+                out.write(b"probe")
+            fs.delete_file(probe)
+        except Exception as exc:
+            raise InputError(f"cannot write to the output root {root!r}: {exc}") from None
+        return
+    path = root.removeprefix("file://")
+    try:
+        created = not os.path.isdir(path)
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".bfpack-write-test")
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+        if created:  # a run that stops before writing leaves no empty output root behind
+            os.rmdir(path)
+    except OSError as exc:
+        raise InputError(f"cannot write to the output root {root!r}: {exc.strerror or exc}") from None
+

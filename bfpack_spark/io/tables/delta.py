@@ -1,4 +1,4 @@
-"""Delta output: the tasks write Parquet data files (:mod:`bfpack_spark.io.staging`), then one
+"""Delta output: the tasks write Parquet data files (:mod:`bfpack_spark.io.tables.staging`), then one
 atomic commit per table adds exactly the files whose descriptions reached the driver.
 
 Two ways to commit, same tables (schema, rows, one commit per table per run):
@@ -29,9 +29,9 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from bfpack_spark import faults
-from bfpack_spark.io import retry
-from bfpack_spark.io.files import delta_storage_options, filesystem, join
-from bfpack_spark.io.staging import StagedFile
+from bfpack_spark.io.store import retry
+from bfpack_spark.io.store.fs import delta_storage_options, filesystem, join
+from bfpack_spark.io.tables.staging import StagedFile
 from bfpack_spark.schemas import TABLES, delta_schema_json
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,54 @@
+"""Task side: reading input files, one module per format, and the rejects they make.
+
+The read stage's tasks call :func:`read_group_splits` for the splits of their group (the driver
+planned them from the listing, :mod:`bfpack_spark.io.listing`): files are opened with the size the
+listing gave, small ones read ahead (:mod:`.fetch`), each read by its format's reader (:mod:`.jsonl`,
+:mod:`.parquet`, :mod:`.text`; compressed JSON lines through the salvage decoder, :mod:`.inflate`),
+and the documents of consecutive small files handed on in batches of about :data:`~.base.BATCH_DOCS`
+(a tokenizer call, a Spark batch and a workspace batch each cost the same for 1 document or 2,048).
+Every record that is not a document becomes a reject with a reason and a code (:mod:`.base`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from bfpack_spark.io.formats.base import BATCH_DOCS, Fields, RawBatch, Split
+from bfpack_spark.io.formats.fetch import Opened, opened
+from bfpack_spark.io.formats.jsonl import first_record, read_jsonl
+from bfpack_spark.io.formats.parquet import read_parquet
+from bfpack_spark.io.formats.text import read_text
+
+#: a batch of several small files holds at most about this many bytes of text
+BATCH_BYTES = 8 * 2**20
+
+
+def read_split(split: Split, fields: Fields, file: Opened | None = None) -> Iterator[RawBatch]:
+    """Batches of documents and rejects of one split, in file order (``file``: the split opened)."""
+    file = file or Opened(split)
+    if split.format == "parquet":
+        yield from read_parquet(file, fields)
+    elif split.format == "text":
+        yield from read_text(file, fields)
+    else:
+        has_ids = None  # decided as the file is read from its start
+        if split.byte_range is not None and split.byte_range[0] > 0 and fields.id_column is not None:
+            first = first_record(file, fields.limits.line_bytes)
+            has_ids = first is not None and fields.id_column in first
+        yield from read_jsonl(file, fields, has_ids)
+
+
+def read_group_splits(splits: list[Split], fields: Fields) -> Iterator[RawBatch]:
+    """The documents and rejects of a group's splits, in order, small files' batches joined."""
+    held: list[RawBatch] = []
+    docs = size = 0
+    for file in opened(splits):
+        size += file.split.size if file.split.whole else BATCH_BYTES  # a piece of a large file: batches of its own
+        for batch in read_split(file.split, fields, file):
+            held.append(batch)
+            docs += len(batch)
+            if docs >= BATCH_DOCS or size >= BATCH_BYTES:
+                yield RawBatch.concat(held)
+                held, docs, size = [], 0, 0
+    if held:
+        yield RawBatch.concat(held)

@@ -1,0 +1,231 @@
+"""Parquet: one record per row, read row group by row group, so damage in one costs only its rows.
+
+A document's ``row`` is its row index in the file. A large file is cut into byte ranges by the
+driver, from its size alone; the task of a range reads the file's footer and takes the row groups
+whose middle byte lies in its range (:func:`row_groups_in`), so every row group is read once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from bfpack_spark.io.formats.base import BATCH_DOCS, EXCERPT_CHARS, Fields, RawBatch, Reject, excerpt, too_large
+from bfpack_spark.io.formats.fetch import Opened
+
+
+def row_group_start(rg: pq.RowGroupMetaData) -> int:
+    """The first byte of a row group (of its first column chunk's first page)."""
+    columns = [rg.column(c) for c in range(rg.num_columns)]
+    return min((c.dictionary_page_offset if c.has_dictionary_page and c.dictionary_page_offset
+                else c.data_page_offset) for c in columns) if columns else 0
+
+
+def row_groups_in(meta: pq.FileMetaData, byte_range: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """(row group, index of its first row) of every row group whose middle byte lies in ``byte_range``
+    (all of them for None)."""
+    out, first = [], 0
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        middle = row_group_start(rg) + sum(rg.column(c).total_compressed_size for c in range(rg.num_columns)) // 2
+        if byte_range is None or byte_range[0] <= middle < byte_range[1]:
+            out.append((g, first))
+        first += rg.num_rows
+    return out
+
+
+def columns_of(opened: Opened) -> list[str] | None:
+    """The columns of a Parquet file (from its footer), or None when it cannot be read."""
+    try:
+        with opened.random_access() as fh:
+            return pq.ParquetFile(fh).schema_arrow.names
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def read_parquet(opened: Opened, fields: Fields) -> Iterator[RawBatch]:
+    """Batches of the documents and rejects of one split of a Parquet file, in file order."""
+    split = opened.split
+    first_piece = split.byte_range is None or split.byte_range[0] == 0
+    try:
+        fh = opened.random_access()
+    except Exception as exc:
+        if first_piece:
+            yield RawBatch(rejects=[Reject(split.source, 0, f"unreadable Parquet file: {exc}")], n_records=1)
+        return
+    with fh:
+        try:
+            pf = pq.ParquetFile(fh)
+        except (OSError, pa.ArrowException) as exc:
+            if first_piece:  # one reject for the file, from the piece at its start
+                reason = f"unreadable Parquet file (damaged or truncated footer): {exc}"
+                yield RawBatch(rejects=[Reject(split.source, 0, reason)], n_records=1)
+            return
+        names = pf.schema_arrow.names
+        id_column = fields.id_column if fields.id_column in names else None
+        columns = [fields.column] + ([id_column] if id_column else []) + ([fields.extra] if fields.extra in names
+                                                                         else [])
+        missing = None if fields.column in names else f"{fields.kind} column {fields.column!r} is missing in this file"
+        if fields.extra is not None and fields.extra not in names and not missing:
+            missing = f"{fields.extra_kind} column {fields.extra!r} is missing in this file"
+        for g, row in row_groups_in(pf.metadata, split.byte_range):
+            group_end = row + pf.metadata.row_group(g).num_rows
+            problem = missing
+            if not missing:
+                batches = pf.iter_batches(batch_size=BATCH_DOCS, row_groups=[g], columns=columns)
+                while row < group_end:
+                    try:
+                        rb = next(batches)
+                    except (OSError, pa.ArrowException, StopIteration) as exc:
+                        problem = (f"unreadable Parquet data in row group {g} (rows {row}-{group_end - 1}): "
+                                   f"{exc or 'the file holds fewer rows than its footer says'}")
+                        break
+                    yield _batch(split.source, rb, row, fields, id_column)
+                    row += rb.num_rows
+            if problem:  # every row not read is a reject
+                yield RawBatch(rejects=[Reject(split.source, r, problem) for r in range(row, group_end)],
+                               n_records=group_end - row)
+
+
+def _utf8_texts(values: pa.Array, n: int, what: str, bad: Callable[[np.ndarray, str], None]) -> list[str | None]:
+    """A string column as Python strings; a value that is not valid UTF-8 is marked bad (None)."""
+    try:
+        return values.to_pylist()
+    except UnicodeDecodeError:
+        texts: list[str | None] = []
+        for i, b in enumerate(values.cast(pa.binary()).to_pylist()):
+            try:
+                texts.append(None if b is None else b.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                one = np.zeros(n, bool)
+                one[i] = True
+                bad(one, f"invalid UTF-8 at byte {exc.start} of the {what}")
+                texts.append(None)
+        return texts
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_int_list(t: pa.DataType, booleans: bool = False) -> bool:
+    return ((pa.types.is_list(t) or pa.types.is_large_list(t))
+            and (pa.types.is_integer(t.value_type) or (booleans and pa.types.is_boolean(t.value_type))))
+
+
+def _with_null_element(values: pa.Array, n: int) -> np.ndarray:
+    """The rows of a list column holding a null element."""
+    mask = np.zeros(n, bool)
+    if pc.list_flatten(values).null_count:
+        flat_nulls = pc.is_null(pc.list_flatten(values)).to_numpy(zero_copy_only=False)
+        mask[pc.list_parent_indices(values).to_numpy()[flat_nulls]] = True
+    return mask
+
+
+class _Checked:
+    """The rows of one record batch still kept, and why each of the others is not."""
+
+    def __init__(self, n: int):
+        self.n, self.ok, self.reasons = n, np.ones(n, dtype=bool), dict[int, str]()
+
+    def bad(self, mask: np.ndarray, reason: str) -> None:
+        for i in np.flatnonzero(mask & self.ok):
+            self.reasons[int(i)] = reason
+        self.ok[mask] = False
+
+    def all_bad(self, reason: str) -> None:
+        self.bad(np.ones(self.n, bool), reason)
+
+
+def _ids(rb: pa.RecordBatch, rows: np.ndarray, source: str, id_column: str | None, check: _Checked) -> pa.Array:
+    if id_column is None:
+        return pc.binary_join_element_wise(source, pa.array(rows).cast(pa.string()), ":")
+    ids = rb.column(id_column)
+    if not (_is_string(ids.type) or pa.types.is_integer(ids.type)):
+        check.all_bad(f"id column {id_column!r} has type {ids.type}, not string or integer")
+        return pa.nulls(check.n, pa.string())
+    ids = ids.cast(pa.string())
+    try:
+        ids.validate(full=True)
+    except pa.ArrowInvalid:  # bytes that are not UTF-8: those rows are rejects, their ids null
+        ids = pa.array(_utf8_texts(ids, check.n, f"id column {id_column!r}", check.bad), pa.string())
+    check.bad(np.asarray(pc.fill_null(pc.equal(ids, ""), True)), f"id column {id_column!r} is null or empty")
+    return ids
+
+
+def _check_side(side: pa.Array, fields: Fields, check: _Checked) -> None:
+    """The extra column: a loss mask (a list of 0/1 per row) beside tokens, a prompt (a string) beside text."""
+    what, name = fields.extra_kind, fields.extra
+    check.bad(np.asarray(side.is_null()), f"{what} column {name!r} is null")
+    if not (_is_int_list(side.type, booleans=True) if fields.tokenized else _is_string(side.type)):
+        check.all_bad(f"{what} column {name!r} has type {side.type}, not "
+                      f"{'a list of 0/1 (integers or booleans)' if fields.tokenized else 'string'}")
+    elif fields.tokenized:
+        check.bad(_with_null_element(side, check.n), f"{what} column {name!r} holds a null")
+
+
+def _texts(values: pa.Array, side: pa.Array | None, fields: Fields, check: _Checked) -> tuple[list[Any], list[Any]]:
+    """The texts and prompts as Python strings (None where the row is rejected)."""
+    texts: list[Any] = [None] * check.n
+    if not _is_string(values.type):
+        check.all_bad(f"text column {fields.column!r} has type {values.type}, not string")
+    else:
+        sizes = pc.fill_null(pc.binary_length(values), 0).to_numpy(zero_copy_only=False)
+        if side is not None and _is_string(side.type):
+            sizes = sizes + pc.fill_null(pc.binary_length(side), 0).to_numpy(zero_copy_only=False)
+        check.bad(sizes > fields.limits.document_bytes, too_large(fields.limits.document_bytes))
+        texts = _utf8_texts(values, check.n, "text", check.bad)
+    prompts = _utf8_texts(side, check.n, "prompt", check.bad) if side is not None and _is_string(side.type) else []
+    return texts, prompts
+
+
+def _batch(source: str, rb: pa.RecordBatch, first_row: int, fields: Fields, id_column: str | None) -> RawBatch:
+    n = rb.num_rows
+    rows = np.arange(first_row, first_row + n)
+    values = rb.column(fields.column)
+    check = _Checked(n)
+    ids = _ids(rb, rows, source, id_column, check)
+    check.bad(np.asarray(values.is_null()), f"{fields.kind} column {fields.column!r} is null")
+    side = rb.column(fields.extra) if fields.extra is not None else None
+    if side is not None:
+        _check_side(side, fields, check)
+    batch = RawBatch(n_records=n)
+    if fields.tokenized:
+        if not _is_int_list(values.type):
+            check.all_bad(f"token column {fields.column!r} has type {values.type}, not a list of integers")
+        else:
+            check.bad(_with_null_element(values, n), f"token column {fields.column!r} holds a null token id")
+    else:
+        texts, prompts = _texts(values, side, fields, check)
+    keep = np.flatnonzero(check.ok)
+    batch.rows, batch.ids, batch.sources = rows[keep], ids.take(pa.array(keep)), pa.repeat(source, keep.shape[0])
+    if fields.tokenized:
+        if _is_int_list(values.type):
+            batch.tokens = values.filter(pa.array(check.ok))
+            if side is not None:
+                batch.masks = side.filter(pa.array(check.ok))
+    else:
+        batch.texts = [texts[i] for i in keep]
+        if side is not None:
+            batch.prompts = [prompts[i] for i in keep]
+    for i in np.flatnonzero(~check.ok):
+        batch.rejects.append(Reject(source, int(rows[i]), check.reasons[int(i)], _value_excerpt(values, int(i)),
+                                    ids[int(i)].as_py()))
+    return batch
+
+
+def _value_excerpt(values: pa.Array, i: int) -> str:
+    """The start of a Parquet record's text or token list (what was wrong with it), cut before
+    it is turned into Python (a rejected value may be huge)."""
+    value = values.slice(i, 1)
+    if _is_string(value.type):
+        value = pc.binary_slice(value.cast(pa.large_binary()), 0, EXCERPT_CHARS * 4)
+    elif pa.types.is_list(value.type) or pa.types.is_large_list(value.type):
+        value = pc.list_slice(value, 0, EXCERPT_CHARS // 4)
+    head = value[0].as_py()
+    return "" if head is None else excerpt(head)

@@ -1,0 +1,122 @@
+"""S3 through boto3, for what pyarrow's S3 file system cannot do in one request.
+
+- **Listing** with each object's ETag (``ListObjectsV2``: a thousand keys per request, and the
+  ETag, size and modification time of each): what a run's identity and an incremental run's
+  choice of new files are made of. pyarrow's listing gives no ETag.
+- **Ranged reads of an object whose size the listing gave**: one ``GET`` each. pyarrow opens an
+  S3 file with a ``HEAD`` first, to learn its size; for tens of thousands of small input files
+  that doubles the requests, each waiting a first-byte latency.
+- **Conditional writes** for the run lock (:mod:`.lock`).
+
+Every request is made once by boto3 and retried by kind by :mod:`.retry` (so it is counted, and a
+wrong endpoint or credentials fail at once). A read whose body is cut off is retried whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from bfpack_spark.io.store import retry
+
+#: one listing request names at most this many keys (S3's own maximum)
+LIST_PAGE = 1000
+_clients_lock = threading.Lock()
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One object of a listing: its key, size, modification time (ns since the epoch) and ETag."""
+
+    key: str
+    size: int
+    modified_ns: int
+    etag: str
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(bucket, key) of an ``s3://`` or ``s3a://`` URI."""
+    bucket, _, key = uri.split("://", 1)[1].partition("/")
+    return bucket, key
+
+
+def client(read_timeout: float = 60.0):
+    """This process's boto3 S3 client for the run's settings (one per setting and timeout; boto3's
+    clients are safe to share between threads, its sessions are not, hence the lock)."""
+    from bfpack_spark.io.store.fs import s3_settings
+
+    with _clients_lock:
+        return _client(json.dumps(s3_settings(), sort_keys=True), read_timeout)
+
+
+@functools.lru_cache(maxsize=8)
+def _client(settings_json: str, read_timeout: float):
+    import boto3
+    from botocore.config import Config
+
+    opts = json.loads(settings_json)
+    virtual = opts.get("AWS_VIRTUAL_HOSTED_STYLE_REQUEST")
+    s3_config = {"addressing_style": "virtual" if virtual.lower() == "true" else "path"} if virtual else {}
+    return boto3.session.Session().client(
+        "s3", endpoint_url=opts.get("AWS_ENDPOINT_URL") or opts.get("AWS_ENDPOINT") or opts.get("ENDPOINT_URL"),
+        region_name=opts.get("AWS_REGION") or opts.get("AWS_DEFAULT_REGION") or opts.get("REGION"),
+        aws_access_key_id=opts.get("AWS_ACCESS_KEY_ID"), aws_secret_access_key=opts.get("AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=opts.get("AWS_SESSION_TOKEN"),
+        # one attempt per call: bfpack_spark.io.store.retry retries by kind, and counts
+        config=Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=5,
+                      read_timeout=read_timeout, max_pool_connections=64, s3=s3_config))
+
+
+def _ns(modified: datetime) -> int:
+    return int(modified.timestamp()) * 10**9 + modified.microsecond * 1000
+
+
+def list_objects(bucket: str, prefix: str, delimiter: str = "",
+                 max_keys: int | None = None) -> tuple[list[ObjectInfo], list[str]]:
+    """Every object under ``prefix`` (one request per thousand keys), and with a ``delimiter`` the
+    common prefixes one level down (the "directories", whose objects are not listed); ``max_keys``:
+    only the first few, in one request."""
+    s3 = client()
+    objects: list[ObjectInfo] = []
+    prefixes: list[str] = []
+    token = None
+    while True:
+        kwargs = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": max_keys or LIST_PAGE}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        if token:
+            kwargs["ContinuationToken"] = token
+        page = retry.call(functools.partial(s3.list_objects_v2, **kwargs), f"list s3://{bucket}/{prefix}")
+        objects.extend(ObjectInfo(o["Key"], int(o["Size"]), _ns(o["LastModified"]), o.get("ETag", "").strip('"'))
+                       for o in page.get("Contents", ()))
+        prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", ()))
+        if max_keys or not page.get("IsTruncated"):
+            return objects, prefixes
+        token = page["NextContinuationToken"]
+
+
+def get_range(bucket: str, key: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of an object in one ``GET`` (no ``HEAD``), retried by kind; a body
+    cut off mid-response is an error of its own kind (``IncompleteRead``), so retried too."""
+    if end <= start:
+        return b""
+    s3 = client()
+
+    def request() -> bytes:
+        reply = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+        data = reply["Body"].read()
+        if len(data) != end - start:
+            raise OSError(f"IncompleteRead: {len(data)} of {end - start} bytes of s3://{bucket}/{key} at {start}")
+        return data
+
+    return retry.call(request, f"read s3://{bucket}/{key} at {start}")
+
+
+def iter_ranges(bucket: str, key: str, size: int, block: int) -> Iterator[bytes]:
+    """The whole object in ranged reads of ``block`` bytes."""
+    for start in range(0, size, block):
+        yield get_range(bucket, key, start, min(size, start + block))

@@ -1,0 +1,73 @@
+"""Stage 0, inputs: everything that can go wrong before Spark starts, then the read's groups.
+
+The tokenizer's special tokens, the output root (writable; for a run that adds to it, packed with
+the same settings), the input files (listed, never opened; for an incremental run, only those no
+committed run packed: :mod:`bfpack_spark.incremental`), the first file's columns, and the groups
+the read tasks read (:mod:`bfpack_spark.io.listing.plan`). A mistake found here is one line.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from bfpack_spark.config import DEFAULT_ID_COLUMN, PackConfig
+from bfpack_spark.incremental import check_compatible, packed_files, select_files
+from bfpack_spark.io.listing.listing import list_inputs
+from bfpack_spark.io.listing.plan import InputPlan, check_columns, plan_groups
+from bfpack_spark.io.store.fs import check_writable
+from bfpack_spark.schemas import INPUTS, MODIFIED
+from bfpack_spark.tokenize import TokenizerError, document_bos, load_tokenizer
+
+
+def extra_column(config: PackConfig) -> str | None:
+    """The column beside the tokens or text: a loss mask, or a prompt."""
+    return config.input.loss_mask_column if config.tokenized else config.input.prompt_column
+
+
+def _check_tokenizer(config: PackConfig) -> None:
+    tokenizer = load_tokenizer(config.tokenizer.tokenizer, config.tokenizer.eos_token, config.tokenizer.bos_token,
+                               "reference")  # a check of its special tokens: no text is encoded here
+    if config.append_eos and tokenizer.eos_id is None:
+        raise TokenizerError(f"{tokenizer.name} has no end-of-document token; name one with --eos-token "
+                             f"or turn it off with --no-append-eos")
+    document_bos(tokenizer, config.tokenizer.prepend_bos)
+
+
+def plan_inputs(config: PackConfig) -> InputPlan:
+    """The run's input files and groups (no group for an incremental run with nothing new)."""
+    _check_tokenizer(config)
+    root = config.output.output
+    check_writable(root)
+    if config.output.mode != "overwrite":
+        check_compatible(root, config.to_dict())
+    listing = list_inputs(config.input.paths, config.input.format)
+    payload = config.input.token_column or config.input.text_column
+    named = {}
+    if config.input.id_column not in (None, "", DEFAULT_ID_COLUMN):
+        named[config.input.id_column] = "--id-column"
+    if extra := extra_column(config):
+        named[extra] = "--loss-mask-column" if config.tokenized else "--prompt-column"
+    check_columns(listing, payload, config.tokenized, named)
+    replaces: dict[str, str] = {}
+    if config.output.mode == "incremental":
+        selection = select_files(listing, packed_files(root), config.output.repack_changed)
+        listing, replaces = selection.files, selection.replaces
+        if not len(listing):
+            return InputPlan(listing)
+    plan = plan_groups(listing, payload, config.tokenized, config.packing.seq_len,
+                       config.input.target_items_per_partition, config.input.min_partitions)
+    plan.replaces = replaces
+    return plan
+
+
+def inputs_table(run_id: str, plan: InputPlan) -> pa.Table:
+    """The ``inputs`` rows of a run: its files as their listing gave them (an incremental run compares them)."""
+    t = plan.listing.table
+    modified = pa.array(t.column("modified_ns").to_numpy() // 1000).cast(MODIFIED)  # as modified_us rounds
+    n = t.num_rows
+    uris = t.column("uri").combine_chunks()
+    replaces = pa.array([plan.replaces.get(u) for u in uris.to_pylist()], pa.string()) if plan.replaces \
+        else pa.nulls(n, pa.string())
+    return pa.table({"run_id": pa.repeat(run_id, n), "uri": uris, "source": t.column("source"),
+                     "size": t.column("size"), "digest": pa.nulls(n, pa.string()), "replaces": replaces,
+                     "modified": modified, "etag": t.column("etag")}, schema=INPUTS)
