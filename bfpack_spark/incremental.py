@@ -80,10 +80,10 @@ class Selection:
     replaces: dict[str, str]
 
 
-def _changed(listing: Listing, packed: pa.Table) -> dict[str, str]:
-    """{uri: run that packed it} of the listed files packed before that changed since, by what the listing
-    says: the size, and the ETag where the store gives one, else the modification time. Rows of bfpack
-    before 0.2 hold a digest of the file's edges instead: those files alone are read, in a thread pool."""
+def _changed(listing: Listing, packed: pa.Table) -> dict[str, tuple[str, str]]:
+    """{uri: (run that packed it, what changed)} of the listed files packed before that changed since, by
+    what the listing says: the size, and the ETag where the store gives one, else the modification time.
+    Rows of bfpack before 0.2 hold a digest of the file's edges instead: those files alone are read."""
     listed = listing.table.select(["uri", "size", "modified_ns", "etag"])
     both = listed.join(packed.select(["uri", "size", "modified", "etag", "digest", "run_id"]), "uri",
                        join_type="inner", right_suffix="_packed")
@@ -94,18 +94,18 @@ def _changed(listing: Listing, packed: pa.Table) -> dict[str, str]:
     legacy = []
     for r in rows:
         if r["size"] != r["size_packed"]:
-            changed[r["uri"]] = r["run_id"]
+            changed[r["uri"]] = r["run_id"], f"size {r['size_packed']:,} -> {r['size']:,}"
         elif r["etag_packed"] is not None and r["etag"] is not None:
             if r["etag"] != r["etag_packed"]:
-                changed[r["uri"]] = r["run_id"]
+                changed[r["uri"]] = r["run_id"], f"ETag {r['etag_packed']} -> {r['etag']}"
         elif r["modified"] is not None:
-            if modified_us(r["modified_ns"]) != r["modified"]:
-                changed[r["uri"]] = r["run_id"]
+            if (now := modified_us(r["modified_ns"])) != r["modified"]:
+                changed[r["uri"]] = r["run_id"], f"modified {r['modified']:%Y-%m-%d %H:%M:%S.%f} -> {now:%H:%M:%S.%f}"
         elif r["digest"] is not None:
             legacy.append(r)
     with ThreadPoolExecutor(16) as pool:
         digests = list(pool.map(lambda r: content_digest(r["uri"], r["size"]), legacy))
-    changed.update((r["uri"], r["run_id"]) for r, d in zip(legacy, digests) if d != r["digest"])
+    changed.update((r["uri"], (r["run_id"], "content")) for r, d in zip(legacy, digests) if d != r["digest"])
     return changed
 
 
@@ -126,11 +126,10 @@ def select_files(listing: Listing, packed: pa.Table, repack_changed: bool = Fals
     changed = _changed(listing, packed)
     if changed and not repack_changed:
         uri = min(changed)
-        old = packed.filter(pc.equal(packed.column("uri"), uri)).to_pylist()[0]
-        now = listing.table.filter(pc.equal(listing.table.column("uri"), uri)).column("size")[0].as_py()
-        raise InputError(f"{uri} changed after run {old['run_id']} packed it (size {old['size']:,} -> {now:,}); "
-                         "re-pack it (and the rest of its run) with --repack-changed, or rebuild with --mode overwrite")
-    runs = pa.array(sorted(set(changed.values())), pa.string())
+        run, what = changed[uri]
+        raise InputError(f"{uri} changed after run {run} packed it ({what}); re-pack it (and the rest of its run) "
+                         "with --repack-changed, or rebuild with --mode overwrite")
+    runs = pa.array(sorted({run for run, _ in changed.values()}), pa.string())
     again = packed.filter(pc.is_in(packed.column("run_id"), runs))
     replaces = dict(zip(again.column("uri").to_pylist(), again.column("run_id").to_pylist()))
     gone = sorted(set(replaces) - set(listing.column("uri"))) if replaces else []

@@ -19,6 +19,7 @@ import http.client
 import random
 import socket
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
@@ -41,14 +42,17 @@ class Faults:
     denied_key: str | None = None
     seed: int = 0
     counts: dict = field(default_factory=lambda: {"requests": 0, "slow_down": 0, "dropped": 0})
+    #: requests per object path (``/bucket/key``), whatever the proxy did with them
+    by_path: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
 
-    def draw(self) -> str:
+    def draw(self, path: str = "") -> str:
         with self._lock:
             self.counts["requests"] += 1
+            self.by_path[urlparse(path).path] += 1
             x = self._rng.random()
             kind = "slow_down" if x < self.slow_down else "dropped" if x < self.slow_down + self.dropped else "pass"
             if kind != "pass":
@@ -113,7 +117,7 @@ def _handler(upstream: tuple[str, int], faults: Faults) -> type[BaseHTTPRequestH
 
         def _handle(self) -> None:
             body = self._body()
-            kind = faults.draw()
+            kind = faults.draw(self.path)
             if faults.latency:
                 threading.Event().wait(faults.latency)
             if kind == "slow_down":

@@ -47,13 +47,13 @@ def plan_inputs(config: PackConfig) -> InputPlan:
         named[config.input.id_column] = "--id-column"
     if extra := extra_column(config):
         named[extra] = "--loss-mask-column" if config.tokenized else "--prompt-column"
-    check_columns(listing, payload, config.tokenized, named)
     replaces: dict[str, str] = {}
-    if config.output.mode == "incremental":
+    if config.output.mode == "incremental":  # the files no committed run packed: none of the others is read
         selection = select_files(listing, packed_files(root), config.output.repack_changed)
         listing, replaces = selection.files, selection.replaces
         if not len(listing):
             return InputPlan(listing)
+    check_columns(listing, payload, config.tokenized, named)
     plan = plan_groups(listing, payload, config.tokenized, config.packing.seq_len,
                        config.input.target_items_per_partition, config.input.min_partitions)
     plan.replaces = replaces

@@ -163,15 +163,9 @@ def _pieces(listing: Listing, est: np.ndarray, target: int,
 
 
 def _grouped(est: np.ndarray, target: int) -> np.ndarray:
-    """Consecutive pieces in groups: a group is closed once it holds ``target`` items."""
-    group = np.empty(est.shape[0], np.int64)
-    g, held = -1, target
-    for i, e in enumerate(est.tolist()):
-        if held >= target:
-            g, held = g + 1, 0
-        group[i] = g
-        held += e
-    return group
+    """Consecutive pieces in groups of about ``target`` items: a piece is in the group its first item falls
+    in, counting ``target`` items a group (groups no piece starts in are skipped)."""
+    return np.unique((np.cumsum(est) - est) // target, return_inverse=True)[1].astype(np.int64)
 
 
 def _target(est: np.ndarray, target_items: int, min_groups: int) -> int:
