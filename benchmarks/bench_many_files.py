@@ -87,6 +87,7 @@ def documents(mb: int, seed: int = 0) -> tuple[list[str], list[str]]:
 def write_layout(ids: list[str], texts: list[str], n_files: int, fmt: str, root: Path) -> Path:
     """The documents, in order, as ``n_files`` files of ``fmt`` under ``root`` (shards of a thousand files
     per directory, as dumps are laid out)."""
+    root = root.with_name(f"{root.name}-{len(ids)}docs")  # a layout of this corpus, not of another --mb
     if (root / "_done").exists():
         return root
     shutil.rmtree(root, ignore_errors=True)
@@ -259,7 +260,7 @@ def incremental(name: str, ids: list[str], texts: list[str], n_files: int, work:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mb", type=int, default=150, help="MB of text in the corpus")
+    parser.add_argument("--mb", type=int, default=200, help="MB of text in the corpus (200: over 100,000 documents)")
     parser.add_argument("--cases", default=DEFAULT_CASES)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--latency", type=float, default=0.02, help="seconds before each S3 reply's first byte")
@@ -286,8 +287,8 @@ def main() -> None:
             few = write_layout(ids, texts, 8, fmt, args.workdir / f"{fmt}-8")
             many = write_layout(ids, texts, n, fmt, args.workdir / f"{fmt}-{n}")
             if kind == "s3":
-                few_uri = s3.upload(few, "bench", f"{fmt}-8") if s3 else ""
-                many_uri = s3.upload(many, "bench", f"{fmt}-{n}") if s3 else ""
+                few_uri = s3.upload(few, "bench", few.name) if s3 else ""
+                many_uri = s3.upload(many, "bench", many.name) if s3 else ""
                 results.append(compare(case, few_uri, many_uri, args.workdir / "out", args.repeat, s3, n))
             else:
                 results.append(compare(case, str(few), str(many), args.workdir / "out", args.repeat, None, n))
