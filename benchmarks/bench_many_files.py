@@ -261,16 +261,25 @@ def incremental(name: str, ids: list[str], texts: list[str], n_files: int, work:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=int, default=200, help="MB of text in the corpus (200: over 100,000 documents)")
+    parser.add_argument("--incremental-mb", type=int, default=1000,
+                        help="MB of text in the incremental cases' corpus: a run's fixed cost here (JVM, Spark's first "
+                             "Python job) is about 13 s, which a corpus of 200 MB packs in not much more")
     parser.add_argument("--cases", default=DEFAULT_CASES)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--latency", type=float, default=0.02, help="seconds before each S3 reply's first byte")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-many-files"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    ids, texts = documents(args.mb)
-    print(f"corpus: {len(ids):,} documents, {sum(map(len, texts)) / 2**20:.0f} MB of text "
-          f"({time.perf_counter() - t0:.0f}s to build)", flush=True)
+    corpora: dict[int, tuple[list[str], list[str]]] = {}
+
+    def corpus(mb: int) -> tuple[list[str], list[str]]:
+        if mb not in corpora:
+            t0 = time.perf_counter()
+            corpora[mb] = documents(mb)
+            print(f"corpus: {len(corpora[mb][0]):,} documents, {sum(map(len, corpora[mb][1])) / 2**20:.0f} MB of "
+                  f"text ({time.perf_counter() - t0:.0f}s to build)", flush=True)
+        return corpora[mb]
+
     s3 = None
     results = []
     try:
@@ -280,10 +289,11 @@ def main() -> None:
                 s3 = s3 or S3(args.latency)
             if kind == "incremental":
                 where, n = rest[0], int(rest[1])
-                results.append(incremental(case, ids, texts, n, args.workdir, args.repeat,
+                results.append(incremental(case, *corpus(args.incremental_mb), n, args.workdir, args.repeat,
                                            s3 if where == "s3" else None))
                 continue
             fmt, n = rest[0], int(rest[1])
+            ids, texts = corpus(args.mb)
             few = write_layout(ids, texts, 8, fmt, args.workdir / f"{fmt}-8")
             many = write_layout(ids, texts, n, fmt, args.workdir / f"{fmt}-{n}")
             if kind == "s3":

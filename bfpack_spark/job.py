@@ -260,7 +260,7 @@ def _duplicates(run: _Run, read):
         earlier = None
         if config.output.mode != "overwrite" and config.quality.duplicate_ids == "skip":
             runs = committed_runs(run.output.root) - set(run.inputs.replaces.values())  # not the runs re-packed
-            earlier = earlier_documents(run.spark, run.output.table_uri("documents"), sorted(runs))
+            earlier = earlier_documents(run.spark, run.output.table_uri("documents"), sorted(runs), read.docs)
         dups = find_duplicates(read.docs, config.quality.duplicate_ids, config.packing.seq_len,
                                config.packing.length_buckets, earlier)
         run.release.callback(dups.unpersist)
