@@ -105,11 +105,18 @@ def write_layout(ids: list[str], texts: list[str], n_files: int, fmt: str, root:
     return root
 
 
+#: another checkout of bfpack to run instead of this one (``--code``: the code before a change)
+CODE: str | None = None
+
+
 def bfpack(args: list[str], env: dict | None = None) -> tuple[float, float, str]:
     """``bfpack pack ARGS`` in a fresh process: (seconds, seconds to the read stage, stderr)."""
+    env = {**os.environ, **(env or {})}
+    if CODE:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [CODE, env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "bfpack_spark.cli", "pack", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+                            stderr=subprocess.PIPE, text=True, env=env)
     first_task, lines = float("nan"), []
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -268,7 +275,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--latency", type=float, default=0.02, help="seconds before each S3 reply's first byte")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-many-files"))
+    parser.add_argument("--code", help="run the bfpack of this checkout (a git worktree of another commit)")
     args = parser.parse_args()
+    global CODE
+    CODE = args.code
     args.workdir.mkdir(parents=True, exist_ok=True)
     corpora: dict[int, tuple[list[str], list[str]]] = {}
 
