@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from bfpack_spark.io.formats.base import BATCH_DOCS, Fields, RawBatch, Split
 from bfpack_spark.io.formats.fetch import Opened, opened
 from bfpack_spark.io.formats.jsonl import first_record, read_jsonl
-from bfpack_spark.io.formats.parquet import read_parquet
+from bfpack_spark.io.formats.parquet import Rows, read_parquet
 from bfpack_spark.io.formats.text import read_text
 
 #: a batch of several small files holds at most about this many bytes of text
@@ -38,17 +38,32 @@ def read_split(split: Split, fields: Fields, file: Opened | None = None) -> Iter
         yield from read_jsonl(file, fields, has_ids)
 
 
+def _batches(splits: list[Split], fields: Fields) -> Iterator[tuple[Split, RawBatch]]:
+    """Every split's batches, in order; the rows of consecutive Parquet files checked together."""
+    rows = Rows(fields)
+    for file in opened(splits):
+        if file.split.format == "parquet":
+            batches = read_parquet(file, fields, rows)
+        else:
+            yield from ((file.split, b) for b in rows.flush())  # the documents stay in file order
+            batches = read_split(file.split, fields, file)
+        yield from ((file.split, b) for b in batches)
+    yield from ((splits[-1], b) for b in rows.flush())
+
+
 def read_group_splits(splits: list[Split], fields: Fields) -> Iterator[RawBatch]:
     """The documents and rejects of a group's splits, in order, small files' batches joined."""
     held: list[RawBatch] = []
     docs = size = 0
-    for file in opened(splits):
-        size += file.split.size if file.split.whole else BATCH_BYTES  # a piece of a large file: batches of its own
-        for batch in read_split(file.split, fields, file):
-            held.append(batch)
-            docs += len(batch)
-            if docs >= BATCH_DOCS or size >= BATCH_BYTES:
-                yield RawBatch.concat(held)
-                held, docs, size = [], 0, 0
+    seen = None
+    for split, batch in _batches(splits, fields):
+        if split is not seen:
+            seen = split
+            size += split.size if split.whole else BATCH_BYTES  # a piece of a large file: batches of its own
+        held.append(batch)
+        docs += len(batch)
+        if docs >= BATCH_DOCS or size >= BATCH_BYTES:
+            yield RawBatch.concat(held)
+            held, docs, size = [], 0, 0
     if held:
         yield RawBatch.concat(held)

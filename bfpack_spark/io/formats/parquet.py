@@ -48,8 +48,43 @@ def columns_of(opened: Opened) -> list[str] | None:
         return None
 
 
-def read_parquet(opened: Opened, fields: Fields) -> Iterator[RawBatch]:
-    """Batches of the documents and rejects of one split of a Parquet file, in file order."""
+class Rows:
+    """Record batches of consecutive Parquet files (of one schema) waiting to be checked together: the
+    checks of a batch cost about the same for one row as for thousands, and a file of a few rows would
+    pay them alone."""
+
+    def __init__(self, fields: Fields):
+        self.fields = fields
+        self.pieces: list[tuple[str, int, pa.RecordBatch]] = []  # (source, first row, rows)
+        self.key: tuple | None = None  # the pieces' schema and id column
+        self.n = 0
+
+    def add(self, source: str, first_row: int, rb: pa.RecordBatch, id_column: str | None) -> Iterator[RawBatch]:
+        if self.pieces and self.key != (rb.schema, id_column):
+            yield from self.flush()
+        self.key = (rb.schema, id_column)
+        self.pieces.append((source, first_row, rb))
+        self.n += rb.num_rows
+        if self.n >= BATCH_DOCS:
+            yield from self.flush()
+
+    def flush(self) -> Iterator[RawBatch]:
+        if self.pieces and self.key is not None:
+            yield _batch(self.pieces, self.fields, self.key[1])
+        self.pieces, self.key, self.n = [], None, 0
+
+
+def read_parquet(opened: Opened, fields: Fields, rows: Rows | None = None) -> Iterator[RawBatch]:
+    """Batches of the documents and rejects of one split of a Parquet file, in file order; ``rows``:
+    where its documents wait to be checked with the next file's (the caller flushes it)."""
+    mine = rows is None
+    rows = rows or Rows(fields)
+    yield from _read(opened, fields, rows)
+    if mine:
+        yield from rows.flush()
+
+
+def _read(opened: Opened, fields: Fields, rows: Rows) -> Iterator[RawBatch]:
     split = opened.split
     first_piece = split.byte_range is None or split.byte_range[0] == 0
     try:
@@ -68,8 +103,7 @@ def read_parquet(opened: Opened, fields: Fields) -> Iterator[RawBatch]:
             return
         names = pf.schema_arrow.names
         id_column = fields.id_column if fields.id_column in names else None
-        columns = [fields.column] + ([id_column] if id_column else []) + ([fields.extra] if fields.extra in names
-                                                                         else [])
+        columns = [c for c in (fields.column, id_column, fields.extra) if c is not None and c in names]
         missing = None if fields.column in names else f"{fields.kind} column {fields.column!r} is missing in this file"
         if fields.extra is not None and fields.extra not in names and not missing:
             missing = f"{fields.extra_kind} column {fields.extra!r} is missing in this file"
@@ -77,7 +111,8 @@ def read_parquet(opened: Opened, fields: Fields) -> Iterator[RawBatch]:
             group_end = row + pf.metadata.row_group(g).num_rows
             problem = missing
             if not missing:
-                batches = pf.iter_batches(batch_size=BATCH_DOCS, row_groups=[g], columns=columns)
+                # one thread: a task has one core, and for a small file the pool costs more than the read
+                batches = pf.iter_batches(batch_size=BATCH_DOCS, row_groups=[g], columns=columns, use_threads=False)
                 while row < group_end:
                     try:
                         rb = next(batches)
@@ -85,7 +120,7 @@ def read_parquet(opened: Opened, fields: Fields) -> Iterator[RawBatch]:
                         problem = (f"unreadable Parquet data in row group {g} (rows {row}-{group_end - 1}): "
                                    f"{exc or 'the file holds fewer rows than its footer says'}")
                         break
-                    yield _batch(split.source, rb, row, fields, id_column)
+                    yield from rows.add(split.source, row, rb, id_column)
                     row += rb.num_rows
             if problem:  # every row not read is a reject
                 yield RawBatch(rejects=[Reject(split.source, r, problem) for r in range(row, group_end)],
@@ -142,9 +177,10 @@ class _Checked:
         self.bad(np.ones(self.n, bool), reason)
 
 
-def _ids(rb: pa.RecordBatch, rows: np.ndarray, source: str, id_column: str | None, check: _Checked) -> pa.Array:
+def _ids(rb: pa.RecordBatch, rows: np.ndarray, sources: pa.Array, id_column: str | None,
+         check: _Checked) -> pa.Array:
     if id_column is None:
-        return pc.binary_join_element_wise(source, pa.array(rows).cast(pa.string()), ":")
+        return pc.binary_join_element_wise(sources, pa.array(rows).cast(pa.string()), ":")
     ids = rb.column(id_column)
     if not (_is_string(ids.type) or pa.types.is_integer(ids.type)):
         check.all_bad(f"id column {id_column!r} has type {ids.type}, not string or integer")
@@ -184,12 +220,16 @@ def _texts(values: pa.Array, side: pa.Array | None, fields: Fields, check: _Chec
     return texts, prompts
 
 
-def _batch(source: str, rb: pa.RecordBatch, first_row: int, fields: Fields, id_column: str | None) -> RawBatch:
+def _batch(pieces: list[tuple[str, int, pa.RecordBatch]], fields: Fields, id_column: str | None) -> RawBatch:
+    """The documents and rejects of record batches of one schema ((source, first row, rows) each)."""
+    rb = pa.Table.from_batches([p[2] for p in pieces]).combine_chunks().to_batches()[0] if len(pieces) > 1 \
+        else pieces[0][2]
     n = rb.num_rows
-    rows = np.arange(first_row, first_row + n)
+    rows = np.concatenate([np.arange(first, first + p.num_rows) for _, first, p in pieces])
+    sources = pa.concat_arrays([pa.repeat(source, p.num_rows) for source, _, p in pieces])
     values = rb.column(fields.column)
     check = _Checked(n)
-    ids = _ids(rb, rows, source, id_column, check)
+    ids = _ids(rb, rows, sources, id_column, check)
     check.bad(np.asarray(values.is_null()), f"{fields.kind} column {fields.column!r} is null")
     side = rb.column(fields.extra) if fields.extra is not None else None
     if side is not None:
@@ -203,7 +243,7 @@ def _batch(source: str, rb: pa.RecordBatch, first_row: int, fields: Fields, id_c
     else:
         texts, prompts = _texts(values, side, fields, check)
     keep = np.flatnonzero(check.ok)
-    batch.rows, batch.ids, batch.sources = rows[keep], ids.take(pa.array(keep)), pa.repeat(source, keep.shape[0])
+    batch.rows, batch.ids, batch.sources = rows[keep], ids.take(pa.array(keep)), sources.take(pa.array(keep))
     if fields.tokenized:
         if _is_int_list(values.type):
             batch.tokens = values.filter(pa.array(check.ok))
@@ -214,8 +254,8 @@ def _batch(source: str, rb: pa.RecordBatch, first_row: int, fields: Fields, id_c
         if side is not None:
             batch.prompts = [prompts[i] for i in keep]
     for i in np.flatnonzero(~check.ok):
-        batch.rejects.append(Reject(source, int(rows[i]), check.reasons[int(i)], _value_excerpt(values, int(i)),
-                                    ids[int(i)].as_py()))
+        batch.rejects.append(Reject(sources[int(i)].as_py(), int(rows[i]), check.reasons[int(i)],
+                                    _value_excerpt(values, int(i)), ids[int(i)].as_py()))
     return batch
 
 
