@@ -13,6 +13,7 @@ object each: a million input files take about a hundred and fifty bytes each on 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import posixpath
 import re
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -33,6 +35,8 @@ from bfpack_spark.io.store.fs import delta_storage_options, filesystem, is_local
 PYTHON_STDLIB = "python-stdlib"
 #: threads listing input arguments and prefixes at once (each waits on the store)
 LIST_THREADS = 16
+#: files made into columns at a time
+CHUNK_FILES = 65_536
 
 #: One row per input file.
 LISTING = pa.schema([
@@ -61,8 +65,11 @@ class Listing:
     def column(self, name: str) -> list:
         return self.table.column(name).to_pylist()
 
-    def take(self, indices) -> Listing:
-        return Listing(self.table.take(pa.array(indices, pa.int64())))
+    def where(self, name: str, value: str | None) -> np.ndarray:
+        """Whether each file's ``name`` column holds ``value`` (None: holds a value)."""
+        column = self.table.column(name)
+        found = pc.is_valid(column) if value is None else pc.fill_null(pc.equal(column, value), False)
+        return found.to_numpy(zero_copy_only=False)
 
     def identity(self) -> Iterator[tuple[str, int, str]]:
         """(source, size, version) of every file, the version its ETag where the store gives one, else its
@@ -225,7 +232,16 @@ def _table(uris, sources, sizes, modified, etags, formats, compressions) -> pa.T
 
 def _typed(spec: str, base: str, rows: Iterable[_Row], fmt: str, named: bool) -> pa.Table:
     """The data files among ``rows`` (relative to ``base``) with their format; ``named``: the argument
-    names this one file, so its format must be known."""
+    names this one file, so its format must be known. Made into columns a chunk of files at a time, so
+    that a million files never stand as Python objects at once."""
+    chunks = []
+    rows = iter(rows)
+    while chunk := list(itertools.islice(rows, CHUNK_FILES)):
+        chunks.append(_typed_chunk(spec, base, chunk, fmt, named))
+    return pa.concat_tables(chunks) if chunks else LISTING.empty_table()
+
+
+def _typed_chunk(spec: str, base: str, rows: list[_Row], fmt: str, named: bool) -> pa.Table:
     uris, sources, sizes, modified, etags, formats, compressions = [], [], [], [], [], [], []
     for rel, size, mtime, etag in rows:
         uri = spec if named else join(base, rel)
@@ -295,9 +311,12 @@ def list_inputs(paths: list[str], fmt: str = "auto") -> Listing:
     table = pa.concat_tables(tables) if tables else LISTING.empty_table()
     if not table.num_rows:
         raise InputError(f"no .jsonl, .json[.gz|.zst] or .parquet file found in {', '.join(paths)}")
-    if pc.count_distinct(table.column("source")).as_py() != table.num_rows:
-        table = table.set_column(1, "source", table.column("uri"))
-    return Listing(table.take(pc.sort_indices(table, [("source", "ascending")])))
+    table = table.take(pc.sort_indices(table, [("source", "ascending")]))
+    sources = table.column("source")
+    if len(sources) > 1 and pc.any(pc.equal(sources.slice(1), sources.slice(0, len(sources) - 1))).as_py():
+        table = table.set_column(1, "source", table.column("uri"))  # sorted by uri: the same order per root
+        table = table.take(pc.sort_indices(table, [("source", "ascending")]))
+    return Listing(table)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -81,22 +81,20 @@ class InputPlan:
 def estimated_items(listing: Listing, tokenized: bool, seq_len: int) -> np.ndarray:
     """Each file's items (documents, and chunks beyond the first of long ones), from its size alone:
     a document of about a kilobyte of text, a token of about four bytes."""
-    t = listing.table
-    size = t.column("size").to_numpy().astype(np.int64)
-    fmt = np.asarray(t.column("format").to_pylist(), dtype=object)
+    size = listing.table.column("size").to_numpy().astype(np.int64)
     ratio = np.ones(len(size), np.int64)
     for codec, r in COMPRESSION_RATIO.items():
-        ratio[np.asarray([c == codec for c in t.column("compression").to_pylist()], bool)] = r
+        ratio[listing.where("compression", codec)] = r
     text = size * ratio
     est = text // BYTES_PER_DOCUMENT + text // (BYTES_PER_TOKEN * seq_len)
-    parquet = fmt == "parquet"
+    parquet = listing.where("format", "parquet")
     if tokenized:
         tokens = size[parquet] // PARQUET_BYTES_PER_TOKEN
         est[parquet] = tokens // 256 + tokens // seq_len
     else:
         text = size[parquet] * PARQUET_TEXT_RATIO
         est[parquet] = text // BYTES_PER_DOCUMENT + text // (BYTES_PER_TOKEN * seq_len)
-    plain = fmt == "text"
+    plain = listing.where("format", "text")
     est[plain] = 1 + size[plain] // (BYTES_PER_TOKEN * seq_len)
     return np.maximum(est, 1)
 
@@ -140,8 +138,7 @@ def _pieces(listing: Listing, est: np.ndarray, target: int,
     find the lines), others not at all."""
     t = listing.table
     size = t.column("size").to_numpy().astype(np.int64)
-    jsonl = np.asarray([f == "jsonl" and c is None for f, c in
-                        zip(t.column("format").to_pylist(), t.column("compression").to_pylist())], bool)
+    jsonl = listing.where("format", "jsonl") & ~listing.where("compression", None)  # uncompressed
     wanted = np.where(jsonl & (est > target), -(-est // target), 1)
     step = -(-size // wanted)
     n = np.where(wanted > 1, -(-size // np.maximum(step, 1)), 1)  # ranges of ``step`` bytes
@@ -180,7 +177,7 @@ def plan_groups(listing: Listing, payload: str, tokenized: bool, seq_len: int, t
     read each, in a thread pool): they are cut at row groups."""
     est = estimated_items(listing, tokenized, seq_len)
     large = np.flatnonzero((est > _target(est, target_items, min_groups))
-                           & (np.asarray(listing.column("format"), dtype=object) == "parquet"))
+                           & listing.where("format", "parquet"))
     with ThreadPoolExecutor(FOOTER_THREADS) as pool:
         found = pool.map(lambda i: _row_groups(listing, int(i), payload, tokenized, seq_len), large)
         row_groups = {int(i): rgs for i, rgs in zip(large, found) if rgs is not None and len(rgs)}
@@ -214,7 +211,7 @@ def check_columns(listing: Listing, payload: str, tokenized: bool, named: dict[s
     """The text (or token) column must be in the first input file; each column ``named`` explicitly
     ({column: flag}) must be in the first, or in one of a few files spread over the listing (a typo
     would silently give every document a file:row id, or no loss mask)."""
-    if "jsonl" not in listing.column("format") and "parquet" not in listing.column("format"):
+    if not (listing.where("format", "jsonl") | listing.where("format", "parquet")).any():
         return
     first = _columns(listing, 0)
     source = listing.table.column("source")[0].as_py()
