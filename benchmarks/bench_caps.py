@@ -20,7 +20,7 @@ import numpy as np
 
 from bfpack_spark.packing.chunking import chunk_documents
 from bfpack_spark.packing.layout import bfd_layout
-from bfpack_spark.packing.plan import plan_bfd
+from bfpack_spark.packing.reference import plan_bfd
 
 
 def main() -> None:

@@ -38,8 +38,8 @@ from bench_pipeline import write_corpus  # noqa: E402
 from bfpack_spark.config import load_config  # noqa: E402
 from bfpack_spark.export import export  # noqa: E402
 from bfpack_spark.io.store.fs import parquet_row_groups  # noqa: E402
-from bfpack_spark.io.tables.snapshot import open_sequences  # noqa: E402
 from bfpack_spark.job import run  # noqa: E402
+from bfpack_spark.snapshot import open_sequences  # noqa: E402
 from bfpack_spark.spark.partitioning import map_slices  # noqa: E402
 from bfpack_spark.spark.session import get_spark  # noqa: E402
 

@@ -26,9 +26,9 @@ from bench_pipeline import write_corpus
 from torch.utils.data import DataLoader
 
 from bfpack_spark.config import load_config
-from bfpack_spark.io.tables.snapshot import open_sequences
 from bfpack_spark.job import run
 from bfpack_spark.loader import PackedSequences, causal_block_mask, collate
+from bfpack_spark.snapshot import open_sequences
 from bfpack_spark.spark.session import get_spark
 
 

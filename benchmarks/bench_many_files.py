@@ -115,8 +115,9 @@ def bfpack(args: list[str], env: dict | None = None) -> tuple[float, float, str]
     if CODE:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [CODE, env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
+    # with -m, Python puts the working directory first on the path: run where the code to measure is
     proc = subprocess.Popen([sys.executable, "-m", "bfpack_spark.cli", "pack", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=CODE)
     first_task, lines = float("nan"), []
     assert proc.stderr is not None
     for line in proc.stderr:

@@ -3,7 +3,7 @@
     python benchmarks/bench_plan.py            # about 2 minutes, one core, no Spark
     python benchmarks/bench_plan.py --quick    # smaller corpora
 
-Runs the distributed plan in one process (``packing.plan.plan_bfd``, the same steps
+Runs the distributed plan in one process (``packing.reference.plan_bfd``, the same steps
 Spark runs in its tasks) with several dealing schemes on corpora that stress them,
 and prints, per scheme, the sequences against one-process BFD over the whole corpus
 and against the lower bound ceil(tokens / L), the share of tokens whose sequence
@@ -25,7 +25,7 @@ import argparse
 import numpy as np
 
 from bfpack_spark.packing.layout import bfd_layout
-from bfpack_spark.packing.plan import plan_bfd
+from bfpack_spark.packing.reference import plan_bfd
 
 
 def lognormal(n: int, median: float, sigma: float, seed: int) -> np.ndarray:

@@ -121,7 +121,7 @@ def _tokenize_file(job: tuple[str, str, str]) -> int:
 
 def tokenize_only(corpus: Path, cores: int, engine: str = "tiktoken", spec: str | None = None) -> tuple[float, int]:
     """(a): seconds and tokens for the tokenizer alone, in ``cores`` processes."""
-    from bfpack_spark.tokenize import DEFAULT_TOKENIZER
+    from bfpack_spark.constants import DEFAULT_TOKENIZER
 
     jobs = [(str(p), engine, spec or DEFAULT_TOKENIZER) for p in sorted(corpus.glob("*.jsonl"))]
     with multiprocessing.get_context("spawn").Pool(cores) as pool:
@@ -211,7 +211,8 @@ def write_tokenized(corpus: Path, dst: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from bfpack_spark.tokenize import DEFAULT_TOKENIZER, encode_texts, load_tokenizer
+    from bfpack_spark.constants import DEFAULT_TOKENIZER
+    from bfpack_spark.tokenize import encode_texts, load_tokenizer
 
     tokenizer = load_tokenizer(DEFAULT_TOKENIZER)
     dst.mkdir(parents=True, exist_ok=True)

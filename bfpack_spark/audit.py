@@ -1,6 +1,6 @@
 """The audit: before anything is committed, show that no token was lost or doubled.
 
-The figures every writing task computed (:mod:`bfpack_spark.figures`) are added up and held
+The figures every writing task computed (:mod:`bfpack_spark.stats.figures`) are added up and held
 against what the read stage counted and the plan decided (:func:`check`). A Spark job then opens
 the footer of every written file and compares its row count, and for sequences its count of token
 values, with the writer's figures (:func:`footer_figures`), so a file that is missing, cut short or
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bfpack_spark.figures import MOD, add_figures
 from bfpack_spark.io.store.fs import filesystem, join
 from bfpack_spark.spark.partitioning import map_slices
+from bfpack_spark.stats.figures import MOD, add_figures
 
 
 class AuditError(RuntimeError):
@@ -39,7 +39,7 @@ class AuditResult:
                              f"(found {self.found}, expected {self.expected})")
 
 
-def check(files_by_table: dict[str, list], footers: dict[tuple[str, str], tuple[int, int]], expected: dict,
+def check(files_by_table: dict[str, list], footers: dict[tuple[str, str], tuple[int, int]], expected: dict, *,
           seq_len: int, chunked: bool, loss_masks: bool = False, max_segments: int | None = None) -> AuditResult:
     """The audit's checks. ``files_by_table``: the StagedFiles of each table; ``footers``: per
     (table, file path), (rows, token values) read from its Parquet footer; ``expected``: the read stage's and the

@@ -22,20 +22,13 @@ from collections.abc import Sequence
 from typing import Any, get_origin
 
 from bfpack_spark import __version__
-from bfpack_spark.config import (
-    DEBUG_ENV,
-    ConfigError,
-    PackConfig,
-    coerce_value,
-    field_specs,
-    flag_kind,
-    load_config,
-)
+from bfpack_spark.config import DEBUG_ENV, ConfigError, PackConfig, field_specs, load_config
+from bfpack_spark.constants import PYTHON_STDLIB
 from bfpack_spark.errors import InputError
-from bfpack_spark.io.listing.listing import PYTHON_STDLIB
+from bfpack_spark.flags import coerce_value, flag_kind
 from bfpack_spark.io.store.lock import RunLockedError
 from bfpack_spark.io.tables.delta import DeltaError
-from bfpack_spark.metrics import format_comparison
+from bfpack_spark.stats.packing import format_comparison
 from bfpack_spark.tokenize import TokenizerError
 
 log = logging.getLogger("bfpack")

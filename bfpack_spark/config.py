@@ -20,15 +20,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from bfpack_spark.io.listing.listing import PYTHON_STDLIB
-from bfpack_spark.io.store.fs import redacted
-from bfpack_spark.tokenize import DEFAULT_TOKENIZER
-
-#: The id column when none is named: optional (files without it get file:row ids).
-DEFAULT_ID_COLUMN = "id"
-
-#: The longest sequence the job packs: one sequence must fit a 64 MB slice of int32 tokens.
-MAX_SEQ_LEN = 2**24
+from bfpack_spark.constants import DEFAULT_ID_COLUMN, DEFAULT_TOKENIZER, MAX_SEQ_LEN, PYTHON_STDLIB, redacted
 
 #: Set (to anything but "" or "0") by ``bfpack --debug``: JVM warnings reach the console too.
 DEBUG_ENV = "BFPACK_DEBUG"
@@ -199,6 +191,11 @@ class PackConfig:
         return self.input.token_column is not None
 
     @property
+    def extra_column(self) -> str | None:
+        """The column beside the tokens or text: a loss mask, or a prompt."""
+        return self.input.loss_mask_column if self.tokenized else self.input.prompt_column
+
+    @property
     def loss_masks(self) -> bool:
         """Whether the run carries per-token loss masks (a mask column, or prompts)."""
         return self.input.loss_mask_column is not None or self.input.prompt_column is not None
@@ -340,59 +337,6 @@ def field_specs() -> list[tuple[str, str, dataclasses.Field, Any]]:
             flag = f.metadata.get("flag", f.name.replace("_", "-"))
             specs.append((section, flag, f, hints[f.name]))
     return specs
-
-
-def flag_kind(hint: Any) -> tuple[str, str | None, list | None]:
-    """How a field of type ``hint`` is given on the command line: (``switch`` (--x / --no-x), ``repeated``
-    (one value per flag, collected) or ``value``; its metavar; its choices). The CLI's parser and the
-    settings page both ask here, so they cannot disagree."""
-    args = get_args(hint)
-    if hint is bool or (bool in args and type(None) in args):
-        return "switch", None, None
-    if get_origin(hint) in (list, dict):
-        return "repeated", "PATH" if get_origin(hint) is list else "KEY=VALUE", None
-    if get_origin(hint) is Literal:
-        return "value", None, list(args)
-    base = next((a for a in args if a is not type(None)), hint)
-    return "value", {int: "N", float: "X"}.get(base, "TEXT"), None
-
-
-def flag_form(flag: str, hint: Any) -> str:
-    """How a field is given on the command line: ``--seq-len N``, ``--append-eos / --no-append-eos``."""
-    kind, metavar, choices = flag_kind(hint)
-    if kind == "switch":
-        return f"--{flag} / --no-{flag}"
-    return f"--{flag} {'|'.join(map(str, choices)) if choices else metavar}"
-
-
-def settings_markdown() -> str:
-    """The settings reference, one row per field of the config model: the docs site renders it from
-    here, so the page and ``bfpack pack --help`` cannot disagree."""
-    rows = ["| setting | flag | default | meaning |", "| --- | --- | --- | --- |"]
-    for section, flag, f, hint in field_specs():
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if default is not dataclasses.MISSING:
-            default = f"`{default if isinstance(default, str) else json.dumps(default)}`"
-        meaning = f.metadata["help"].replace("|", "\\|")
-        shown = "" if default is dataclasses.MISSING else default
-        rows.append(f"| `{section}.{f.name}` | `{flag_form(flag, hint)}` | {shown} | {meaning} |")
-    return "\n".join(rows) + "\n"
-
-
-def coerce_value(name: str, raw: str, hint: Any) -> Any:
-    """A command-line string as the field's type (YAML scalars: 4096, 0.5, true, null)."""
-    if type(None) in get_args(hint) and raw.lower() in ("null", "none", ""):
-        return None
-    base = next((a for a in get_args(hint) if a is not type(None)), hint) if get_origin(hint) is not Literal else hint
-    if base is str or get_origin(base) is Literal:
-        return raw
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{name}: cannot parse {raw!r}: {exc}") from None
-    if value is None:  # '' or 'null' for a setting that must have a value
-        raise ConfigError(f"{name}: expected {'an integer' if base is int else 'a value'}, got {raw!r}")
-    return value
 
 
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> PackConfig:

@@ -29,8 +29,8 @@ import numpy as np
 
 from bfpack_spark import masks as masking
 from bfpack_spark.io.store.fs import read_parquet
-from bfpack_spark.io.tables.snapshot import SequencesSnapshot, open_sequences
 from bfpack_spark.masks import labels, pad, position_ids
+from bfpack_spark.snapshot import SequencesSnapshot, open_sequences
 
 try:
     import torch

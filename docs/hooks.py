@@ -3,7 +3,7 @@ build time (the settings table, the tables' schemas), so the docs and the code c
 
 from __future__ import annotations
 
-from bfpack_spark.config import settings_markdown
+from bfpack_spark.flags import settings_markdown
 from bfpack_spark.schemas import schemas_markdown
 
 GENERATED = {

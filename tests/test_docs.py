@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from bfpack_spark.cli import build_parser, main
-from bfpack_spark.config import field_specs, flag_form, settings_markdown
+from bfpack_spark.config import field_specs
+from bfpack_spark.flags import flag_form, settings_markdown
 from bfpack_spark.schemas import TABLES, schemas_markdown
 
 ROOT = Path(__file__).parent.parent

@@ -9,7 +9,7 @@ import pytest
 
 from bfpack_spark.export.formats import ShardSpec, write_shard
 from bfpack_spark.export.job import _Task, _write_shard
-from bfpack_spark.io.tables.snapshot import TableFile
+from bfpack_spark.snapshot import TableFile
 
 L = 16
 

@@ -63,7 +63,8 @@ def test_groups_and_tables_do_not_depend_on_the_listing_order_or_the_number_of_f
     write_files(many, docs, 300, list(reversed(range(300))))
 
     def groups(root):
-        plan = plan_groups(list_inputs([str(root)]), "text", False, L, 200, 4)
+        plan = plan_groups(list_inputs([str(root)]), "text", tokenized=False, seq_len=L, target_items=200,
+                           min_groups=4)
         return [[(s.source, s.byte_range) for s in g] for g in plan.groups]
 
     assert groups(first) == groups(again) and len(groups(first)) >= 4

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from bfpack_spark.metrics import PackingStats, format_comparison, length_bucket
 from bfpack_spark.packing import bfd_layout, concat_layout
+from bfpack_spark.stats.packing import PackingStats, format_comparison, length_bucket
 
 
 def test_figures_of_a_small_corpus():

@@ -150,10 +150,11 @@ def test_spark_plan_equals_the_one_process_plan(spark, n_parts, merge_items, dri
     locality) is the one-process plan's, item for item."""
     import pandas as pd
 
-    from bfpack_spark.packing.plan import item_histogram, plan_bfd
+    from bfpack_spark.packing.plan import item_histogram
+    from bfpack_spark.packing.reference import plan_bfd
     from bfpack_spark.schemas import ORDERS, numbers_of
     from bfpack_spark.spark.partitioning import exact_partitions
-    from bfpack_spark.stages import plan as stage
+    from bfpack_spark.stages.rounds import Round, Rounds, routed_plan
 
     rng = np.random.default_rng(11)
     lengths = np.maximum(rng.lognormal(np.log(200), 1.3, 5000).astype(np.int64), 1)
@@ -163,8 +164,8 @@ def test_spark_plan_equals_the_one_process_plan(spark, n_parts, merge_items, dri
         [(int(g), int(i), f"d{k}", int(n), "src", k) for k, (g, i, n) in enumerate(zip(groups, index, lengths))],
         "group int, doc_index bigint, doc_id string, n_tokens bigint, source string, row bigint")
     counts = np.stack([item_histogram(lengths[groups == g], 512, 256) for g in range(5)])
-    got = stage.plan_bfd(exact_partitions(docs, 5, "group"), counts, 512, n_parts, 0.99, merge_items, 256,
-                         driver_items=driver_items)
+    got = routed_plan(exact_partitions(docs, 5, "group"), counts, n_parts,
+                      Rounds(Round(512, 256), 0.99, merge_items, driver_items))
     try:
         orders = pa.Table.from_pandas(got.orders.toPandas())
     finally:
@@ -177,7 +178,7 @@ def test_spark_plan_equals_the_one_process_plan(spark, n_parts, merge_items, dri
     base = np.cumsum([0] + [len(f) for f in got.first_ids])
     rows["seq_id"] = np.concatenate(got.first_ids)[base[rows["stage"]] + rows["part"]] + rows["rank"]
     rows = rows.sort_values(["group", "doc_index", "chunk"])
-    want = plan_bfd(lengths, groups, 5, 512, n_parts, 0.99, merge_items)
+    want = plan_bfd(lengths, groups, 5, 512, n_parts, merge_items=merge_items)
     assert got.n_sequences == want.n_sequences and got.residual_items == want.residual_items
     assert got.merge_rounds == want.merge_rounds and got.merge_rounds >= 1
     assert (got.last_round is not None) == (driver_items > 0)  # both ways of running the last round
@@ -201,13 +202,12 @@ def test_best_fit_tables_hold_the_one_process_plan(spark, tmp_path, monkeypatch,
     two of them, a sequence more than the bound: the routed plan runs after all)."""
     import pyarrow.parquet as pq
 
-    from bfpack_spark import job
     from bfpack_spark.io.formats.parquet import row_groups_in
-    from bfpack_spark.packing.plan import plan_bfd
+    from bfpack_spark.packing.reference import plan_bfd
     from bfpack_spark.stages.inputs import plan_inputs
 
     if driver_items is not None:
-        monkeypatch.setattr(job, "DRIVER_ITEMS", driver_items)
+        monkeypatch.setattr("bfpack_spark.stages.rounds.DRIVER_ITEMS", driver_items)
     docs = write_tokenized(tmp_path / "corpus", median=100, by_length=by_length)
     settings = {"packing.merge_items_per_partition": merge_items, "input.target_items_per_partition": 1600,
                 "packing.max_segments_per_sequence": cap}
@@ -230,7 +230,7 @@ def test_best_fit_tables_hold_the_one_process_plan(spark, tmp_path, monkeypatch,
                 n = meta.row_group(rg).num_rows
                 canonical += [ids[(split.source, first_row + k)] for k in range(n)]
                 group += [g] * n
-    want = plan_bfd([len(docs[d]) for d in canonical], group, n_groups, L, n_parts, 0.99, merge_items,
+    want = plan_bfd([len(docs[d]) for d in canonical], group, n_groups, L, n_parts, merge_items=merge_items,
                     route=first_round != "in place", max_segments=cap)
     sequences = table(tmp_path / "out", "sequences")
     got = {q: list(zip(ds, ss)) for q, ds, ss in zip(sequences.column("seq_id").to_pylist(),

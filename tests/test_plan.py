@@ -13,9 +13,8 @@ from bfpack_spark.packing.plan import (
     pack_in_place,
     pack_partition,
     packing_partitions,
-    plan_bfd,
-    plan_concat,
 )
+from bfpack_spark.packing.reference import plan_bfd, plan_concat
 
 
 def lognormal(n, median, sigma, seed=0):
@@ -50,7 +49,8 @@ def check_plan(plan, lengths, groups, seq_len):
        st.sampled_from([1, 4, 256]))
 def test_plans_place_every_token_once(lengths, seq_len, n_groups, n_parts, threshold, merge_items, n_buckets):
     groups = contiguous_groups(len(lengths), n_groups) if lengths else np.zeros(0, np.int64)
-    plan = plan_bfd(lengths, groups, n_groups, seq_len, n_parts, threshold, merge_items, n_buckets)
+    plan = plan_bfd(lengths, groups, n_groups, seq_len, n_parts, fill_threshold=threshold, merge_items=merge_items,
+                    n_buckets=n_buckets)
     check_plan(plan, lengths, groups, seq_len)
     # best-fit never cuts a document that fits
     pieces = np.bincount(plan.doc, minlength=len(lengths))
@@ -89,7 +89,7 @@ def test_random_order_moves_few_tokens():
 
 def test_one_partition_without_residue_is_one_process_bfd():
     lengths = lognormal(20_000, 600, 1.2, seed=4)
-    plan = plan_bfd(lengths, np.zeros(len(lengths), np.int64), 1, 2048, 1, 0.0)
+    plan = plan_bfd(lengths, np.zeros(len(lengths), np.int64), 1, 2048, 1, fill_threshold=0.0)
     layout = bfd_layout(lengths, 2048)
     assert plan.residual_items == 0 and plan.merge_rounds == 0
     got = plan.layout()
@@ -104,7 +104,7 @@ def test_a_plan_one_task_can_hold_is_one_process_bfd_whatever_the_groups_and_thr
     n_parts = packing_partitions(len(lengths), 6, merge_items=200_000)
     assert n_parts == 1 and packing_partitions(len(lengths), 6, merge_items=1_000) == 6
     assert packing_partitions(len(lengths), 6, merge_items=200_000, partitions=3) == 3
-    plan = plan_bfd(lengths, groups, 6, 2048, n_parts, 0.99, max_segments=cap)
+    plan = plan_bfd(lengths, groups, 6, 2048, n_parts, max_segments=cap)
     assert plan.n_sequences == bfd_layout(lengths, 2048, cap).n_sequences
     assert plan.residual_items == 0 and plan.merge_rounds == 0
 
@@ -123,7 +123,7 @@ def test_an_in_place_first_round_is_taken_only_within_the_slack_of_the_lower_bou
 def test_the_in_place_round_is_the_stage_0_of_a_plan_that_keeps_items_at_home():
     lengths = lognormal(40_000, 300, 1.2, seed=9)
     groups = contiguous_groups(len(lengths), 4)
-    plan = plan_bfd(lengths, groups, 4, 2048, 4, 0.99, 200_000, route=False)
+    plan = plan_bfd(lengths, groups, 4, 2048, 4, route=False)
     for g in range(4):
         mine = np.flatnonzero(groups == g)
         chunks, packed = pack_in_place(lengths[mine], 2048, 0.99)

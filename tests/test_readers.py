@@ -107,7 +107,8 @@ def test_ids_are_decided_per_file_however_it_is_split(tmp_path):
     lines = [json.dumps({"id": f"d{i}", "text": "t" * 50}) for i in range(200)]
     lines[150] = json.dumps({"text": "this one lost its id"})
     (tmp_path / "ids.jsonl").write_text("\n".join(lines) + "\n")
-    plan = plan_groups(list_inputs([str(tmp_path / "ids.jsonl")]), "text", False, 2048, target_items=1, min_groups=8)
+    plan = plan_groups(list_inputs([str(tmp_path / "ids.jsonl")]), "text", tokenized=False, seq_len=2048,
+                       target_items=1, min_groups=8)
     splits = [s for g in plan.groups for s in g]
     assert len(splits) > 1 and all(s.byte_range for s in splits)
     batches = [b for s in splits for b in read(s, "id", "text", False, Limits(10**6))]

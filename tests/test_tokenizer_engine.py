@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from bfpack_spark import tokenize
-from bfpack_spark.io.listing.listing import PYTHON_STDLIB, list_inputs
+from bfpack_spark.constants import DEFAULT_TOKENIZER, PYTHON_STDLIB
+from bfpack_spark.io.listing.listing import list_inputs
 from bfpack_spark.tokenize import FastEncoder, encode_texts, hf_structure, load_tokenizer, tiktoken_ranks
 
 from corpora import bos_tokenizer, llama3_style_tokenizer
@@ -143,7 +144,7 @@ def gpt2(tmp_path_factory):
 
 def test_every_proven_tokenizer_is_one_these_tests_compare(cl100k, llama3, gpt2):
     """The allow-lists hold exactly what the tests below prove: nothing unproven is admitted."""
-    enc = __import__("tiktoken").get_encoding(tokenize.DEFAULT_TOKENIZER)
+    enc = __import__("tiktoken").get_encoding(DEFAULT_TOKENIZER)
     assert set(tokenize._PROVEN_TIKTOKEN) == {hashlib.sha256(tiktoken_ranks(enc)).hexdigest()}
     assert set(tokenize._PROVEN_HF) == {hf_structure(t.fast._load.args[0]) for t, _ in (llama3, gpt2)}
 
@@ -259,7 +260,7 @@ def test_a_document_with_endoftext_in_its_text_is_packed_as_before(spark, tmp_pa
     assert results["auto"].run_id == results["reference"].run_id
     assert results["auto"].stats["tokenizer_engine"] == f"gigatoken {tokenize.FAST_ENGINE_VERSION}"
     assert results["reference"].stats["tokenizer_engine"].startswith("tiktoken ")
-    enc = __import__("tiktoken").get_encoding(tokenize.DEFAULT_TOKENIZER)
+    enc = __import__("tiktoken").get_encoding(DEFAULT_TOKENIZER)
     for s in tables["auto"].to_pylist():
         if "d7" in s["doc_ids"]:
             pos = sum(s["seg_lengths"][:s["doc_ids"].index("d7")])

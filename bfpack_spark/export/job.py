@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 from bfpack_spark.export.formats import FORMATS, ShardSpec, hf_schema, token_dtype, write_shard
 from bfpack_spark.io.store.fs import filesystem, join, parquet_row_groups, read_parquet
 from bfpack_spark.io.store.workspace import atomic_output
-from bfpack_spark.io.tables.snapshot import SequencesSnapshot, TableFile, open_sequences
+from bfpack_spark.snapshot import SequencesSnapshot, TableFile, open_sequences
 
 log = logging.getLogger("bfpack")
 
@@ -199,7 +199,7 @@ def _format_manifest(spec: ShardSpec, snapshot: SequencesSnapshot, to: str, shar
             "loss_masks_carried": spec.loss_masks}
 
 
-def export(root: str, fmt: str, to: str, run_id: str | None = None, seq_length: int | None = None,
+def export(root: str, fmt: str, to: str, *, run_id: str | None = None, seq_length: int | None = None,
            spark=None, master: str | None = None) -> dict:
     """Export ``<root>/sequences`` (one Delta snapshot, optionally one run) to the directory ``to`` as
     ``fmt`` (megatron, olmo, hf); return the manifest. Starts Spark (``master``) unless given a session."""

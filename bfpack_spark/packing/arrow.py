@@ -232,7 +232,7 @@ def gather_segments(values: np.ndarray, doc_offsets: np.ndarray, doc: np.ndarray
 
 
 def sequences_table(seg_offsets: np.ndarray, tokens: np.ndarray, seg_docs: pa.Array,
-                    seg_starts: np.ndarray, seg_lengths: np.ndarray, docs_column: str = "seg_docs",
+                    seg_starts: np.ndarray, seg_lengths: np.ndarray, *, docs_column: str = "seg_docs",
                     loss_mask: np.ndarray | None = None) -> pa.Table:
     """One row per sequence from its segments (in order) and their concatenated tokens.
 

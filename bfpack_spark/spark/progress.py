@@ -7,12 +7,16 @@ line when the stage ends, so logs and the summary stay readable in a terminal an
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 BAR = 30
+log = logging.getLogger("bfpack")
 
 
 def _line(label: str, done: int, total: int, elapsed: float) -> str:
@@ -57,3 +61,28 @@ def stage_progress(spark, label: str, stream=None, interval: float = 0.5):
         thread.join()
         stream.write("\r" + " " * (BAR + 60) + "\r")
         stream.flush()
+
+
+@dataclass
+class StageTimer:
+    """Seconds per stage of a run; while a stage runs, a progress bar over its Spark tasks (on a terminal).
+    An error names the innermost stage it came from (``bfpack_stage``: the command line says it)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    spark: Any = None
+
+    @contextmanager
+    def __call__(self, stage: str, announce: bool = True):
+        if announce:
+            log.info("stage %s ...", stage)
+        t0 = time.perf_counter()
+        try:
+            with stage_progress(self.spark, stage):
+                yield
+        except Exception as exc:
+            if not hasattr(exc, "bfpack_stage"):  # the innermost stage: what the error message names
+                exc.bfpack_stage = stage  # type: ignore[attr-defined]
+            raise
+        self.seconds[stage] = round(time.perf_counter() - t0, 3)
+        log.info("stage %s done in %.1fs", stage, self.seconds[stage])
+

@@ -16,7 +16,7 @@ from contextlib import contextmanager, suppress
 import pyspark
 from pyspark import SparkConf, SparkContext
 from pyspark.java_gateway import launch_gateway
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 
 from bfpack_spark.config import DEBUG_ENV
 from bfpack_spark.io.store.fs import STORAGE_ENV
@@ -251,13 +251,3 @@ def quiet_native_stderr() -> Iterator[None]:
         os.dup2(console, 2)  # the pipe's last write end closes: the thread forwards what is left, then ends
         thread.join(timeout=5)
         os.close(console)
-
-
-def collect_arrow(df: DataFrame):
-    """``df`` as a pyarrow Table on the driver (Spark 4 ``toArrow``; Spark 3.5's private twin)."""
-    import pyarrow as pa
-
-    if hasattr(df, "toArrow"):
-        return df.toArrow()
-    batches = df._collect_as_arrow()  # type: ignore[operator]  # Spark 3.5's twin; mypy reads it as a column
-    return pa.Table.from_batches(batches) if batches else pa.Table.from_pandas(df.limit(0).toPandas())

@@ -22,11 +22,9 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from bfpack_spark import faults
-from bfpack_spark.figures import document_figures, segment_bins, sequence_figures
 from bfpack_spark.io.formats.base import Reject, position
 from bfpack_spark.io.store.workspace import Workspace
 from bfpack_spark.io.tables.staging import StagedFile, Staging
-from bfpack_spark.metrics import PackingStats
 from bfpack_spark.packing.arrow import ChunkedTokens, sequences_table
 from bfpack_spark.packing.chunking import chunk_documents
 from bfpack_spark.packing.layout import concat_pieces
@@ -34,24 +32,21 @@ from bfpack_spark.packing.plan import pack_in_place
 from bfpack_spark.schemas import (
     ASSEMBLED,
     DOCUMENTS,
-    DROP,
-    FILE,
-    FRAGMENT,
-    MARK,
     ORDERS,
-    PLAN,
     SEQUENCES,
+    AssembledRow,
+    Order,
     numbers_array,
     numbers_of,
     spark_ddl,
-    spark_types,
 )
+from bfpack_spark.spark.orders import as_orders
 from bfpack_spark.spark.partitioning import counted, exact_partitions
 from bfpack_spark.stages.read import rejects_table
+from bfpack_spark.stats.figures import document_figures, segment_bins, sequence_figures
+from bfpack_spark.stats.packing import PackingStats
 from bfpack_spark.tokenize import load_tokenizer
 
-#: ``kind`` of the rows that carry a group's packing figures (JSON in ``info``).
-FIGURES = 4
 OUTPUT_ROWS = 2048
 EXCERPT_TOKENS = 64
 #: A task of the final reduce joins at most about this many moved tokens (32 MB).
@@ -66,7 +61,7 @@ def reduce_partitions(moved_segments: int, moved_tokens: int, merge_items: int) 
     return max(1, -(-moved_segments // merge_items), -(-moved_tokens // REDUCE_TOKENS))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Assembly:
     """What every assembly task needs to know (small; pickled into the tasks)."""
 
@@ -209,7 +204,7 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
     faults.check("assemble")
     stored = ctx.workspace.read_group(group)
     kind = orders.column("kind").to_numpy()
-    drops = orders.filter(pa.array(kind == DROP))
+    drops = orders.filter(pa.array(kind == Order.DROP))
     drops = drops.take(pa.array(np.argsort(drops.column("dropped").to_numpy())))
     dropped = drops.column("dropped").to_numpy()
     tokens = ChunkedTokens(stored.column("tokens"))
@@ -222,7 +217,7 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
     if ctx.strategy == "concat":
         segs = _concat_segments(lengths, kept, int(ctx.concat_offsets[group]), ctx.concat_total, L)
     else:
-        segs = _plan_segments(group, lengths, kept, orders.filter(pa.array(kind == PLAN)), ctx)
+        segs = _plan_segments(group, lengths, kept, orders.filter(pa.array(kind == Order.PLAN)), ctx)
     doc_ids = stored.column("doc_id").combine_chunks()
     name = f"group-{group:07d}"
     run_id = ctx.staging.run_id
@@ -243,27 +238,9 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
                     start, length, docs_column="doc_ids",
                     loss_mask=masks.gather(doc, start, length) if masks else None), seq[starts], run_id))
         assert out.staged is not None  # local.size > 0: rows were written
-        yield _info(FILE, out.staged.to_json())
+        yield _info(AssembledRow.FILE, out.staged.to_json())
 
-    moving = np.flatnonzero(~segs.local)
-    for run in _batch_parts(segs.length[moving]):
-        m = moving[run]
-        lengths_m = segs.length[m]
-        offsets_m = np.concatenate(([0], np.cumsum(lengths_m)))
-        yield pa.RecordBatch.from_pydict({
-            "kind": pa.array(np.full(m.shape[0], FRAGMENT, np.int8)),
-            "seq_id": pa.array(segs.seq[m], pa.int64()),
-            "slot": pa.array(segs.slot[m].astype(np.int32)),
-            "doc_id": doc_ids.take(pa.array(segs.doc[m])),
-            "seg_start": pa.array(segs.start[m].astype(np.int32)),
-            "tokens": numbers_array(ASSEMBLED, "tokens", offsets_m,
-                                    tokens.gather(segs.doc[m], segs.start[m], lengths_m)),
-            "loss_mask": (numbers_array(ASSEMBLED, "loss_mask", offsets_m,
-                                        masks.gather(segs.doc[m], segs.start[m], lengths_m))
-                          if masks else pa.nulls(m.shape[0], pa.binary())),
-            "info": pa.nulls(m.shape[0], pa.string()),
-        }, schema=ASSEMBLED)
-
+    yield from _fragments(segs, tokens, masks, doc_ids)
     if kept.size:
         n_tokens = lengths[kept]
         n_chunks = -(-n_tokens // L)
@@ -280,12 +257,35 @@ def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.R
             "row": stored.column("row").combine_chunks().take(pa.array(kept)),
             "run_id": pa.repeat(run_id, kept.size), "loss_tokens": loss_tokens}, schema=DOCUMENTS)
         figures = document_figures(documents.column("doc_id").combine_chunks(), n_tokens, n_chunks, L, kept_masks)
-        yield _info(FILE, ctx.staging.write("documents", name, documents, figures).to_json())
+        yield _info(AssembledRow.FILE, ctx.staging.write("documents", name, documents, figures).to_json())
     if dropped.size:
         excerpts = _excerpts(tokens, dropped, ctx)
-        yield _info(FILE, ctx.staging.write("rejects", f"duplicates-{group:07d}",
+        yield _info(AssembledRow.FILE, ctx.staging.write("rejects", f"duplicates-{group:07d}",
                                             _duplicate_rejects(stored, drops, dropped, excerpts, ctx)).to_json())
-    yield _info(FIGURES, json.dumps(_figures(lengths[kept], segs, int(ctx.concat_offsets[group]), L)))
+    yield _info(AssembledRow.FIGURES, json.dumps(_figures(lengths[kept], segs, int(ctx.concat_offsets[group]), L)))
+
+
+def _fragments(segs: _Segments, tokens: ChunkedTokens, masks: ChunkedTokens | None,
+               doc_ids: pa.Array) -> Iterator[pa.RecordBatch]:
+    """The segments of sequences made elsewhere (FRAGMENT rows), in batches a Spark batch can hold."""
+    moving = np.flatnonzero(~segs.local)
+    for run in _batch_parts(segs.length[moving]):
+        m = moving[run]
+        lengths_m = segs.length[m]
+        offsets_m = np.concatenate(([0], np.cumsum(lengths_m)))
+        yield pa.RecordBatch.from_pydict({
+            "kind": pa.array(np.full(m.shape[0], AssembledRow.FRAGMENT, np.int8)),
+            "seq_id": pa.array(segs.seq[m], pa.int64()),
+            "slot": pa.array(segs.slot[m].astype(np.int32)),
+            "doc_id": doc_ids.take(pa.array(segs.doc[m])),
+            "seg_start": pa.array(segs.start[m].astype(np.int32)),
+            "tokens": numbers_array(ASSEMBLED, "tokens", offsets_m,
+                                    tokens.gather(segs.doc[m], segs.start[m], lengths_m)),
+            "loss_mask": (numbers_array(ASSEMBLED, "loss_mask", offsets_m,
+                                        masks.gather(segs.doc[m], segs.start[m], lengths_m))
+                          if masks else pa.nulls(m.shape[0], pa.binary())),
+            "info": pa.nulls(m.shape[0], pa.string()),
+        }, schema=ASSEMBLED)
 
 
 def _duplicate_rejects(stored: pa.Table, drops: pa.Table, dropped: np.ndarray, excerpts: list[str],
@@ -321,8 +321,8 @@ def join_fragments(batches, ctx: Assembly) -> Iterator[pa.RecordBatch]:
         return
     table = pa.Table.from_batches(batches)
     kind = table.column("kind").to_numpy()
-    yield from table.filter(pa.array(kind != FRAGMENT)).to_batches()
-    frags = table.filter(pa.array(kind == FRAGMENT))
+    yield from table.filter(pa.array(kind != AssembledRow.FRAGMENT)).to_batches()
+    frags = table.filter(pa.array(kind == AssembledRow.FRAGMENT))
     if frags.num_rows == 0:
         return
     frags = frags.sort_by([("seq_id", "ascending"), ("slot", "ascending")])
@@ -336,7 +336,7 @@ def join_fragments(batches, ctx: Assembly) -> Iterator[pa.RecordBatch]:
                                           docs_column="doc_ids", loss_mask=masks),
                           seq[firsts], ctx.staging.run_id)
     name = f"merged-{TaskContext.get().partitionId():05d}"  # type: ignore[union-attr]  # in a task: never None
-    yield _info(FILE, ctx.staging.write("sequences", name, sequences, ctx.figures(sequences)).to_json())
+    yield _info(AssembledRow.FILE, ctx.staging.write("sequences", name, sequences, ctx.figures(sequences)).to_json())
 
 
 @dataclass
@@ -347,26 +347,19 @@ class Assembled:
     figures: list[dict]
 
 
-def as_orders(df: DataFrame, kind: int, **columns) -> DataFrame:
-    """``df`` as ORDERS rows of ``kind``: the given columns, nulls elsewhere."""
-    types = spark_types(ORDERS)
-    columns["kind"] = F.lit(kind)
-    return df.select(*[columns.get(n, F.lit(None)).cast(types[n]).alias(n) for n in ORDERS.names])
-
-
 def _orders(spark, plan_orders: DataFrame | None, drops: DataFrame | None, n_groups: int) -> DataFrame:
     """Every group's orders: one MARK per group (so that every group is assembled), its
     duplicates' DROP orders, and the plan's PLAN orders (best-fit only)."""
-    orders = as_orders(spark.range(0, n_groups), MARK, group=F.col("id"))
+    orders = as_orders(spark.range(0, n_groups), Order.MARK, group=F.col("id"))
     if drops is not None:
-        orders = orders.unionByName(as_orders(drops, DROP, dropped=F.col("doc_index"), **{
+        orders = orders.unionByName(as_orders(drops, Order.DROP, dropped=F.col("doc_index"), **{
             c: F.col(c) for c in ("group", "first_source", "first_row", "first_run")}))
     if plan_orders is not None:
         orders = orders.unionByName(plan_orders)
     return orders
 
 
-def assemble(spark, plan_orders: DataFrame | None, drops: DataFrame | None, n_groups: int, ctx: Assembly,
+def assemble(spark, plan_orders: DataFrame | None, drops: DataFrame | None, *, ctx: Assembly, n_groups: int,
              n_reduce: int) -> Assembled:
     """Run the assembly (one task per group) and the final reduce of ``n_reduce`` tasks."""
     def by_group(batches):
@@ -383,5 +376,5 @@ def assemble(spark, plan_orders: DataFrame | None, drops: DataFrame | None, n_gr
             .repartition(n_reduce, "seq_id")
             .mapInArrow(counted(lambda batches: join_fragments(batches, ctx)), spark_ddl(ASSEMBLED))
             .select("kind", "info").collect())
-    return Assembled([StagedFile.from_json(r["info"]) for r in rows if r["kind"] == FILE],
-                     [json.loads(r["info"]) for r in rows if r["kind"] == FIGURES])
+    return Assembled([StagedFile.from_json(r["info"]) for r in rows if r["kind"] == AssembledRow.FILE],
+                     [json.loads(r["info"]) for r in rows if r["kind"] == AssembledRow.FIGURES])

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from bfpack_spark.config import DEFAULT_ID_COLUMN, PackConfig
+from bfpack_spark.config import PackConfig
+from bfpack_spark.constants import DEFAULT_ID_COLUMN
 from bfpack_spark.incremental import check_compatible, packed_files, select_files
 from bfpack_spark.io.listing.listing import list_inputs
 from bfpack_spark.io.listing.plan import InputPlan, check_columns, plan_groups
 from bfpack_spark.io.store.fs import check_writable
 from bfpack_spark.schemas import INPUTS, MODIFIED
 from bfpack_spark.tokenize import TokenizerError, document_bos, load_tokenizer
-
-
-def extra_column(config: PackConfig) -> str | None:
-    """The column beside the tokens or text: a loss mask, or a prompt."""
-    return config.input.loss_mask_column if config.tokenized else config.input.prompt_column
 
 
 def _check_tokenizer(config: PackConfig) -> None:
@@ -45,7 +41,7 @@ def plan_inputs(config: PackConfig) -> InputPlan:
     named = {}
     if config.input.id_column not in (None, "", DEFAULT_ID_COLUMN):
         named[config.input.id_column] = "--id-column"
-    if extra := extra_column(config):
+    if extra := config.extra_column:
         named[extra] = "--loss-mask-column" if config.tokenized else "--prompt-column"
     replaces: dict[str, str] = {}
     if config.output.mode == "incremental":  # the files no committed run packed: none of the others is read
@@ -54,8 +50,8 @@ def plan_inputs(config: PackConfig) -> InputPlan:
         if not len(listing):
             return InputPlan(listing)
     check_columns(listing, payload, config.tokenized, named)
-    plan = plan_groups(listing, payload, config.tokenized, config.packing.seq_len,
-                       config.input.target_items_per_partition, config.input.min_partitions)
+    plan = plan_groups(listing, payload, tokenized=config.tokenized, seq_len=config.packing.seq_len,
+                       target_items=config.input.target_items_per_partition, min_groups=config.input.min_partitions)
     plan.replaces = replaces
     return plan
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -22,15 +22,16 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from bfpack_spark import faults
+from bfpack_spark.config import PackConfig
 from bfpack_spark.io.formats import read_group_splits
-from bfpack_spark.io.formats.base import Fields, RawBatch, Reject, Split, reason_code, splits_of
+from bfpack_spark.io.formats.base import Fields, Limits, RawBatch, Reject, Split, reason_code, splits_of
 from bfpack_spark.io.listing.plan import InputPlan
 from bfpack_spark.io.store.workspace import Workspace
 from bfpack_spark.io.tables.staging import StagedFile, Staging
 from bfpack_spark.packing import flatten_token_lists
 from bfpack_spark.packing.arrow import frame_documents, prompt_and_text
 from bfpack_spark.packing.plan import item_histogram, length_buckets, pack_in_place
-from bfpack_spark.schemas import DOC, FILE, GROUP, READ, REJECTS, RESIDUE, STORED, spark_ddl
+from bfpack_spark.schemas import READ, REJECTS, STORED, ReadRow, spark_ddl
 from bfpack_spark.spark.partitioning import map_slices
 from bfpack_spark.tokenize import Tokenizer, document_bos, encode_texts, load_tokenizer
 
@@ -50,11 +51,31 @@ class ReadSettings:
     prepend_bos: bool | None = None
     loss_masks: bool = False
     engine: str = "auto"
-    # best-fit: the fill threshold of a first round packed where each group was read (None: not
-    # tried), the cap on segments per sequence, and the residual items a group may hand over
-    in_place_fill: float | None = None
+    in_place: InPlaceSettings | None = None  # best-fit: each group packed on its own where it is read
+
+
+    @classmethod
+    def of(cls, config: PackConfig, in_place: InPlaceSettings | None) -> ReadSettings:
+        """The read of a run of ``config``; ``in_place``: how its tasks pack their own groups (best-fit)."""
+        fields = Fields(config.input.token_column or config.input.text_column, config.tokenized,
+                        config.input.id_column or None, config.extra_column,
+                        Limits(config.quality.max_document_bytes, config.quality.max_line_bytes))
+        t = config.tokenizer
+        return cls(fields=fields, tokenizer=t.tokenizer, eos_token=t.eos_token, append_eos=config.append_eos,
+                   seq_len=config.packing.seq_len, length_buckets=config.packing.length_buckets,
+                   keep_empty=config.quality.empty_documents == "keep", bos_token=t.bos_token,
+                   prepend_bos=t.prepend_bos, loss_masks=config.loss_masks, engine=t.engine, in_place=in_place)
+
+
+@dataclass(frozen=True)
+class InPlaceSettings:
+    """How a read task packs its own group (the plan's first round, where it serves): to ``fill``, with at
+    most ``max_segments`` per sequence, handing over at most ``carry`` chunks (and, a group of at most that
+    many, its documents' lengths) for the driver."""
+
+    fill: float
     max_segments: int | None = None
-    in_place_carry: int = 0  # also: a group of at most this many items hands over its document lengths
+    carry: int = 0
 
 
 def _flat(tokens: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +139,7 @@ def _check_masks(raw: RawBatch, column: str) -> None:
 def _doc_rows(group: int, first_doc: int, raw: RawBatch, lengths: np.ndarray) -> pa.RecordBatch:
     n = len(raw)
     return pa.RecordBatch.from_pydict({
-        "kind": pa.array(np.full(n, DOC, np.int8)),
+        "kind": pa.array(np.full(n, ReadRow.DOC, np.int8)),
         "group": pa.array(np.full(n, group, np.int32)),
         "doc_index": pa.array(np.arange(first_doc, first_doc + n, dtype=np.int64)),
         "doc_id": raw.ids,
@@ -209,16 +230,15 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
             doc_lengths.append(lengths)
     if rejects:
         written = staging.write("rejects", f"read-{group:07d}", rejects_table(rejects, staging.run_id))
-        yield _info_row(FILE, group, written.to_json())
+        yield _info_row(ReadRow.FILE, group, written.to_json())
     engine = None if settings.fields.tokenized else encode.tokenizer.engine
-    counts = {"records": n_records, "documents": doc_index, "tokens": n_tokens, "rejects": len(rejects),
-              "items": histogram.tolist(), "engine": engine}
-    if settings.in_place_fill is not None:
-        counts["in_place"], residue = _in_place(np.concatenate(doc_lengths or [np.empty(0, np.int64)]),
-                                                settings.in_place_fill, settings)
+    summary = GroupSummary(records=n_records, documents=doc_index, tokens=n_tokens, rejects=len(rejects),
+                           items=histogram.tolist(), engine=engine)
+    if settings.in_place is not None:
+        summary.in_place, residue = _in_place(np.concatenate(doc_lengths or [np.empty(0, np.int64)]), settings)
         if residue is not None:
-            yield _info_row(RESIDUE, group, json.dumps(residue))
-    yield _info_row(GROUP, group, json.dumps(counts))
+            yield _info_row(ReadRow.RESIDUE, group, json.dumps(residue))
+    yield _info_row(ReadRow.GROUP, group, summary.to_json())
 
 
 #: A group whose own BFD leaves more than this share of its chunks is unlike the corpus (it holds one
@@ -226,26 +246,61 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
 IN_PLACE_RESIDUE = 1 / 8
 
 
-def _in_place(lengths: np.ndarray, fill: float, settings: ReadSettings) -> tuple[dict, dict | None]:
-    """The group's chunks packed on their own (a few milliseconds), for the plan to weigh: the figures
-    (its final sequences; the chunks left, their tokens and length buckets, and the chunks
-    themselves when at most ``in_place_carry``, for the driver; ``residue_row``: whether they are
-    in a RESIDUE row; the documents' lengths when the group has at most that many chunks, so the
-    driver can plan a small corpus), and the chunks left for a RESIDUE row (None when they are too
-    many). Groups hand over at most ``in_place_carry`` each, so that the driver's intake is bounded
-    whatever the corpus: a small corpus of uneven groups is planned by one Spark task instead."""
-    chunks, packed = pack_in_place(lengths, settings.seq_len, fill, settings.max_segments)
+@dataclass
+class InPlace:
+    """A group's chunks packed on their own where it was read: what the plan weighs as its first round."""
+
+    n_final: int                  # sequences filled to the threshold
+    residual_items: int           # the chunks left, their tokens, and their length buckets
+    residual_tokens: int
+    residue_buckets: list[int]
+    residue_counts: list[int]
+    residue_row: bool             # whether the chunks left are in a RESIDUE row (not when too many)
+    residue: dict[str, list[int]] | None = None  # the chunks left themselves, when few enough for the driver
+    lengths: list[int] | None = None  # the documents' lengths, when the group is small enough for the driver
+
+
+@dataclass
+class GroupSummary:
+    """What a read task says of its group (its GROUP row): records its readers consumed, documents and
+    tokens it kept, rejects it made, its chunks per length bucket, the tokenizer engine that encoded its
+    text (None for token ids), and, for best-fit, its own first round."""
+
+    records: int
+    documents: int
+    tokens: int
+    rejects: int
+    items: list[int]
+    engine: str | None
+    in_place: InPlace | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> GroupSummary:
+        d = json.loads(text)
+        return cls(**{**d, "in_place": InPlace(**d["in_place"]) if d.get("in_place") else None})
+
+
+def _in_place(lengths: np.ndarray, settings: ReadSettings) -> tuple[InPlace, dict | None]:
+    """The group's chunks packed on their own (a few milliseconds), for the plan to weigh, and the chunks
+    left for a RESIDUE row (None when they are too many). Groups hand over at most ``carry`` chunks (or
+    documents' lengths) each, so that the driver's intake is bounded whatever the corpus: a small corpus
+    of uneven groups is planned by one Spark task instead."""
+    how = settings.in_place
+    assert how is not None
+    chunks, packed = pack_in_place(lengths, settings.seq_len, how.fill, how.max_segments)
     left = np.flatnonzero(~packed.final)
-    carry = settings.in_place_carry
-    handed_on = left.shape[0] <= max(carry, len(chunks) * IN_PLACE_RESIDUE)
+    handed_on = left.shape[0] <= max(how.carry, len(chunks) * IN_PLACE_RESIDUE)
     residue = ({"doc_index": chunks.doc[left].tolist(), "chunk": chunks.index[left].tolist(),
                 "length": chunks.length[left].tolist()} if handed_on else None)
     buckets = np.bincount(length_buckets(chunks.length[left], settings.seq_len, settings.length_buckets))
-    figures = {"n_final": packed.n_final, "residual_items": int(left.shape[0]),
-               "residual_tokens": int(chunks.length[left].sum()),
-               "residue_buckets": np.flatnonzero(buckets).tolist(), "residue_counts": buckets[buckets > 0].tolist(),
-               "residue": residue if left.shape[0] <= carry else None, "residue_row": handed_on,
-               "lengths": lengths.tolist() if len(chunks) <= carry else None}
+    figures = InPlace(n_final=packed.n_final, residual_items=int(left.shape[0]),
+                      residual_tokens=int(chunks.length[left].sum()), residue_buckets=np.flatnonzero(buckets).tolist(),
+                      residue_counts=buckets[buckets > 0].tolist(), residue_row=handed_on,
+                      residue=residue if left.shape[0] <= how.carry else None,
+                      lengths=lengths.tolist() if len(chunks) <= how.carry else None)
     return figures, residue
 
 
@@ -267,16 +322,24 @@ class ReadResult:
     rows: DataFrame                 # every row of the read (cached): release this one
     docs: DataFrame                 # DOC rows: group, doc_index, doc_id, n_tokens, source, row
     files: list[StagedFile]
-    groups: list[dict]              # per group: records, documents, tokens, rejects, items (per length bucket),
-                                    # engine (the tokenizer engine that encoded its text), in_place (best-fit)
+    groups: list[GroupSummary]
     residue: DataFrame              # RESIDUE rows: group, info (the chunks each group's own BFD left)
 
-    def total(self, key: str) -> int:
-        return sum(g[key] for g in self.groups)
+    @property
+    def records(self) -> int:
+        return sum(g.records for g in self.groups)
+
+    @property
+    def documents(self) -> int:
+        return sum(g.documents for g in self.groups)
+
+    @property
+    def rejects(self) -> int:
+        return sum(g.rejects for g in self.groups)
 
     def engines(self) -> str | None:
         """The tokenizer engines the groups' tasks encoded text with (None: no text was encoded)."""
-        return ", ".join(sorted({g["engine"] for g in self.groups if g.get("engine")})) or None
+        return ", ".join(sorted({g.engine for g in self.groups if g.engine})) or None
 
 
 def read_corpus(spark: SparkSession, inputs: InputPlan, settings: ReadSettings, staging: Staging,
@@ -286,13 +349,16 @@ def read_corpus(spark: SparkSession, inputs: InputPlan, settings: ReadSettings, 
     rows = map_slices(spark, inputs.group_payloads(), n,
                       lambda g, mine: read_group(g, splits_of(mine[0]), settings, staging, workspace),
                       spark_ddl(READ)).persist(StorageLevel.MEMORY_AND_DISK)
-    info = rows.filter(F.col("kind").isin(GROUP, FILE)).select("kind", "group", "info").collect()
-    counts: list[dict] = [{} for _ in range(n)]
+    summaries = F.col("kind").isin(int(ReadRow.GROUP), int(ReadRow.FILE))
+    info = rows.filter(summaries).select("kind", "group", "info").collect()
+    summaries_of: dict[int, GroupSummary] = {}
     files = []
     for r in info:
-        if r["kind"] == GROUP:
-            counts[r["group"]] = json.loads(r["info"])
+        if r["kind"] == ReadRow.GROUP:
+            summaries_of[r["group"]] = GroupSummary.from_json(r["info"])
         else:
             files.append(StagedFile.from_json(r["info"]))
-    docs = rows.filter(F.col("kind") == DOC).drop("kind", "info")
-    return ReadResult(rows, docs, files, counts, rows.filter(F.col("kind") == RESIDUE).select("group", "info"))
+    counts = [summaries_of[g] for g in range(n)]
+    docs = rows.filter(F.col("kind") == int(ReadRow.DOC)).drop("kind", "info")
+    residue = rows.filter(F.col("kind") == int(ReadRow.RESIDUE)).select("group", "info")
+    return ReadResult(rows, docs, files, counts, residue)

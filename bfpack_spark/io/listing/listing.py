@@ -27,12 +27,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from bfpack_spark.constants import PYTHON_STDLIB
 from bfpack_spark.errors import InputError
 from bfpack_spark.io.formats.base import detect_format
 from bfpack_spark.io.store import s3
 from bfpack_spark.io.store.fs import delta_storage_options, filesystem, is_local, join, read_bytes
 
-PYTHON_STDLIB = "python-stdlib"
 #: threads listing input arguments and prefixes at once (each waits on the store)
 LIST_THREADS = 16
 #: files made into columns at a time

@@ -170,7 +170,7 @@ def _target(est: np.ndarray, target_items: int, min_groups: int) -> int:
     return max(1, -(-total // min_groups)) if total < target_items * min_groups else target_items
 
 
-def plan_groups(listing: Listing, payload: str, tokenized: bool, seq_len: int, target_items: int,
+def plan_groups(listing: Listing, payload: str, *, tokenized: bool, seq_len: int, target_items: int,
                 min_groups: int = 1) -> InputPlan:
     """Groups of about ``target_items`` items, at least ``min_groups`` where the files can be cut that
     finely (see the module). The footers of Parquet files large enough to be cut are read (one ranged

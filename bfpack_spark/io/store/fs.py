@@ -26,8 +26,6 @@ from bfpack_spark.io.store import retry, s3
 #: The environment variable that carries ``output.storage_options`` (JSON) to every process of
 #: a run: the driver sets it before Spark starts, and Spark passes it to executors.
 STORAGE_ENV = "BFPACK_STORAGE_OPTIONS"
-#: Option names whose values are never logged or stored (the stats table keeps the config).
-SECRET = re.compile(r"secret|token|password|key", re.IGNORECASE)
 #: pyarrow's S3 client makes each request once: :mod:`~bfpack_spark.io.store.retry` retries it by kind
 #: (and counts it), so a wrong endpoint still fails in seconds. Uploads are the exception (below).
 S3_ATTEMPTS = 0
@@ -62,10 +60,6 @@ def set_storage_options(options: dict[str, str]) -> None:
         os.environ[STORAGE_ENV] = json.dumps(options, sort_keys=True)
     else:
         os.environ.pop(STORAGE_ENV, None)
-
-
-def redacted(options: dict[str, str]) -> dict[str, str]:
-    return {k: ("***" if SECRET.search(k) else v) for k, v in options.items()}
 
 
 def s3_settings() -> dict[str, str]:

@@ -32,7 +32,7 @@ from bfpack_spark import faults
 from bfpack_spark.io.store import retry
 from bfpack_spark.io.store.fs import delta_storage_options, filesystem, join
 from bfpack_spark.io.tables.staging import StagedFile
-from bfpack_spark.schemas import TABLES, delta_schema_json
+from bfpack_spark.schemas import STATS, TABLES, delta_schema_json, stats_row_of, stats_table
 
 log = logging.getLogger(__name__)
 
@@ -367,9 +367,6 @@ def migrate_stats_v1(uri: str) -> None:
     JSON strings become typed columns; columns the old version did not have are null."""
     from deltalake import write_deltalake
 
-    from bfpack_spark.schemas import STATS
-    from bfpack_spark.stats import stats_table
-
     dataset = snapshot_dataset(uri)
     if dataset is None:
         return
@@ -406,15 +403,8 @@ def read_table(spark, uri: str):
 
 def read_stats_row(uri: str, run_id: str) -> dict:
     """The stats row of one run, read with pyarrow from the files of the table's snapshot."""
-    import pyarrow.dataset as ds
-
-    from bfpack_spark.stats import MAPS
-
     dataset = snapshot_dataset(uri)
     rows = [] if dataset is None else dataset.to_table(filter=ds.field("run_id") == run_id).to_pylist()
     if not rows:
         raise DeltaError(f"{uri} holds no stats row of run {run_id}")
-    row = rows[0]
-    for name in MAPS:
-        row[name] = dict(row[name] or [])
-    return row
+    return stats_row_of(rows[0])

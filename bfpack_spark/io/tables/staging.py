@@ -21,8 +21,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bfpack_spark.figures import add_figures
 from bfpack_spark.io.store.fs import filesystem, join
+from bfpack_spark.stats.figures import add_figures
 
 #: Columns whose values repeat (dictionary encoding pays); token ids and ids do not.
 _DICTIONARY_COLUMNS = {"run_id", "source", "reason"}

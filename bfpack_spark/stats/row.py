@@ -6,11 +6,8 @@ import json
 from dataclasses import replace
 from typing import Any
 
-import pyarrow as pa
-
-from bfpack_spark.figures import segment_bins
-from bfpack_spark.metrics import PackingStats, bucket_labels
-from bfpack_spark.schemas import STATS
+from bfpack_spark.stats.figures import segment_bins
+from bfpack_spark.stats.packing import PackingStats, bucket_labels
 
 
 def _sum(figures: list[dict], key: str, seq_len: int) -> PackingStats:
@@ -79,10 +76,3 @@ def stats_row(*, run_id: str, started: str, config: Any, inputs: Any, documents_
         "plan_first_round": plan.first_round,
     }
 
-
-MAPS = [f.name for f in STATS if pa.types.is_map(f.type)]
-
-
-def stats_table(row: dict) -> pa.Table:
-    """The row as a one-row table (Arrow takes maps as lists of pairs)."""
-    return pa.Table.from_pylist([{**row, **{k: list(row[k].items()) for k in MAPS}}], schema=STATS)
