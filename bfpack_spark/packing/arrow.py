@@ -253,7 +253,7 @@ def sequences_table(seg_offsets: np.ndarray, tokens: np.ndarray, seg_docs: pa.Ar
     return pa.table(columns)
 
 
-def assemble(tokens: TokenLists, layout: Layout) -> pa.Table:
+def layout_sequences(tokens: TokenLists, layout: Layout) -> pa.Table:
     """Materialize ``layout`` over real tokens: one row per sequence.
 
     Columns: ``input_ids`` (the tokens, unpadded), ``seg_docs`` (index of each
@@ -274,7 +274,7 @@ def pack_token_lists(tokens: TokenLists, seq_len: int, strategy: str = "bfd",
     ``max_segments`` segments, when given).
 
     ``strategy="bfd"`` is best-fit packing; ``"concat"`` is the concatenate-and-cut
-    baseline. Returns the table described in :func:`assemble`, sequences in the
+    baseline. Returns the table described in :func:`layout_sequences`, sequences in the
     order the strategy opened them.
     """
     values, doc_offsets = flatten_token_lists(tokens)

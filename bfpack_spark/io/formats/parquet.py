@@ -55,23 +55,23 @@ class Rows:
 
     def __init__(self, fields: Fields):
         self.fields = fields
-        self.pieces: list[tuple[str, int, pa.RecordBatch]] = []  # (source, first row, rows)
-        self.key: tuple | None = None  # the pieces' schema and id column
+        self.held: list[tuple[str, int, pa.RecordBatch]] = []  # (source, first row, rows)
+        self.key: tuple | None = None  # the held batches' schema and id column
         self.n = 0
 
     def add(self, source: str, first_row: int, rb: pa.RecordBatch, id_column: str | None) -> Iterator[RawBatch]:
-        if self.pieces and self.key != (rb.schema, id_column):
+        if self.held and self.key != (rb.schema, id_column):
             yield from self.flush()
         self.key = (rb.schema, id_column)
-        self.pieces.append((source, first_row, rb))
+        self.held.append((source, first_row, rb))
         self.n += rb.num_rows
         if self.n >= BATCH_DOCS:
             yield from self.flush()
 
     def flush(self) -> Iterator[RawBatch]:
-        if self.pieces and self.key is not None:
-            yield _batch(self.pieces, self.fields, self.key[1])
-        self.pieces, self.key, self.n = [], None, 0
+        if self.held and self.key is not None:
+            yield _batch(self.held, self.fields, self.key[1])
+        self.held, self.key, self.n = [], None, 0
 
 
 def read_parquet(opened: Opened, fields: Fields, rows: Rows | None = None) -> Iterator[RawBatch]:
@@ -220,13 +220,13 @@ def _texts(values: pa.Array, side: pa.Array | None, fields: Fields, check: _Chec
     return texts, prompts
 
 
-def _batch(pieces: list[tuple[str, int, pa.RecordBatch]], fields: Fields, id_column: str | None) -> RawBatch:
+def _batch(held: list[tuple[str, int, pa.RecordBatch]], fields: Fields, id_column: str | None) -> RawBatch:
     """The documents and rejects of record batches of one schema ((source, first row, rows) each)."""
-    rb = pa.Table.from_batches([p[2] for p in pieces]).combine_chunks().to_batches()[0] if len(pieces) > 1 \
-        else pieces[0][2]
+    rb = pa.Table.from_batches([p[2] for p in held]).combine_chunks().to_batches()[0] if len(held) > 1 \
+        else held[0][2]
     n = rb.num_rows
-    rows = np.concatenate([np.arange(first, first + p.num_rows) for _, first, p in pieces])
-    sources = pa.concat_arrays([pa.repeat(source, p.num_rows) for source, _, p in pieces])
+    rows = np.concatenate([np.arange(first, first + p.num_rows) for _, first, p in held])
+    sources = pa.concat_arrays([pa.repeat(source, p.num_rows) for source, _, p in held])
     values = rb.column(fields.column)
     check = _Checked(n)
     ids = _ids(rb, rows, sources, id_column, check)

@@ -3,7 +3,7 @@
 Each file's items (chunks of at most ``seq_len`` tokens) are estimated from its size and format;
 a file estimated above ``target_items`` that can be cut is cut into byte ranges: uncompressed JSON
 lines anywhere (the read tasks find the lines), Parquet at row groups (its footer, one ranged read,
-says where they start). Consecutive pieces are gathered into groups of about ``target_items``, at
+says where they start). Consecutive splits are gathered into groups of about ``target_items``, at
 least ``min_groups`` where the files allow. So the same files and config give the same groups,
 whatever the order of the listing, the machine or the number of cores; no small file is opened.
 
@@ -42,12 +42,12 @@ FOOTER_THREADS = 16
 
 @dataclass
 class InputPlan:
-    """The files a run packs (sorted by source) and the groups its read tasks read: ``pieces`` holds,
+    """The files a run packs (sorted by source) and the groups its read tasks read: ``splits`` holds,
     for each split in order, its file (an index into the listing), its byte range (``start`` -1:
     the whole file), its estimated items and its group."""
 
     listing: Listing
-    pieces: dict[str, np.ndarray] = field(default_factory=dict)
+    splits: dict[str, np.ndarray] = field(default_factory=dict)
     n_groups: int = 0
     #: re-packed files: uri -> the earlier run whose rows this run replaces
     replaces: dict[str, str] = field(default_factory=dict)
@@ -62,7 +62,7 @@ class InputPlan:
 
     def group_batch(self, g: int) -> pa.RecordBatch:
         """The splits of group ``g`` as the read task gets them (:data:`SPLITS`)."""
-        p = self.pieces
+        p = self.splits
         lo, hi = np.searchsorted(p["group"], [g, g + 1])
         files = self.listing.table.take(pa.array(p["file"][lo:hi]))
         start, end = p["start"][lo:hi], p["end"][lo:hi]
@@ -131,7 +131,7 @@ def _cuts(row_groups: np.ndarray, size: int, target: int) -> list[tuple[int, int
     return cuts
 
 
-def _pieces(listing: Listing, est: np.ndarray, target: int,
+def _splits(listing: Listing, est: np.ndarray, target: int,
             row_groups: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
     """Every file cut where it can be into byte ranges of about ``target`` items, in order: a Parquet file
     whose footer was read (``row_groups``) at row groups, uncompressed JSON lines anywhere (its tasks
@@ -148,20 +148,20 @@ def _pieces(listing: Listing, est: np.ndarray, target: int,
     file = np.repeat(np.arange(len(size)), n)
     k = np.arange(file.shape[0]) - np.repeat(np.cumsum(n) - n, n)
     cut = np.repeat(wanted > 1, n)
-    pieces = {"file": file, "start": np.where(cut, k * step[file], -1),
+    splits = {"file": file, "start": np.where(cut, k * step[file], -1),
               "end": np.where(cut, np.minimum((k + 1) * step[file], size[file]), -1),
               "est": np.where(cut, est[file] // wanted[file], est[file])}
     first = np.cumsum(n) - n
     for i, c in cuts.items():
         if len(c) > 1:
             at = slice(first[i], first[i] + len(c))
-            pieces["start"][at], pieces["end"][at], pieces["est"][at] = np.asarray(c, np.int64).T
-    return pieces
+            splits["start"][at], splits["end"][at], splits["est"][at] = np.asarray(c, np.int64).T
+    return splits
 
 
 def _grouped(est: np.ndarray, target: int) -> np.ndarray:
-    """Consecutive pieces in groups of about ``target`` items: a piece is in the group its first item falls
-    in, counting ``target`` items a group (groups no piece starts in are skipped)."""
+    """Consecutive splits in groups of about ``target`` items: a split is in the group its first item falls
+    in, counting ``target`` items a group (groups no split starts in are skipped)."""
     return np.unique((np.cumsum(est) - est) // target, return_inverse=True)[1].astype(np.int64)
 
 
@@ -184,9 +184,9 @@ def plan_groups(listing: Listing, payload: str, *, tokenized: bool, seq_len: int
     for i, rgs in row_groups.items():
         est[i] = max(1, int(rgs[:, 1].sum()))
     target = _target(est, target_items, min_groups)
-    pieces = _pieces(listing, est, target, row_groups)
-    pieces["group"] = _grouped(pieces["est"], target)
-    return InputPlan(listing, pieces, int(pieces["group"][-1]) + 1 if len(listing) else 0)
+    splits = _splits(listing, est, target, row_groups)
+    splits["group"] = _grouped(splits["est"], target)
+    return InputPlan(listing, splits, int(splits["group"][-1]) + 1 if len(listing) else 0)
 
 
 def _missing_payload(payload: str, tokenized: bool, where: str) -> InputError:
