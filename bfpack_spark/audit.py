@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from bfpack_spark.io.store.fs import filesystem, join
+from bfpack_spark.io.store.fs import join
+from bfpack_spark.io.tables.staging import footer_figures
 from bfpack_spark.spark.partitioning import map_slices
 from bfpack_spark.stats.figures import MOD, add_figures
 
@@ -83,21 +83,6 @@ def check(files_by_table: dict[str, list], footers: dict[tuple[str, str], tuple[
         found["max_segments"] = seqs.get("max_segments", 0)
         checks["no sequence above max_segments_per_sequence"] = found["max_segments"] <= max_segments
     return AuditResult(all(checks.values()), checks, found, expected)
-
-
-def footer_figures(uri: str, table: str) -> tuple[int, int]:
-    """(rows, token values) from one file's Parquet footer; token values only for sequences."""
-    fs, path = filesystem(uri)
-    with fs.open_input_file(path) as fh:
-        meta = pq.read_metadata(fh)
-    tokens = 0
-    if table == "sequences":
-        for rg in range(meta.num_row_groups):
-            group = meta.row_group(rg)
-            for c in range(group.num_columns):
-                if group.column(c).path_in_schema.startswith("input_ids."):
-                    tokens += group.column(c).num_values
-    return meta.num_rows, tokens
 
 
 #: footers each audit task reads at once

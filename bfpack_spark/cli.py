@@ -173,6 +173,10 @@ def print_summary(result, out=sys.stdout) -> None:
     print(f"time: {sum(s['stage_seconds'].values()):.1f}s ({times})", file=out)
     if s.get("requests_retried"):
         print(f"object store: {s['requests_retried']:,} requests retried (throttled or dropped)", file=out)
+    if s.get("resumed_read_groups") or s.get("resumed_assembly_groups"):
+        groups = s["input_groups"]
+        print(f"resumed: {s['resumed_read_groups']} of {groups} read tasks, {s['resumed_assembly_groups']} of "
+              f"{groups} assembly groups (finished by an earlier attempt of the run)", file=out)
 
 
 def _one_line(exc: BaseException) -> str:

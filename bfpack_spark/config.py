@@ -118,6 +118,9 @@ class OutputConfig:
                                   "config, so rerunning the same command is idempotent)")
     work_dir: str | None = _f(None, "scratch space for tokens between the read and the assembly, visible "
                                     "to every executor (default: _bfpack_work under the output root)")
+    resume: bool = _f(True, "a run stopped before it committed (its driver lost: killed, out of memory, a second YARN "
+                            "attempt) is resumed by the same command: the work its tasks finished is checked and "
+                            "reused; --no-resume starts afresh")
     delta_writer: Literal["auto", "delta-spark", "deltalake"] = _f(
         "auto", "how Delta commits are made: delta-spark when its JVM connector is on the "
                 "classpath, else the deltalake package")

@@ -2,11 +2,12 @@
 
 Off unless the environment variable ``BFPACK_FAULTS_FILE`` names a JSON file that
 maps point names to ``"once"`` (fail the first time the point is reached, on any
-process), ``"always"``, or ``"kill-executor"`` (the first time, in a task: kill the executor
-JVM that runs it, as a lost node would be). Spark tasks see the variable through
-``spark.executorEnv.BFPACK_FAULTS_FILE``. Points: ``read`` and ``assemble`` (in
-tasks), ``plan``, ``staged``, ``commit:<table>``, ``remove:<table>`` (on the driver), and
-``drop_token``, which breaks an invariant on purpose so the audit must catch it.
+process), ``"always"``, ``"kill-executor"`` (the first time, in a task: kill the executor
+JVM that runs it, as a lost node would be), or ``"hang"`` (wait there until killed: a test kills
+the driver at that point). Spark tasks see the variable through
+``spark.executorEnv.BFPACK_FAULTS_FILE``. Points: ``read``, ``read:<group>``, ``assemble`` and
+``assemble:<group>`` (in tasks), ``plan``, ``staged``, ``commit:<table>``, ``remove:<table>`` (on the
+driver), and ``drop_token``, which breaks an invariant on purpose so the audit must catch it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 ENV = "BFPACK_FAULTS_FILE"
 
@@ -60,7 +62,11 @@ def _java_ancestor() -> int | None:
 
 def check(point: str) -> None:
     """Raise :class:`InjectedFault` when ``point`` fires (or kill the executor: see the module)."""
-    if _spec(point) == "kill-executor":
+    spec = _spec(point)
+    if spec == "hang":
+        while True:
+            time.sleep(1)
+    if spec == "kill-executor":
         executor = _java_ancestor()
         if executor is not None and _fires_once(point):
             os.kill(executor, signal.SIGKILL)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,9 +26,7 @@ from bfpack_spark.errors import InputError
 from bfpack_spark.io.listing.listing import Listing, content_digest
 from bfpack_spark.io.store.fs import join
 from bfpack_spark.io.tables.delta import snapshot_dataset
-from bfpack_spark.schemas import INPUTS
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+from bfpack_spark.schemas import INPUTS, modified
 
 
 def committed_runs(root: str) -> set[str]:
@@ -84,7 +81,8 @@ def _changed(listing: Listing, packed: pa.Table) -> dict[str, tuple[str, str]]:
     """{uri: (run that packed it, what changed)} of the listed files packed before that changed since, by
     what the listing says: the size, and the ETag where the store gives one, else the modification time.
     Rows of bfpack before 0.2 hold a digest of the file's edges instead: those files alone are read."""
-    listed = listing.table.select(["uri", "size", "modified_ns", "etag"])
+    listed = listing.table.select(["uri", "size", "etag"]).append_column(
+        "modified_now", modified(listing.table.column("modified_ns")))
     both = listed.join(packed.select(["uri", "size", "modified", "etag", "digest", "run_id"]), "uri",
                        join_type="inner", right_suffix="_packed")
     if not both.num_rows:
@@ -99,19 +97,15 @@ def _changed(listing: Listing, packed: pa.Table) -> dict[str, tuple[str, str]]:
             if r["etag"] != r["etag_packed"]:
                 changed[r["uri"]] = r["run_id"], f"ETag {r['etag_packed']} -> {r['etag']}"
         elif r["modified"] is not None:
-            if (now := modified_us(r["modified_ns"])) != r["modified"]:
-                changed[r["uri"]] = r["run_id"], f"modified {r['modified']:%Y-%m-%d %H:%M:%S.%f} -> {now:%H:%M:%S.%f}"
+            if r["modified_now"] != r["modified"]:
+                changed[r["uri"]] = (r["run_id"], f"modified {r['modified']:%Y-%m-%d %H:%M:%S.%f} -> "
+                                                  f"{r['modified_now']:%H:%M:%S.%f}")
         elif r["digest"] is not None:
             legacy.append(r)
     with ThreadPoolExecutor(16) as pool:
         digests = list(pool.map(lambda r: content_digest(r["uri"], r["size"]), legacy))
     changed.update((r["uri"], (r["run_id"], "content")) for r, d in zip(legacy, digests) if d != r["digest"])
     return changed
-
-
-def modified_us(modified_ns: int) -> datetime:
-    """A listed modification time as the ``inputs`` table records it (UTC, microseconds)."""
-    return EPOCH + timedelta(microseconds=modified_ns // 1000)
 
 
 def select_files(listing: Listing, packed: pa.Table, repack_changed: bool = False) -> Selection:

@@ -35,7 +35,7 @@ from bfpack_spark.incremental import committed_runs
 from bfpack_spark.io.listing.plan import InputPlan
 from bfpack_spark.io.store.fs import join, set_storage_options
 from bfpack_spark.io.store.retry import RetryPolicy, set_policy
-from bfpack_spark.io.store.workspace import Workspace, workspace_root
+from bfpack_spark.io.store.workspace import Workspace
 from bfpack_spark.io.tables.staging import Staging
 from bfpack_spark.packing.plan import warm_up
 from bfpack_spark.schemas import TABLES, stats_table
@@ -86,7 +86,8 @@ def run(config: PackConfig, spark=None) -> RunResult:
         finish_replacements(config, lambda: spark or _spark(config))
         log.debug("no input file is new since the last run into %s", root)  # RunResult.nothing_new says it
         return RunResult("", root, {}, nothing_new=True)
-    run_id = config.output.run_id or default_run_id(config, inputs.listing.identity())
+    key = default_run_id(config, inputs.listing.identity())  # what the files and settings make the run
+    run_id = config.output.run_id or key
     log.info("run %s: %d input files in %d groups", run_id, len(inputs.listing), inputs.n_groups)
     for old in sorted(set(inputs.replaces.values())):
         log.info("run %s re-packs run %s (a file of it changed) and replaces its rows", run_id, old)
@@ -96,6 +97,8 @@ def run(config: PackConfig, spark=None) -> RunResult:
         if (committed := held.committed_stats()) is not None:
             log.info("run %s is already in every table of %s; nothing to do", run_id, root)
             return RunResult(run_id, root, committed, already_committed=True)
+        held.prepare_workspace({"run_id": run_id, "key": key, "fingerprint": config.fingerprint(),
+                                "files": len(inputs.listing), "started": started})
         result = _pack(_Run(spark, config, inputs, held, timer), started, retried)
     result.stats["requests_retried"] = retried()  # the commits' too
     return result
@@ -120,9 +123,8 @@ class _Run:
 
     def __post_init__(self) -> None:
         output = self.root.output
-        self.staging = Staging(output.root, output.attempt, output.run_id)
-        self.workspace = Workspace(join(workspace_root(output.root, self.config.output.work_dir), output.attempt))
-        self.release.callback(self.workspace.remove)
+        self.staging = Staging(output.root, output.folder, output.run_id)
+        self.workspace = self.root.workspace
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ def _pack(run: _Run, started: str, retried) -> RunResult:
                           documents_read=counts.documents_read, rejected=counts.rejected, packing=packing,
                           concat=concat, plan=plan, moved=_moved(figures), audit=audit,
                           stage_seconds=run.timer.seconds, written=_written(files), requests_retried=retried(),
-                          engine=read.engines())
+                          engine=read.engines(), resumed=(read.resumed, sum(f.get("resumed", False) for f in figures)))
         _commit(run, files, stats)
     stats["stage_seconds"] = dict(run.timer.seconds)
     return RunResult(output.run_id, config.output.output, stats, packing, concat)

@@ -229,6 +229,8 @@ STATS = pa.schema([
     ("tokenizer_engine", pa.string()),           # what encoded the text ("gigatoken 0.10.0"); null: tokenized input
     ("plan_first_round", pa.string()),           # best-fit: "in place" (each group packed where it was read)
                                                  # or "routed"; null: concat
+    ("resumed_read_groups", pa.int32()),         # groups whose read an earlier attempt of the run finished
+    ("resumed_assembly_groups", pa.int32()),     # groups whose assembly an earlier attempt finished
 ])
 
 #: The map columns of ``stats`` (Arrow takes a map as a list of pairs, and gives one back so).
@@ -247,6 +249,12 @@ def stats_row_of(table_row: dict) -> dict:
 
 #: When a file was last modified, as its listing says (UTC, microseconds).
 MODIFIED = pa.timestamp("us", tz="UTC")
+
+
+def modified(modified_ns: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Listed modification times (ns since the epoch) as the ``inputs`` table records them: the one
+    rounding that both the record and an incremental run's comparison with it use."""
+    return pa.array(np.asarray(modified_ns) // 1000).cast(MODIFIED)
 
 #: The input files of each run, as their listing gave them (what ``--mode incremental`` compares a
 #: new listing with).

@@ -180,7 +180,7 @@ def test_killed_at_any_stage_then_rerun_equals_an_uninterrupted_run(spark, token
         read = {uri.split(f"/{name}/")[1].split("/")[0] for uri in DeltaTable(str(tmp_path / name)).file_uris()}
         attempts = {p.name for p in (tmp_path / name).iterdir() if p.name.startswith("run-")}
         assert attempts == read and len(read) <= 1, (attempts, read)
-        files = {str(p.relative_to(tmp_path / name)) for p in (tmp_path / name).glob("run-*/*")}
+        files = {str(p.relative_to(tmp_path / name)) for p in (tmp_path / name).glob("run-*/**/*.parquet")}
         assert files == {uri.split(f"/{name}/")[1] for uri in DeltaTable(str(tmp_path / name)).file_uris()}
     assert not (tmp_path / "_bfpack_work").exists(), "a workspace was left behind"
 

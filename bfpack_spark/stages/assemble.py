@@ -11,7 +11,9 @@ the driver.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -200,8 +202,64 @@ def _excerpts(tokens: ChunkedTokens, docs: np.ndarray, ctx: Assembly) -> list[st
 
 
 def assemble_group(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.RecordBatch]:
-    """Everything about one group that can be written where its tokens are."""
+    """Everything about one group that can be written where its tokens are: its files (FILE rows), the
+    segments of sequences made elsewhere (FRAGMENT rows) and its figures (a FIGURES row, last).
+
+    Then the task records that it finished, in the workspace, with its fragments: an attempt of the same
+    run after a lost driver, given the same orders, replays the group from what it wrote (each file's
+    footer checked first) instead of assembling it again."""
+    digest = _orders_digest(orders)
+    replayed = _replayed(group, digest, ctx)
+    if replayed is not None:
+        yield from replayed
+        return
     faults.check("assemble")
+    faults.check(f"assemble:{group}")
+    files: list[str] = []
+    figures, n_fragments = None, 0
+    with ctx.workspace.group_writer(group, ASSEMBLED, folder="fragments") as fragments:
+        for batch in _assembled(group, orders, ctx):
+            kind = batch.column("kind")[0].as_py() if batch.num_rows else None
+            if kind == AssembledRow.FRAGMENT:
+                fragments.write_batch(batch)
+                n_fragments += batch.num_rows
+            elif kind == AssembledRow.FILE:
+                files.append(batch.column("info")[0].as_py())
+            elif kind == AssembledRow.FIGURES:
+                figures = batch.column("info")[0].as_py()
+            yield batch
+    ctx.workspace.write_record("assemble", group, {"orders": digest, "files": files, "figures": figures,
+                                                   "fragments": n_fragments})
+
+
+def _orders_digest(orders: pa.Table) -> str:
+    """What an assembly task was told (its orders, in a canonical order)."""
+    keys = [(name, "ascending") for name in ("kind", "stage", "part", "dropped")]
+    content = orders.sort_by(keys).to_pydict()  # values, not buffers: the same orders, however Spark laid them out
+    return hashlib.sha256(pickle.dumps([(name, content[name]) for name in ORDERS.names])).hexdigest()[:16]
+
+
+def _replayed(group: int, digest: str, ctx: Assembly) -> list[pa.RecordBatch] | None:
+    """The rows of a group an earlier attempt of this run assembled, from its record, its files and its
+    fragments; None where there is no record for these orders, or what it describes is not all there."""
+    record = ctx.workspace.read_record("assemble", group)
+    if record is None or record.get("orders") != digest or record.get("figures") is None:
+        return None
+    files = [StagedFile.from_json(f) for f in record["files"]]
+    if not all(ctx.staging.holds(f) for f in files):
+        return None
+    try:
+        fragments = ctx.workspace.read_group(group, folder="fragments")
+    except (OSError, pa.ArrowException):
+        return None
+    if fragments.num_rows != record["fragments"]:
+        return None
+    figures = {**json.loads(record["figures"]), "resumed": True}
+    return [*(_info(AssembledRow.FILE, f) for f in record["files"]), *fragments.to_batches(),
+            _info(AssembledRow.FIGURES, json.dumps(figures))]
+
+
+def _assembled(group: int, orders: pa.Table, ctx: Assembly) -> Iterator[pa.RecordBatch]:
     stored = ctx.workspace.read_group(group)
     kind = orders.column("kind").to_numpy()
     drops = orders.filter(pa.array(kind == Order.DROP))

@@ -16,7 +16,7 @@ from bfpack_spark.incremental import check_compatible, packed_files, select_file
 from bfpack_spark.io.listing.listing import list_inputs
 from bfpack_spark.io.listing.plan import InputPlan, check_columns, plan_groups
 from bfpack_spark.io.store.fs import check_writable
-from bfpack_spark.schemas import INPUTS, MODIFIED
+from bfpack_spark.schemas import INPUTS, modified
 from bfpack_spark.tokenize import TokenizerError, document_bos, load_tokenizer
 
 
@@ -59,11 +59,10 @@ def plan_inputs(config: PackConfig) -> InputPlan:
 def inputs_table(run_id: str, plan: InputPlan) -> pa.Table:
     """The ``inputs`` rows of a run: its files as their listing gave them (an incremental run compares them)."""
     t = plan.listing.table
-    modified = pa.array(t.column("modified_ns").to_numpy() // 1000).cast(MODIFIED)  # as modified_us rounds
     n = t.num_rows
     uris = t.column("uri").combine_chunks()
     replaces = pa.array([plan.replaces.get(u) for u in uris.to_pylist()], pa.string()) if plan.replaces \
         else pa.nulls(n, pa.string())
     return pa.table({"run_id": pa.repeat(run_id, n), "uri": uris, "source": t.column("source"),
                      "size": t.column("size"), "digest": pa.nulls(n, pa.string()), "replaces": replaces,
-                     "modified": modified, "etag": t.column("etag")}, schema=INPUTS)
+                     "modified": modified(t.column("modified_ns")), "etag": t.column("etag")}, schema=INPUTS)

@@ -1,29 +1,49 @@
-"""The output root, as one run holds it: its lock, whether the run is already committed there, and the
-clean-up after it, whatever way the run ends.
+"""The output root, as one run holds it: its lock, whether the run is already committed there, its
+workspace (what an earlier attempt of it finished), and the clean-up after it, whatever way it ends.
 
 While the run holds the root (``with OutputRoot(...) as root``): no other run writes there (the lock);
 the tables have this version's schema; an earlier run replaced by a committed one (an incremental run's
-``--repack-changed``) has its rows removed, before and after this run's commits. When the run fails,
-the files it staged and did not commit go; when it succeeds, every table's orphans (files of attempts no
-commit added) and the workspaces killed attempts left go too.
+``--repack-changed``) has its rows removed, before and after this run's commits.
+
+A run keeps its work where every attempt of it finds it: its tasks' records in its workspace
+(``<work>/<run id>``), its staged files in each table's folder of the run. An attempt that stopped
+without a verdict (its driver killed, out of memory, a store or cluster failure) leaves them, and the
+same command resumes from them (``--no-resume``: afresh). A run that fails its own checks (the audit,
+the reject limit) removes what it staged and wrote: nothing of it is worth resuming. A run that
+succeeds removes its workspace, every table's orphans (folders no commit added) and the workspaces
+other runs left.
 """
 
 from __future__ import annotations
 
 import logging
+import posixpath
 import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+import pyarrow.fs as pafs
+
+from bfpack_spark.audit import AuditError
 from bfpack_spark.config import PackConfig
 from bfpack_spark.incremental import unfinished_replacements
+from bfpack_spark.io.store.fs import filesystem, join
 from bfpack_spark.io.store.lock import OutputLock
-from bfpack_spark.io.store.workspace import clean_workspaces, remove_if_empty, workspace_root
+from bfpack_spark.io.store.workspace import (
+    Workspace,
+    clean_workspaces,
+    remove_if_empty,
+    workspace_name,
+    workspace_root,
+)
 from bfpack_spark.io.tables.delta import RETENTION_SECONDS, DeltaOutput, read_stats_row
 from bfpack_spark.schemas import TABLES
 
 log = logging.getLogger("bfpack")
+
+#: what a run is, in its workspace (to say why another run does not resume it)
+RUN_FILE = "run.json"
 
 
 class OutputRoot:
@@ -35,6 +55,8 @@ class OutputRoot:
         self.appending = config.output.mode in ("append", "incremental")
         self._lock = OutputLock(self.root, run_id)
         self.output: DeltaOutput
+        self.work = workspace_root(self.root, config.output.work_dir)
+        self.workspace = Workspace(join(self.work, workspace_name(self.root, run_id)))
 
     def __enter__(self) -> OutputRoot:
         self._lock.__enter__()
@@ -49,6 +71,29 @@ class OutputRoot:
             raise
         return self
 
+    def prepare_workspace(self, identity: dict) -> None:
+        """Resume from what an earlier attempt of the run finished (or, with ``--no-resume``, drop it), say so
+        in one line, and say why other runs' unfinished work here is not resumed; then record what the run
+        is (``identity``: its settings' fingerprint, its input files' count, and ``key``: the id its files
+        and settings give it, which an explicit run id may hide)."""
+        done = self.workspace.records()
+        before = self.workspace.read_json(RUN_FILE) or {}
+        if done and before.get("key") != identity["key"]:
+            log.info("run %s: starting afresh, not from the %s tasks an earlier attempt finished: %s", self.run_id,
+                     sum(done.values()), _why(before, identity))
+            self.workspace.remove()
+        elif done and not self.config.output.resume:
+            log.info("run %s: starting afresh (--no-resume), not from the %s tasks an earlier attempt finished",
+                     self.run_id, sum(done.values()))
+            self.workspace.remove()
+        elif done:
+            log.info("run %s: resuming, %s", self.run_id,
+                     ", ".join(f"{n} {stage} tasks done" for stage, n in sorted(done.items())))
+        for other, theirs in _unfinished(self.work, self.workspace.uri):
+            log.info("run %s did not finish here and is not resumed: %s; this run (%s) starts afresh",
+                     theirs.get("run_id", other), _why(theirs, identity), self.run_id)
+        self.workspace.write_json(RUN_FILE, identity)
+
     def committed_stats(self) -> dict | None:
         """This run's ``stats`` row, where an earlier attempt of it committed every table (appending: the
         ``stats`` commit is the last); None where it did not."""
@@ -59,14 +104,19 @@ class OutputRoot:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         try:
-            if exc_type is not None:
+            if exc_type is None:
+                if self.appending:
+                    self._remove_replaced()
+                self.workspace.remove()
+                self._clean()
+            elif isinstance(exc, AuditError) or not self.config.output.resume:
                 self.output.discard()
+                self.workspace.remove()
                 if self.config.output.work_dir is None:
-                    remove_if_empty(workspace_root(self.root, None))
-                return
-            if self.appending:
-                self._remove_replaced()
-            self._clean()
+                    remove_if_empty(self.work)
+            else:
+                log.info("run %s stopped; what its tasks finished is kept: the same command resumes from it",
+                         self.run_id)
         finally:
             self._lock.__exit__(exc_type, exc, tb)
 
@@ -79,12 +129,30 @@ class OutputRoot:
         for name in TABLES:
             self.output.clean_orphans(name, any_run=self._lock.held)
         shared = self.config.output.work_dir is not None
-        work = workspace_root(self.root, self.config.output.work_dir)
-        clean_workspaces(work, self.output.attempt, self.run_id, self._lock.held,
-                         time.time() - (RETENTION_SECONDS if shared else 0))
+        clean_workspaces(self.work, keep=posixpath.basename(self.workspace.uri.rstrip("/")), run_id=self.run_id,
+                         any_run=self._lock.held, older_than=time.time() - (RETENTION_SECONDS if shared else 0))
         if not shared:
-            remove_if_empty(work)
+            remove_if_empty(self.work)
 
+
+
+def _why(theirs: dict, ours: dict) -> str:
+    """Why an earlier run's work does not serve this one, in words."""
+    if theirs.get("fingerprint") != ours["fingerprint"]:
+        return "its settings differ"
+    return f"its input files differ ({theirs.get('files')} files then, {ours['files']} now, or their versions)"
+
+
+def _unfinished(work: str, mine: str) -> list[tuple[str, dict]]:
+    """Other workspaces under ``work`` (not ``mine``) that hold finished tasks: (name, what that run was)."""
+    fs, base = filesystem(work)
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+        name = posixpath.basename(info.path)
+        theirs = Workspace(join(work, name))
+        if info.type == pafs.FileType.Directory and theirs.uri.rstrip("/") != mine.rstrip("/") and theirs.records():
+            found.append((name, theirs.read_json(RUN_FILE) or {}))
+    return found
 
 
 def finish_replacements(config: PackConfig, spark: Callable[[], Any]) -> None:

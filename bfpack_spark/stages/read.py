@@ -10,6 +10,7 @@ makes and the items it leaves: where groups are alike, that is the plan's first 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from pyspark.sql import functions as F
 from bfpack_spark import faults
 from bfpack_spark.config import PackConfig
 from bfpack_spark.io.formats import read_group_splits
-from bfpack_spark.io.formats.base import Fields, Limits, RawBatch, Reject, Split, reason_code, splits_of
+from bfpack_spark.io.formats.base import BATCH_DOCS, Fields, Limits, RawBatch, Reject, Split, reason_code, splits_of
 from bfpack_spark.io.listing.plan import InputPlan
 from bfpack_spark.io.store.workspace import Workspace
 from bfpack_spark.io.tables.staging import StagedFile, Staging
@@ -136,16 +137,17 @@ def _check_masks(raw: RawBatch, column: str) -> None:
     raw.masks = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int8)))
 
 
-def _doc_rows(group: int, first_doc: int, raw: RawBatch, lengths: np.ndarray) -> pa.RecordBatch:
-    n = len(raw)
-    return pa.RecordBatch.from_pydict({
+def _doc_rows(group: int, first_doc: int, documents: pa.Table | pa.RecordBatch, lengths: np.ndarray) -> pa.Table:
+    """DOC rows of ``documents`` (their doc_id, source and row columns: as stored), the first at ``first_doc``."""
+    n = documents.num_rows
+    return pa.Table.from_pydict({
         "kind": pa.array(np.full(n, ReadRow.DOC, np.int8)),
         "group": pa.array(np.full(n, group, np.int32)),
         "doc_index": pa.array(np.arange(first_doc, first_doc + n, dtype=np.int64)),
-        "doc_id": raw.ids,
+        "doc_id": documents.column("doc_id"),
         "n_tokens": pa.array(lengths.astype(np.int64)),
-        "source": raw.sources,
-        "row": pa.array(raw.rows),
+        "source": documents.column("source"),
+        "row": documents.column("row"),
         "info": pa.nulls(n, pa.string()),
     }, schema=READ)
 
@@ -204,8 +206,18 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
                workspace: Workspace) -> Iterator[pa.RecordBatch]:
     """Read one group: its documents go to the workspace (tokens) and to Spark (one small row each,
     kind DOC, in canonical order); its rejects to a file of the rejects table (a FILE row); and a
-    GROUP row counts the records the readers consumed, for the audit (and holds the in-place round's figures)."""
+    GROUP row counts the records the readers consumed, for the audit (and holds the in-place round's figures).
+
+    Then the task records that it finished, in the workspace: an attempt of the same run after a lost
+    driver replays the group from what it wrote (checked first: its documents and tokens, its rejects
+    file's footer) instead of reading and tokenizing it again."""
+    digest = _digest(splits)
+    replayed = _replayed(group, digest, staging, workspace)
+    if replayed is not None:
+        yield from replayed
+        return
     faults.check("read")
+    faults.check(f"read:{group}")
     encode = _Encoder(settings)
     doc_index = n_records = n_tokens = 0
     rejects: list[Reject] = []
@@ -220,25 +232,66 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
                 continue
             lengths = _lengths(raw)
             masks = raw.masks if raw.masks is not None else pa.nulls(len(raw), pa.list_(pa.int8()))
-            store.write_batch(pa.RecordBatch.from_pydict({
+            stored = pa.RecordBatch.from_pydict({
                 "doc_id": raw.ids, "source": raw.sources, "row": pa.array(raw.rows), "tokens": raw.tokens,
-                "loss_mask": masks}, schema=STORED))
-            yield _doc_rows(group, doc_index, raw, lengths)
+                "loss_mask": masks}, schema=STORED)
+            store.write_batch(stored)
+            yield from _doc_rows(group, doc_index, stored, lengths).to_batches()
             doc_index += len(raw)
             n_tokens += int(lengths.sum())
             histogram += item_histogram(lengths, settings.seq_len, settings.length_buckets)
             doc_lengths.append(lengths)
-    if rejects:
-        written = staging.write("rejects", f"read-{group:07d}", rejects_table(rejects, staging.run_id))
-        yield _info_row(ReadRow.FILE, group, written.to_json())
+    written = (staging.write("rejects", f"read-{group:07d}", rejects_table(rejects, staging.run_id))
+               if rejects else None)
     engine = None if settings.fields.tokenized else encode.tokenizer.engine
     summary = GroupSummary(records=n_records, documents=doc_index, tokens=n_tokens, rejects=len(rejects),
                            items=histogram.tolist(), engine=engine)
+    residue = None
     if settings.in_place is not None:
         summary.in_place, residue = _in_place(np.concatenate(doc_lengths or [np.empty(0, np.int64)]), settings)
-        if residue is not None:
-            yield _info_row(ReadRow.RESIDUE, group, json.dumps(residue))
+    workspace.write_record("read", group, {"splits": digest, "summary": asdict(summary), "residue": residue,
+                                           "rejects": written.to_json() if written else None})
+    yield from _closing_rows(group, summary, written, residue)
+
+
+def _closing_rows(group: int, summary: GroupSummary, rejects: StagedFile | None,
+                  residue: dict | None) -> Iterator[pa.RecordBatch]:
+    """A group's rows after its documents: its rejects file, its residue, its summary (last)."""
+    if rejects is not None:
+        yield _info_row(ReadRow.FILE, group, rejects.to_json())
+    if residue is not None:
+        yield _info_row(ReadRow.RESIDUE, group, json.dumps(residue))
     yield _info_row(ReadRow.GROUP, group, summary.to_json())
+
+
+def _digest(splits: list[Split]) -> str:
+    """What a read task covered: its splits (files, sizes, byte ranges)."""
+    h = hashlib.sha256()
+    for s in splits:
+        h.update(f"{s.uri}\0{s.size}\0{s.byte_range}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _replayed(group: int, digest: str, staging: Staging, workspace: Workspace) -> list[pa.RecordBatch] | None:
+    """The rows of a group an earlier attempt of this run read, from its record and the files it wrote;
+    None where there is no record, or what it describes is not all there as described."""
+    record = workspace.read_record("read", group)
+    if record is None or record.get("splits") != digest:
+        return None
+    summary = GroupSummary.from_dict(record["summary"])
+    rejects = StagedFile.from_json(record["rejects"]) if record.get("rejects") else None
+    try:
+        stored = workspace.read_group(group)
+    except (OSError, pa.ArrowException):
+        return None
+    lengths = pc.list_value_length(stored.column("tokens")).to_numpy()
+    if stored.num_rows != summary.documents or int(lengths.sum()) != summary.tokens:
+        return None
+    if rejects is not None and not staging.holds(rejects):
+        return None
+    summary.resumed = True
+    return [*_doc_rows(group, 0, stored, lengths).to_batches(max_chunksize=BATCH_DOCS),
+            *_closing_rows(group, summary, rejects, record["residue"])]
 
 
 #: A group whose own BFD leaves more than this share of its chunks is unlike the corpus (it holds one
@@ -273,13 +326,17 @@ class GroupSummary:
     items: list[int]
     engine: str | None
     in_place: InPlace | None = None
+    resumed: bool = False  # replayed from what an earlier attempt of the run wrote
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> GroupSummary:
-        d = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GroupSummary:
         return cls(**{**d, "in_place": InPlace(**d["in_place"]) if d.get("in_place") else None})
 
 
@@ -336,6 +393,11 @@ class ReadResult:
     @property
     def rejects(self) -> int:
         return sum(g.rejects for g in self.groups)
+
+    @property
+    def resumed(self) -> int:
+        """Groups replayed from what an earlier attempt of the run read."""
+        return sum(g.resumed for g in self.groups)
 
     def engines(self) -> str | None:
         """The tokenizer engines the groups' tasks encoded text with (None: no text was encoded)."""

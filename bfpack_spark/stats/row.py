@@ -31,12 +31,13 @@ def packing_stats(figures: list[dict], strategy: str, n_sequences: int,
 def stats_row(*, run_id: str, started: str, config: Any, inputs: Any, documents_read: int, rejected: int,
               packing: PackingStats, concat: PackingStats, plan: Any, moved: tuple[int, int],
               audit: Any, stage_seconds: dict[str, float], written: dict, requests_retried: int = 0,
-              engine: str | None = None) -> dict:
+              engine: str | None = None, resumed: tuple[int, int] = (0, 0)) -> dict:
     """One row of the ``stats`` table (columns of :data:`~bfpack_spark.schemas.STATS`).
 
     ``written``: the figures the sequences' writers counted (their fill and segment histograms, the
     most segments in a sequence, the tokens with loss); ``requests_retried``: object-store requests
-    retried so far; ``engine``: the tokenizer engines that encoded the text (None for tokenized input).
+    retried so far; ``engine``: the tokenizer engines that encoded the text (None for tokenized input);
+    ``resumed``: the groups whose read, and whose assembly, an earlier attempt of the run finished.
     """
     cap = config.packing.max_segments_per_sequence
     loss = written.get("loss_tokens", 0) if config.loss_masks else None
@@ -74,5 +75,6 @@ def stats_row(*, run_id: str, started: str, config: Any, inputs: Any, documents_
         "requests_retried": requests_retried,
         "tokenizer_engine": engine,
         "plan_first_round": plan.first_round,
+        "resumed_read_groups": resumed[0], "resumed_assembly_groups": resumed[1],
     }
 

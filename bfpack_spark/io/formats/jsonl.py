@@ -117,7 +117,9 @@ def _parsed(raw: bytes) -> tuple[Any, str | None]:
 
 
 def first_record(opened: Opened, max_line_bytes: int = 2**30) -> dict | None:
-    """The first JSON object of a JSON-lines file (within its first :data:`ID_LINES` lines)."""
+    """The first JSON object of a JSON-lines file (within its first :data:`ID_LINES` lines); None where
+    there is none before the damage of a compressed file. A plain file that cannot be read raises
+    (``OSError``): a read task must not decide its file's ids without it."""
     try:
         for i, (_, raw) in enumerate(lines(opened.whole_file(), max_line_bytes, 2**16)):
             if i >= ID_LINES:
@@ -125,8 +127,9 @@ def first_record(opened: Opened, max_line_bytes: int = 2**30) -> dict | None:
             obj = None if isinstance(raw, LineHead) else _parsed(raw)[0]
             if isinstance(obj, dict):
                 return obj
-    except Corrupt:
-        pass
+    except Corrupt as exc:
+        if not opened.split.compression:
+            raise OSError(f"cannot read {opened.split.uri}: {exc}") from None
     return None
 
 
@@ -339,6 +342,9 @@ def read_jsonl(opened: Opened, fields: Fields, has_ids: bool | None = None) -> I
         records.decide(False)
         records.reject(exc.offset, f"corrupt or truncated {compression} file; reading stopped here "
                                    f"({exc})".replace("  ", " "), "")
+    if records.has_ids is None and opened.split.byte_range is not None:  # the file's first object lies further
+        first = first_record(opened, fields.limits.line_bytes)
+        records.decide(first is not None and fields.id_column in first)
     records.decide(False)
     if records.batch.rows or records.batch.rejects:
         yield records.finish()

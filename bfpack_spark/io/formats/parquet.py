@@ -1,8 +1,9 @@
 """Parquet: one record per row, read row group by row group, so damage in one costs only its rows.
 
 A document's ``row`` is its row index in the file. A large file is cut into byte ranges by the
-driver, from its size alone; the task of a range reads the file's footer and takes the row groups
-whose middle byte lies in its range (:func:`row_groups_in`), so every row group is read once.
+driver, at row groups (it read the footer); the task of a range reads the file's footer and takes
+the row groups whose middle byte lies in its range (:func:`row_groups_in`), so every row group is
+read once.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def columns_of(opened: Opened) -> list[str] | None:
         return None
 
 
+#: at most about this many bytes of consecutive files' rows are held to be checked together (far below
+#: the 2 GiB of a string column Arrow keeps in one piece)
+HELD_BYTES = 64 * 2**20
+
+
 class Rows:
     """Record batches of consecutive Parquet files (of one schema) waiting to be checked together: the
     checks of a batch cost about the same for one row as for thousands, and a file of a few rows would
@@ -57,21 +63,24 @@ class Rows:
         self.fields = fields
         self.held: list[tuple[str, int, pa.RecordBatch]] = []  # (source, first row, rows)
         self.key: tuple | None = None  # the held batches' schema and id column
-        self.n = 0
+        self.n = self.nbytes = 0
 
     def add(self, source: str, first_row: int, rb: pa.RecordBatch, id_column: str | None) -> Iterator[RawBatch]:
+        if not rb.num_rows:
+            return
         if self.held and self.key != (rb.schema, id_column):
             yield from self.flush()
         self.key = (rb.schema, id_column)
         self.held.append((source, first_row, rb))
         self.n += rb.num_rows
-        if self.n >= BATCH_DOCS:
+        self.nbytes += rb.nbytes
+        if self.n >= BATCH_DOCS or self.nbytes >= HELD_BYTES:
             yield from self.flush()
 
     def flush(self) -> Iterator[RawBatch]:
         if self.held and self.key is not None:
             yield _batch(self.held, self.fields, self.key[1])
-        self.held, self.key, self.n = [], None, 0
+        self.held, self.key, self.n, self.nbytes = [], None, 0, 0
 
 
 def read_parquet(opened: Opened, fields: Fields, rows: Rows | None = None) -> Iterator[RawBatch]:
@@ -90,16 +99,18 @@ def _read(opened: Opened, fields: Fields, rows: Rows) -> Iterator[RawBatch]:
     try:
         fh = opened.random_access()
     except Exception as exc:
-        if first_piece:
-            yield RawBatch(rejects=[Reject(split.source, 0, f"unreadable Parquet file: {exc}")], n_records=1)
+        if not first_piece:  # the driver read its footer to cut it: the file changed, or the store failed
+            raise
+        yield RawBatch(rejects=[Reject(split.source, 0, f"unreadable Parquet file: {exc}")], n_records=1)
         return
     with fh:
         try:
             pf = pq.ParquetFile(fh)
         except (OSError, pa.ArrowException) as exc:
-            if first_piece:  # one reject for the file, from the piece at its start
-                reason = f"unreadable Parquet file (damaged or truncated footer): {exc}"
-                yield RawBatch(rejects=[Reject(split.source, 0, reason)], n_records=1)
+            if not first_piece:
+                raise
+            reason = f"unreadable Parquet file (damaged or truncated footer): {exc}"
+            yield RawBatch(rejects=[Reject(split.source, 0, reason)], n_records=1)
             return
         names = pf.schema_arrow.names
         id_column = fields.id_column if fields.id_column in names else None
@@ -222,8 +233,9 @@ def _texts(values: pa.Array, side: pa.Array | None, fields: Fields, check: _Chec
 
 def _batch(held: list[tuple[str, int, pa.RecordBatch]], fields: Fields, id_column: str | None) -> RawBatch:
     """The documents and rejects of record batches of one schema ((source, first row, rows) each)."""
-    rb = pa.Table.from_batches([p[2] for p in held]).combine_chunks().to_batches()[0] if len(held) > 1 \
-        else held[0][2]
+    rb = held[0][2]
+    if len(held) > 1:
+        [rb] = pa.Table.from_batches([p[2] for p in held]).combine_chunks().to_batches()  # one: HELD_BYTES
     n = rb.num_rows
     rows = np.concatenate([np.arange(first, first + p.num_rows) for _, first, p in held])
     sources = pa.concat_arrays([pa.repeat(source, p.num_rows) for source, _, p in held])

@@ -300,9 +300,11 @@ def list_inputs(paths: list[str], fmt: str = "auto") -> Listing:
     paths = [p if "://" in p or p == PYTHON_STDLIB else os.path.abspath(p) for p in paths]
     with ThreadPoolExecutor(LIST_THREADS, thread_name_prefix="bfpack-list") as pool:
         def one(spec: str) -> pa.Table:
+            from botocore.exceptions import BotoCoreError, ClientError
+
             try:
                 return _list_one(spec, fmt, pool)
-            except OSError as exc:  # permissions, network, credentials
+            except (OSError, BotoCoreError, ClientError) as exc:  # permissions, network, credentials
                 raise InputError(f"cannot list input {spec!r}: {_first_line(exc)}") from None
 
         # the arguments are listed by their own threads: a prefix's listing queues in the pool

@@ -106,8 +106,10 @@ def _row_groups(listing: Listing, i: int, payload: str, tokenized: bool, seq_len
     try:
         with open_input(t["uri"], t["size"], FOOTER_BYTES) as fh:
             meta = pq.ParquetFile(fh).metadata
-    except (OSError, pa.ArrowException):
-        return None
+    except pa.ArrowException:  # damaged (its task makes it a reject); a store that failed is not: the groups
+        return None            # must not depend on it
+    except OSError as exc:
+        raise InputError(f"cannot read the footer of {t['uri']}: {exc}") from None
     out = np.zeros((meta.num_row_groups, 2), np.int64)
     for g in range(meta.num_row_groups):
         rg = meta.row_group(g)
@@ -202,7 +204,10 @@ def _columns(listing: Listing, i: int) -> list[str] | None:
     if t["format"] == "parquet":
         return columns_of(opened)
     if t["format"] == "jsonl":
-        first = first_record(opened)
+        try:
+            first = first_record(opened)
+        except OSError:  # unreadable: its read task makes it a reject
+            return None
         return None if first is None else sorted(first)
     return None
 

@@ -36,12 +36,6 @@ S3_UPLOAD_ATTEMPTS = 13
 READ_AHEAD = 2**20
 
 
-
-
-
-
-
-
 def storage_options() -> dict[str, str]:
     """The run's ``storage_options`` (delta-rs names: ``AWS_ENDPOINT_URL``, ``AWS_REGION``, ...)."""
     return {k.upper(): str(v) for k, v in json.loads(os.environ.get(STORAGE_ENV) or "{}").items()}

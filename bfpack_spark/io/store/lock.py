@@ -117,6 +117,8 @@ class S3Lock:
         if self.etag is None:
             holder, etag = self._holder()
             age = time.time() - float(holder.get("heartbeat", 0))
+            if etag is not None and age <= self.EXPIRY and holder.get("run_id") == self.run_id:
+                holder, etag, age = self._outlive(holder, etag, age)
             if etag is None or age <= self.EXPIRY:
                 raise _locked(holder, self.root, self.uri, f", last heartbeat {age:.0f}s ago; a lock expires "
                                                            f"{self.EXPIRY:.0f}s after its last heartbeat")
@@ -126,6 +128,23 @@ class S3Lock:
             log.warning("took over the lock of run %s (no heartbeat for %.0fs)", holder.get("run_id"), age)
         self._thread = threading.Thread(target=self._beat, name="bfpack-lock-heartbeat", daemon=True)
         self._thread.start()
+
+    def _outlive(self, holder: dict, etag: str, age: float) -> tuple[dict, str | None, float]:
+        """The lock held by an earlier attempt of this same run (a driver lost, rerun): taken over at once where
+        that attempt's process is gone from this machine, else once its heartbeat is older than EXPIRY (a
+        live holder beats, and is then still the holder: the caller refuses)."""
+        me = _whoami(self.run_id)
+        if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+            return holder, etag, self.EXPIRY + 1
+        log.info("waiting up to %.0fs for the lock of an earlier attempt of run %s (last heartbeat %.0fs ago)",
+                 self.EXPIRY - age, self.run_id, age)
+        while age <= self.EXPIRY:
+            time.sleep(min(5.0, self.EXPIRY - age + 0.5))
+            now, now_etag = self._holder()
+            if now_etag != etag:  # it beat: alive
+                return now, now_etag, time.time() - float(now.get("heartbeat", 0))
+            age = time.time() - float(holder.get("heartbeat", 0))
+        return holder, etag, age
 
     def _beat(self) -> None:
         while not self._stop.wait(self.HEARTBEAT):

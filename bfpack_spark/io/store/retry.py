@@ -40,7 +40,8 @@ TRANSIENT = re.compile(
     r"internal_?error|internal_?failure|network_?connection|connection (reset|aborted|closed)|broken pipe|"
     r"timed? ?out|request_?time_?out|flush response stream|returned nothing|curlCode: (18|28|52|55|56)\b|"
     r"IncompleteRead|RemoteDisconnected|error sending request|error decoding response body|"
-    r"ConnectionClosedError|ReadTimeoutError|unexpected EOF|Connection was closed|"
+    r"ConnectionClosedError|ReadTimeoutError|unexpected EOF|UNEXPECTED_EOF_WHILE_READING|EOF occurred in violation|"
+    r"Connection was closed|"
     r"Generic S3 error", re.IGNORECASE)  # delta-rs (object_store): what its own retries left, or a body cut off
 #: errors that say the request can never succeed as made: raised at once, even when they look transient
 PERMANENT = re.compile(
@@ -76,7 +77,11 @@ def set_policy(p: RetryPolicy) -> None:
 
 
 def transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is an error a later attempt of the same request may not meet."""
+    """Whether ``exc`` is an error a later attempt of the same request may not meet: as the error says
+    (its ``transient``, where it was classified where it was made), else by its text."""
+    said = getattr(exc, "transient", None)
+    if isinstance(said, bool):
+        return said
     text = f"{type(exc).__name__}: {exc}"
     return not PERMANENT.search(text) and TRANSIENT.search(text) is not None
 

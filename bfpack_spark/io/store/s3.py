@@ -19,7 +19,6 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -96,7 +95,7 @@ def list_objects(bucket: str, prefix: str, delimiter: str = "",
             kwargs["ContinuationToken"] = token
         page = retry.call(functools.partial(s3.list_objects_v2, **kwargs), f"list s3://{bucket}/{prefix}")
         objects.extend(ObjectInfo(o["Key"], int(o["Size"]), _ns(o["LastModified"]), o.get("ETag", "").strip('"'))
-                       for o in page.get("Contents", ()))
+                       for o in page.get("Contents", ()) if not o["Key"].endswith("/"))  # not a folder's marker
         prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", ()))
         if max_keys or not page.get("IsTruncated"):
             return objects, prefixes
@@ -122,12 +121,22 @@ def _pool():
     return urllib3.PoolManager(**kwargs)
 
 
-def _error(status: int, body: bytes) -> str:
-    """An S3 error reply in one line: its HTTP status, code and message."""
-    code = re.search(rb"<Code>(.*?)</Code>", body)
-    message = re.search(rb"<Message>(.*?)</Message>", body)
-    return (f"HTTP {status} {code.group(1).decode() if code else ''}: "
-            f"{message.group(1).decode(errors='replace') if message else body[:200]!r}")
+#: S3 error codes a later attempt of the same request may not meet
+TRANSIENT_CODES = {"SlowDown", "RequestLimitExceeded", "Throttling", "TooManyRequests", "InternalError",
+                   "ServiceUnavailable", "RequestTimeout"}
+
+
+class ReplyError(OSError):
+    """An S3 error reply, classified by its status and code (not by the text around them, which names the
+    key): ``transient`` tells :func:`.retry.transient` whether to retry it."""
+
+    def __init__(self, uri: str, status: int, body: bytes):
+        code = re.search(rb"<Code>(.*?)</Code>", body)
+        message = re.search(rb"<Message>(.*?)</Message>", body)
+        self.code = code.group(1).decode() if code else ""
+        self.transient = status in (429, 500, 502, 503, 504) or self.code in TRANSIENT_CODES
+        super().__init__(f"read {uri}: HTTP {status} {self.code}: "
+                         f"{message.group(1).decode(errors='replace') if message else body[:200]!r}")
 
 
 def get_range(bucket: str, key: str, start: int, end: int) -> bytes:
@@ -146,16 +155,10 @@ def get_range(bucket: str, key: str, start: int, end: int) -> bytes:
     def request() -> bytes:
         reply = _pool().request("GET", url, headers=headers)
         if reply.status not in (200, 206):
-            raise OSError(f"read s3://{bucket}/{key}: {_error(reply.status, reply.data)}")
+            raise ReplyError(f"s3://{bucket}/{key}", reply.status, reply.data)
         data = reply.data if reply.status == 206 else reply.data[start:end]
         if len(data) != end - start:
             raise OSError(f"IncompleteRead: {len(data)} of {end - start} bytes of s3://{bucket}/{key} at {start}")
         return data
 
     return retry.call(request, f"read s3://{bucket}/{key} at {start}")
-
-
-def iter_ranges(bucket: str, key: str, size: int, block: int) -> Iterator[bytes]:
-    """The whole object in ranged reads of ``block`` bytes."""
-    for start in range(0, size, block):
-        yield get_range(bucket, key, start, min(size, start + block))

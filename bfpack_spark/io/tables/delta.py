@@ -17,12 +17,14 @@ see them; :meth:`DeltaOutput.clean_orphans` removes them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import posixpath
 import re
 import time
 import uuid
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -40,7 +42,8 @@ APP_PREFIX = "bfpack:"
 RETENTION_SECONDS = 7 * 24 * 3600
 #: a replaced run's rows leave the tables in this order: its stats row, last, says it is done
 REMOVAL_ORDER = ("rejects", "documents", "sequences", "inputs", "stats")
-_ATTEMPT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-[0-9a-f]{8}")
+#: a folder of staged files under a table: a run's (its id), or an attempt's (bfpack before 0.2); not _delta_log
+_STAGED = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class DeltaError(RuntimeError):
@@ -89,7 +92,11 @@ class DeltaOutput:
             raise DeltaError(f"delta_writer is delta-spark but Spark's JVM has no file system for {root}; "
                              f"use delta_writer: deltalake")
         self.spark, self.root, self.run_id, self.mode, self.method = spark, root, run_id, mode, method
-        self.attempt = f"{run_id}-{uuid.uuid4().hex[:8]}"
+        suffix = uuid.uuid4().hex[:8]
+        self.attempt = f"{run_id}-{suffix}"  # this attempt's commits say it
+        # where this attempt's tasks stage files in every table: a folder of the run's folder, beside the
+        # folders of its earlier attempts (whose files a resumed attempt commits too)
+        self.folder = f"{run_id}/{suffix}"
         self.app_id = APP_PREFIX + run_id
         self.committed_tables: set[str] = set()
 
@@ -159,16 +166,36 @@ class DeltaOutput:
         table = delta_table(uri)
         return table.version() + 1 if table is not None else 0
 
-    def _our_metadata(self) -> dict[str, str]:
-        return {"bfpack.run_id": self.run_id, "bfpack.attempt": self.attempt}
+    def _our_metadata(self, files: Sequence[StagedFile] = ()) -> dict[str, str]:
+        """What a commit of this attempt says of itself: the run, the attempt, and the folders of the files
+        it adds (an earlier attempt's too, for a resumed run), which clean-up keeps."""
+        folders = sorted({posixpath.dirname(f.path) for f in files})
+        return {"bfpack.run_id": self.run_id, "bfpack.attempt": self.attempt, "bfpack.folders": json.dumps(folders)}
+
+    def holds_run(self, name: str) -> bool:
+        """Whether table ``name`` holds this run's rows as this mode leaves them (an earlier attempt of the
+        run committed it): appending, a commit of the run that still counts; overwriting, the run's commit
+        is the table's latest."""
+        if self.mode == "append":
+            return self.committed(name)
+        return any(m.get("bfpack.run_id") == self.run_id for m in self._recent_commits(name, 1))
+
+    def _recent_commits(self, name: str, n: int) -> list[dict]:
+        """bfpack's keys of the latest ``n`` commits of table ``name`` (newest first; none without a table)."""
+        def recent() -> list[dict]:
+            table = delta_table(self.table_uri(name))
+            return [] if table is None else [_commit_metadata(c) for c in table.history(n)]
+
+        return retry.call(recent, f"read the log of {self.table_uri(name)}")
 
     def commit(self, name: str, files: list[StagedFile]) -> None:
         """One atomic commit that adds ``files`` to table ``name`` (and, in overwrite mode, removes
-        the rest); then the attempt's other files there (of failed task attempts) are deleted."""
-        if self.mode == "append" and self.committed(name):
+        the rest); then the run's other files there (of failed task attempts) are deleted."""
+        if self.holds_run(name):
             log.info("table %s already holds run %s; not committing it again", name, self.run_id)
             self._delete_attempt(name)
             return
+        files = self._not_in_snapshot(name, files)
         if self.method == "delta-spark":
             self._commit_delta_spark(name, files)
         else:
@@ -176,15 +203,29 @@ class DeltaOutput:
             self._delete_attempt(name, keep={f.path for f in files})
         self.committed_tables.add(name)
 
+    def _not_in_snapshot(self, name: str, files: list[StagedFile]) -> list[StagedFile]:
+        """``files``, those the table's snapshot already reads copied to this attempt's folder: an earlier
+        attempt of the run committed them before another commit came (a commit must not remove and add one
+        path)."""
+        table = delta_table(self.table_uri(name))
+        read = set() if table is None else set(pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist())
+        if not read & {f.path for f in files}:
+            return files
+        fs, base = filesystem(self.table_uri(name))
+        fs.create_dir(posixpath.join(base, self.folder), recursive=True)
+        out = []
+        for f in files:
+            if f.path in read:
+                copy = f"{self.folder}/{posixpath.basename(f.path)}"
+                fs.copy_file(posixpath.join(base, f.path), posixpath.join(base, copy))
+                f = dataclasses.replace(f, path=copy)
+            out.append(f)
+        return out
+
     def _landed(self, name: str) -> bool:
         """Whether this attempt's commit is in table ``name``'s log: a commit whose reply was lost
         (delta-rs then meets its own commit file, written with ``If-None-Match``, as a conflict)."""
-        def landed() -> bool:
-            table = delta_table(self.table_uri(name))
-            return table is not None and any(_commit_metadata(c).get("bfpack.attempt") == self.attempt
-                                             for c in table.history(10))
-
-        return retry.call(landed, f"read the log of {self.table_uri(name)}")
+        return any(m.get("bfpack.attempt") == self.attempt for m in self._recent_commits(name, 10))
 
     def _commit_deltalake(self, name: str, files: list[StagedFile]) -> None:
         from deltalake import CommitProperties, Schema, Transaction
@@ -195,7 +236,7 @@ class DeltaOutput:
         actions = [AddAction(f.path, f.size, {}, now, True, f.stats) for f in files]
         schema = Schema.from_json(delta_schema_json(TABLES[name]))
         props = CommitProperties(app_transactions=[Transaction(self.app_id, self._txn_version(uri))],
-                                 custom_metadata=self._our_metadata())
+                                 custom_metadata=self._our_metadata(files))
         table = delta_table(uri)
         try:
             if table is not None:
@@ -217,7 +258,7 @@ class DeltaOutput:
               else self.spark.createDataFrame([], schema))
         (df.write.format("delta").mode(self.mode)
          .option("txnAppId", self.app_id).option("txnVersion", self._txn_version(uri))
-         .option("userMetadata", json.dumps(self._our_metadata()))
+         .option("userMetadata", json.dumps(self._our_metadata(files)))
          .save(uri))
         self._delete_attempt(name)
 
@@ -243,15 +284,15 @@ class DeltaOutput:
         log.info("removed the rows of run %s, replaced by run %s", old_run, replaced_by)
 
     def _delete_attempt(self, name: str, keep: frozenset[str] | set[str] = frozenset()) -> None:
-        """Delete this attempt's files under table ``name``, but those in ``keep`` (relative paths)."""
-        fs, base = filesystem(join(self.table_uri(name), self.attempt))
+        """Delete this attempt's staged files under table ``name`` but those in ``keep`` (relative paths)."""
+        fs, base = filesystem(join(self.table_uri(name), self.folder))
         if fs.get_file_info(base).type != pafs.FileType.Directory:
             return
         if not keep:
             fs.delete_dir(base)
             return
         for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-            rel = f"{self.attempt}/{info.path[len(base):].lstrip('/')}"
+            rel = f"{self.folder}/{info.path[len(base):].lstrip('/')}"
             if info.type == pafs.FileType.File and rel not in keep:
                 fs.delete_file(info.path)
 
@@ -261,39 +302,62 @@ class DeltaOutput:
             self._delete_attempt(name)
 
     def clean_orphans(self, name: str, any_run: bool = False) -> list[str]:
-        """Delete attempt directories under table ``name`` that no commit added.
+        """Delete the folders of staged files under table ``name`` that no commit added.
 
-        A directory is kept when the current snapshot reads a file in it or a commit in
-        the log's history names it. This run's other attempts go at once; with
-        ``any_run`` (while holding the output root's lock, so no run is staging) other
-        runs' directories go too, once older than Delta's default retention (7 days).
+        A run's folder is kept when the current snapshot reads a file in it or a commit in the log's
+        history names the run; inside this run's folder, an attempt's folder is kept when the snapshot
+        reads a file in it or a commit names it (a resumed attempt's commits name the earlier attempts'
+        folders they took files from), else it goes. Folders of this run's attempts of bfpack before
+        0.2 go at once; with ``any_run`` (while holding the output root's lock, so no run is staging)
+        other runs' folders go too, once older than Delta's default retention (7 days).
         """
-
         uri = self.table_uri(name)
         fs, base = filesystem(uri)
         if fs.get_file_info(base).type != pafs.FileType.Directory:
             return []
-        def committed_attempts() -> set[str]:  # the log is read lazily: a throttled read fails here
-            table = delta_table(uri)
-            if table is None:
-                return set()
-            adds = pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist()
-            return ({p.split("/")[0] for p in adds}
-                    | {a for commit in table.history() if (a := _commit_metadata(commit).get("bfpack.attempt"))})
-
-        keep = {self.attempt} | retry.call(committed_attempts, f"read the log of {uri}")
+        keep = retry.call(lambda: _committed_folders(uri), f"read the log of {uri}") | {self.folder}
         cutoff = time.time() - RETENTION_SECONDS
         removed = []
         for info in fs.get_file_info(pafs.FileSelector(base)):
             dirname = posixpath.basename(info.path)
-            if info.type != pafs.FileType.Directory or not _ATTEMPT.fullmatch(dirname) or dirname in keep:
+            if info.type != pafs.FileType.Directory or not _STAGED.fullmatch(dirname):
                 continue
-            ours = dirname.startswith(self.run_id + "-")
+            if dirname == self.run_id:
+                removed += self._clean_attempts(fs, info.path, keep)
+                continue
+            if dirname in keep:
+                continue
+            legacy = re.fullmatch(re.escape(self.run_id) + r"-[0-9a-f]{8}", dirname)  # an attempt of before 0.2
             old = info.mtime is not None and info.mtime.timestamp() < cutoff
-            if ours or (any_run and old):
+            if legacy or (any_run and old):
                 fs.delete_dir(info.path)
                 removed.append(dirname)
         return removed
+
+    def _clean_attempts(self, fs: pafs.FileSystem, path: str, keep: set[str]) -> list[str]:
+        """The folders of this run's attempts that no commit added."""
+        removed = []
+        for info in fs.get_file_info(pafs.FileSelector(path)):
+            folder = f"{self.run_id}/{posixpath.basename(info.path)}"
+            if info.type == pafs.FileType.Directory and folder not in keep:
+                fs.delete_dir(info.path)
+                removed.append(folder)
+        return removed
+
+
+def _committed_folders(uri: str) -> set[str]:
+    """The folders the snapshot of the table at ``uri`` reads files in (a run's, and its attempt's inside it)
+    and those its log's commits name (their runs, attempts and folders)."""
+    table = delta_table(uri)
+    if table is None:
+        return set()
+    adds = pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist()
+    folders = {p.split("/")[0] for p in adds} | {posixpath.dirname(p) for p in adds}
+    for commit in table.history():
+        meta = _commit_metadata(commit)
+        folders |= {meta[k] for k in ("bfpack.attempt", "bfpack.run_id") if meta.get(k)}
+        folders |= set(json.loads(meta.get("bfpack.folders") or "[]"))
+    return folders
 
 
 def delta_table(uri: str, version: int | None = None):

@@ -1,7 +1,7 @@
 """Table files written by the tasks that produce their rows, and the descriptions the commit needs.
 
-A task writes its rows as one Parquet file through ``pyarrow.fs`` under the run
-attempt's directory of the table (``<table>/<attempt>/``) and returns a
+A task writes its rows as one Parquet file through ``pyarrow.fs`` under the run's
+folder of the table (``<table>/<run id>/``) and returns a
 :class:`StagedFile`: path, size, rows, Delta's per-file statistics, and the figures the
 audit adds up. The driver commits exactly the files whose descriptions reached it, which
 only successful task attempts return: a failed or speculative attempt's file is never
@@ -52,10 +52,11 @@ class StagedFile:
 
 @dataclass(frozen=True)
 class Staging:
-    """Where this run attempt's tasks write table files: ``<root>/<table>/<attempt>/``."""
+    """Where the tasks of a run write table files: ``<root>/<table>/<folder>/`` (the run's folder, the same
+    for every attempt of the run, so that a resumed attempt commits what an earlier one wrote)."""
 
     root: str
-    attempt: str
+    folder: str
     run_id: str
 
     def table_uri(self, table: str) -> str:
@@ -64,7 +65,17 @@ class Staging:
     def writer(self, table: str, name: str, schema: pa.Schema,
                figures: Callable[[pa.Table], dict] | None = None) -> TableWriter:
         """A file of ``table`` written part by part (see :class:`TableWriter`)."""
-        return TableWriter(self.table_uri(table), self.attempt, name, schema, figures)
+        return TableWriter(self.table_uri(table), self.folder, name, schema, figures)
+
+    def holds(self, file: StagedFile) -> bool:
+        """Whether ``file`` (staged by an earlier attempt of this run) is there as its writer described it:
+        its footer's rows (and, for sequences, token values) are the writer's. What a resumed run checks
+        before it reuses a file."""
+        try:
+            rows, tokens = footer_figures(join(self.table_uri(file.table), file.path), file.table)
+        except (OSError, pa.ArrowException):
+            return False
+        return rows == file.rows and (file.table != "sequences" or tokens == file.figures.get("tokens"))
 
     def write(self, table: str, name: str, data: pa.Table, figures: dict | None = None) -> StagedFile:
         """A file of ``table`` holding ``data``, written at once."""
@@ -107,15 +118,15 @@ def delta_stats(meta: pq.FileMetaData) -> str:
 
 
 class TableWriter:
-    """One Parquet file ``<table_uri>/<attempt>/<name>-<random>.parquet``, written part by part as
+    """One Parquet file ``<table_uri>/<folder>/<name>-<random>.parquet``, written part by part as
     a task builds its rows, so the task never holds a whole file; ``staged`` describes it once
     closed (None when nothing was written: no empty files). The random suffix keeps two attempts
     of one task from writing the same file; ``figures`` computes each part's audit figures."""
 
-    def __init__(self, table_uri: str, attempt: str, name: str, schema: pa.Schema,
+    def __init__(self, table_uri: str, folder: str, name: str, schema: pa.Schema,
                  figures: Callable[[pa.Table], dict] | None = None):
         self.table_uri, self.schema, self.figures = table_uri, schema, figures
-        self.rel = f"{attempt}/{name}-{uuid.uuid4().hex[:8]}.parquet"
+        self.rel = f"{folder}/{name}-{uuid.uuid4().hex[:8]}.parquet"
         self.rows, self.totals = 0, list[dict]()
         self.staged: StagedFile | None = None
         self._writer: Any = None  # a pq.ParquetWriter once the first part arrives
@@ -158,3 +169,18 @@ class TableWriter:
 
 def _table_name(table_uri: str) -> str:
     return posixpath.basename(table_uri.rstrip("/").replace("\\", "/"))
+
+
+def footer_figures(uri: str, table: str) -> tuple[int, int]:
+    """(rows, token values) from one file's Parquet footer; token values only for sequences."""
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as fh:
+        meta = pq.read_metadata(fh)
+    tokens = 0
+    if table == "sequences":
+        for rg in range(meta.num_row_groups):
+            group = meta.row_group(rg)
+            for c in range(group.num_columns):
+                if group.column(c).path_in_schema.startswith("input_ids."):
+                    tokens += group.column(c).num_values
+    return meta.num_rows, tokens
