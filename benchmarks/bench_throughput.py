@@ -144,7 +144,7 @@ def llama3_style_tokenizer(path: Path) -> Path:
 
 def _bfpack(args: list[str], cores: int) -> tuple[float, dict]:
     """Run the CLI in a fresh process; its wall time and its stats row."""
-    from bfpack_spark.io.tables.delta import snapshot_dataset
+    from bfpack_spark.io.tables.read import snapshot_dataset
 
     out = args[args.index("--output") + 1]
     local = "://" not in out

@@ -27,7 +27,7 @@ from bfpack_spark.constants import PYTHON_STDLIB
 from bfpack_spark.errors import InputError
 from bfpack_spark.flags import coerce_value, flag_kind
 from bfpack_spark.io.store.lock import RunLockedError
-from bfpack_spark.io.tables.delta import DeltaError
+from bfpack_spark.io.tables.read import DeltaError
 from bfpack_spark.stats.packing import format_comparison
 from bfpack_spark.tokenize import TokenizerError
 

@@ -25,7 +25,7 @@ from bfpack_spark.config import recorded_append_eos, recorded_loss_masks
 from bfpack_spark.errors import InputError
 from bfpack_spark.io.listing.listing import Listing, content_digest
 from bfpack_spark.io.store.fs import join
-from bfpack_spark.io.tables.delta import snapshot_dataset
+from bfpack_spark.io.tables.read import snapshot_dataset
 from bfpack_spark.schemas import INPUTS, modified
 
 

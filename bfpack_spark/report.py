@@ -19,7 +19,7 @@ import pyarrow.dataset as ds
 
 from bfpack_spark.io.formats.base import reason_code
 from bfpack_spark.io.store.fs import join
-from bfpack_spark.io.tables.delta import DeltaError, output_table, table_dataset
+from bfpack_spark.io.tables.read import DeltaError, output_table, table_dataset
 
 _COLUMNS = ["run_id", "started_at", "mode", "strategy", "seq_len", "documents_read", "documents_packed",
             "documents_rejected", "tokens", "sequences", "lower_bound", "mean_fill", "truncations_per_document",

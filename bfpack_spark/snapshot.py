@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from bfpack_spark.config import recorded_append_eos, recorded_loss_masks
 from bfpack_spark.io.store.fs import join
-from bfpack_spark.io.tables.delta import DeltaError, output_table, table_dataset
+from bfpack_spark.io.tables.read import DeltaError, output_table, table_dataset
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import pytest
 from chispa import assert_df_equality
 from deltalake import DeltaTable
 
-from bfpack_spark.io.tables.delta import read_table
+from bfpack_spark.io.tables.read import read_table
 
 from corpora import bos_tokenizer, write_jsonl, write_masked, write_tokenized
 
@@ -145,3 +145,21 @@ def test_an_executor_killed_mid_stage_and_the_run_equals_local_mode(spark, clust
     _cli([*common, "--output", str(tmp_path / "local"), "--master", "local[2]"], env)
     assert _run_id(tmp_path / "cluster") == _run_id(tmp_path / "local")
     _same_tables(spark, tmp_path / "cluster", tmp_path / "local")
+
+
+def test_a_run_whose_driver_is_lost_resumes_on_a_standalone_cluster(cluster, tmp_path):
+    """The driver of a cluster run killed (its process group: the executors are the worker's) in the
+    assembly; the same command on the cluster reuses what the executors finished, and its tables equal
+    an undisturbed local run's."""
+    from test_resume import GROUPS, killed, records, rows, run, write_corpus
+
+    master, env = cluster
+    corpus = write_corpus(tmp_path / "corpus")
+    killed(corpus, tmp_path / "cluster", {"assemble:3": "hang"},
+           lambda out, log: records(out, "assemble") == GROUPS - 1, tmp_path, "--master", master, env=env)
+    done = run(corpus, tmp_path / "cluster", "--master", master, env=env)
+    assert f"resumed: {GROUPS} of {GROUPS} read tasks, {GROUPS - 1} of {GROUPS} assembly groups" in done.stdout
+    run(corpus, tmp_path / "local", env=env)
+    for name in ("sequences", "documents", "rejects", "inputs"):
+        assert rows(tmp_path / "cluster", name) == rows(tmp_path / "local", name), name
+

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bfpack_spark.io.tables.delta import snapshot_dataset
+from bfpack_spark.io.tables.read import snapshot_dataset
 
 #: the last commit before the reshaping
 BEFORE = "27e1924"

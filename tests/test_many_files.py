@@ -18,7 +18,7 @@ import pytest
 from bfpack_spark.config import load_config
 from bfpack_spark.io.listing.listing import list_inputs
 from bfpack_spark.io.listing.plan import plan_groups
-from bfpack_spark.io.tables.delta import snapshot_dataset
+from bfpack_spark.io.tables.read import snapshot_dataset
 from bfpack_spark.job import run
 
 L = 256

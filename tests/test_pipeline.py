@@ -7,7 +7,7 @@ from chispa import assert_df_equality
 from deltalake import DeltaTable
 
 from bfpack_spark.config import load_config
-from bfpack_spark.io.tables.delta import read_table
+from bfpack_spark.io.tables.read import read_table
 from bfpack_spark.job import run
 from bfpack_spark.packing import bfd_layout
 

@@ -16,7 +16,7 @@ from bfpack_spark.config import load_config
 from bfpack_spark.errors import InputError
 from bfpack_spark.faults import InjectedFault
 from bfpack_spark.io.store.lock import LOCK_NAME, OutputLock, RunLockedError
-from bfpack_spark.io.tables.delta import read_table, snapshot_dataset
+from bfpack_spark.io.tables.read import read_table, snapshot_dataset
 from bfpack_spark.job import AuditError, run
 from bfpack_spark.spark.session import first_line
 
@@ -151,8 +151,9 @@ def same_tables(spark, a, b):
                            ignore_row_order=True)
     from pyspark.sql import functions as F
 
-    def comparable(root):  # without timings and where the output went; maps as JSON (maps cannot be sorted)
-        df = read_table(spark, str(root / "stats")).drop("started_at", "stage_seconds", "config")
+    def comparable(root):  # without timings, where the output went and what a rerun resumed; maps as JSON
+        df = read_table(spark, str(root / "stats")).drop("started_at", "stage_seconds", "config",
+                                                         "resumed_read_groups", "resumed_assembly_groups")
         return df.select(*[F.to_json(c).alias(c) if c.startswith("audit_") and c != "audit_passed" else c
                            for c in df.columns])
 
@@ -174,8 +175,10 @@ def test_killed_at_any_stage_then_rerun_equals_an_uninterrupted_run(spark, token
     if point in ("read", "assemble"):  # raised in a task: the one line is the task's exception
         assert first_line(failure.value) == f"bfpack_spark.faults.InjectedFault: injected failure at {point}"
     inject({})
-    pack(spark, [tokenized], tmp_path, **settings)
+    rerun = pack(spark, [tokenized], tmp_path, **settings)
     same_tables(spark, reference, tmp_path)
+    if point != "read":  # every read task finished before the failure: the rerun replays them all
+        assert rerun.stats["resumed_read_groups"] == rerun.stats["input_groups"]
     for name in ("sequences", "documents", "rejects", "stats"):  # no file of a failed attempt is left
         read = {uri.split(f"/{name}/")[1].split("/")[0] for uri in DeltaTable(str(tmp_path / name)).file_uris()}
         attempts = {p.name for p in (tmp_path / name).iterdir() if p.name.startswith("run-")}
@@ -335,7 +338,7 @@ def test_append_to_a_stats_table_of_the_old_schema_migrates_it(spark, tokenized,
     rewritten in the new schema, old rows kept; another table's foreign schema stops the run."""
     from deltalake import write_deltalake
 
-    from bfpack_spark.io.tables.delta import DeltaError
+    from bfpack_spark.io.tables.read import DeltaError
     from bfpack_spark.schemas import STATS
 
     old_fields = [f for f in STATS if not f.name.startswith("audit_") and not f.name.endswith("_histogram")]

@@ -9,7 +9,7 @@ import pytest
 from deltalake import DeltaTable
 
 from bfpack_spark.config import load_config
-from bfpack_spark.io.tables.delta import read_table
+from bfpack_spark.io.tables.read import read_table
 from bfpack_spark.job import run
 
 from corpora import write_jsonl

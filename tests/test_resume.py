@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bfpack_spark.io.tables.delta import snapshot_dataset
+from bfpack_spark.io.tables.read import snapshot_dataset
 
 from corpora import write_jsonl
 
@@ -22,25 +22,30 @@ TABLES = ("sequences", "documents", "rejects", "inputs")
 WORDS = ["resume", "where", "it", "stopped", "driver", "killed", "tokens", "kept", "the", "of", "a"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
+def write_corpus(root: Path) -> Path:
     """16 JSON-lines files of text, a few rejects among them."""
     import numpy as np
 
-    root = tmp_path_factory.mktemp("resume-corpus")
+    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(7)
     for f in range(16):
-        records: list = [{"id": f"f{f}-{i}", "text": " ".join(rng.choice(WORDS, int(rng.lognormal(4, 1.1)) + 1))}
-                         for i in range(150)]
-        records[5] = '{"id": "broken'  # a reject: malformed JSON
-        write_jsonl(root / f"part-{f:02d}.jsonl", records)
+        lines: list = [{"id": f"f{f}-{i}", "text": " ".join(rng.choice(WORDS, int(rng.lognormal(4, 1.1)) + 1))}
+                       for i in range(150)]
+        lines[5] = '{"id": "broken'  # a reject: malformed JSON
+        write_jsonl(root / f"part-{f:02d}.jsonl", lines)
     return root
 
 
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("resume-corpus"))
+
+
 def args(corpus: Path, out, *extra: str) -> list[str]:
+    master = [] if "--master" in extra else ["--master", "local[2]"]
     return [sys.executable, "-m", "bfpack_spark.cli", "pack", "--input", str(corpus), "--output", str(out),
             "--seq-len", str(L), "--target-items-per-partition", "1000000", "--min-partitions", str(GROUPS),
-            "--master", "local[2]", *extra]
+            *master, *extra]
 
 
 def run(corpus: Path, out, *extra: str, env=None) -> subprocess.CompletedProcess:
@@ -50,14 +55,15 @@ def run(corpus: Path, out, *extra: str, env=None) -> subprocess.CompletedProcess
     return done
 
 
-def killed(corpus: Path, out, faults: dict, ready, tmp_path) -> None:
+def killed(corpus: Path, out, faults: dict, ready, tmp_path, *extra: str, env=None) -> None:
     """Start the command with ``faults`` armed, wait until ``ready(out, stderr so far)``, then SIGKILL its
     process group: the driver, its JVM and the Python workers, as a lost master would lose them."""
     path = tmp_path / "faults.json"
     path.write_text(json.dumps(faults))
     log = open(tmp_path / "killed.log", "w+")
-    proc = subprocess.Popen(args(corpus, out), stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
-                            env={**os.environ, "BFPACK_FAULTS_FILE": str(path)})
+    extra = (*extra, "--spark-conf", f"spark.executorEnv.BFPACK_FAULTS_FILE={path}")  # executors of a cluster
+    proc = subprocess.Popen(args(corpus, out, *extra), stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+                            env={**os.environ, **(env or {}), "BFPACK_FAULTS_FILE": str(path)})
     try:
         deadline = time.monotonic() + 300
         while not ready(out, (tmp_path / "killed.log").read_text()):

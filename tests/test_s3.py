@@ -17,7 +17,7 @@ import pytest
 from bfpack_spark.config import load_config
 from bfpack_spark.errors import InputError
 from bfpack_spark.io.store.lock import OutputLock, RunLockedError, S3Lock
-from bfpack_spark.io.tables.delta import snapshot_dataset
+from bfpack_spark.io.tables.read import snapshot_dataset
 from bfpack_spark.job import run
 
 from corpora import write_jsonl

@@ -12,7 +12,7 @@ from deltalake import DeltaTable
 
 from bfpack_spark.config import load_config
 from bfpack_spark.errors import InputError
-from bfpack_spark.io.tables.delta import snapshot_dataset
+from bfpack_spark.io.tables.read import snapshot_dataset
 from bfpack_spark.job import run
 from bfpack_spark.packing import bfd_layout
 from bfpack_spark.tokenize import load_tokenizer

@@ -239,7 +239,7 @@ def test_a_document_with_endoftext_in_its_text_is_packed_as_before(spark, tmp_pa
     """End to end on Spark: the same tables whichever engine runs (the reference is how it was packed
     before), the special token's characters as text, the engine in the stats row, one run id."""
     from bfpack_spark.config import load_config
-    from bfpack_spark.io.tables.delta import snapshot_dataset
+    from bfpack_spark.io.tables.read import snapshot_dataset
     from bfpack_spark.job import run
 
     from corpora import write_jsonl

@@ -12,7 +12,7 @@ import pytest
 
 from bfpack_spark.config import load_config
 from bfpack_spark.export import export
-from bfpack_spark.io.tables.delta import snapshot_dataset
+from bfpack_spark.io.tables.read import snapshot_dataset
 from bfpack_spark.job import run
 
 from corpora import bos_tokenizer, write_jsonl, write_masked

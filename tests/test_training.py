@@ -251,7 +251,7 @@ def test_the_loader_reads_one_snapshot_one_run_and_no_orphan(spark, packed, tmp_
     root = tmp_path / "root"
     shutil.copytree(out, root)
     first_run = PackedSequences(str(root)).snapshot.run_ids[0]
-    orphan = next((root / "sequences").glob("run-*/*.parquet"))
+    orphan = next((root / "sequences").glob("run-*/**/*.parquet"))
     (root / "sequences" / "run-orphan-0000abcd").mkdir()
     shutil.copy(orphan, root / "sequences" / "run-orphan-0000abcd" / "left-by-a-killed-run.parquet")
     more = tmp_path / "more"

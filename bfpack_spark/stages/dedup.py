@@ -25,7 +25,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from bfpack_spark.io.store.fs import read_parquet
-from bfpack_spark.io.tables.delta import delta_table
+from bfpack_spark.io.tables.read import delta_table
 from bfpack_spark.packing.plan import item_histogram
 from bfpack_spark.schemas import spark_ddl
 from bfpack_spark.spark.partitioning import exact_partitions, map_slices

@@ -37,7 +37,8 @@ from bfpack_spark.io.store.workspace import (
     workspace_name,
     workspace_root,
 )
-from bfpack_spark.io.tables.delta import RETENTION_SECONDS, DeltaOutput, read_stats_row
+from bfpack_spark.io.tables.delta import RETENTION_SECONDS, DeltaOutput
+from bfpack_spark.io.tables.read import read_stats_row
 from bfpack_spark.schemas import TABLES
 
 log = logging.getLogger("bfpack")

@@ -1,4 +1,3 @@
 """The output tables: files staged by the tasks that make their rows (:mod:`.staging`), one atomic
-Delta commit per table on the driver (:mod:`.delta`), and the contract the loader and the exports
-read the ``sequences`` table by (:mod:`.snapshot`).
+Delta commit per table on the driver (:mod:`.delta`), and reading one committed snapshot (:mod:`.read`).
 """

@@ -27,14 +27,14 @@ import uuid
 from collections.abc import Sequence
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from bfpack_spark import faults
 from bfpack_spark.io.store import retry
 from bfpack_spark.io.store.fs import delta_storage_options, filesystem, join
+from bfpack_spark.io.tables.read import DeltaError, connector_available, delta_table, snapshot_dataset, table_dataset
 from bfpack_spark.io.tables.staging import StagedFile
-from bfpack_spark.schemas import STATS, TABLES, delta_schema_json, stats_row_of, stats_table
+from bfpack_spark.schemas import STATS, TABLES, delta_schema_json, stats_table
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +44,6 @@ RETENTION_SECONDS = 7 * 24 * 3600
 REMOVAL_ORDER = ("rejects", "documents", "sequences", "inputs", "stats")
 #: a folder of staged files under a table: a run's (its id), or an attempt's (bfpack before 0.2); not _delta_log
 _STAGED = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-class DeltaError(RuntimeError):
-    """A Delta table cannot be written or read as asked."""
-
-
-def connector_available(spark) -> bool:
-    """True when Delta's JVM connector (delta-spark) is on Spark's classpath."""
-    try:
-        spark._jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
-        return True
-    except Exception:
-        return False
 
 
 def jvm_can_open(spark, uri: str) -> bool:
@@ -290,6 +277,9 @@ class DeltaOutput:
             return
         if not keep:
             fs.delete_dir(base)
+            run_folder = posixpath.dirname(base)  # the run's folder goes with its last attempt
+            if not fs.get_file_info(pafs.FileSelector(run_folder, allow_not_found=True)):
+                fs.delete_dir(run_folder)
             return
         for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
             rel = f"{self.folder}/{info.path[len(base):].lstrip('/')}"
@@ -307,7 +297,9 @@ class DeltaOutput:
         A run's folder is kept when the current snapshot reads a file in it or a commit in the log's
         history names the run; inside this run's folder, an attempt's folder is kept when the snapshot
         reads a file in it or a commit names it (a resumed attempt's commits name the earlier attempts'
-        folders they took files from), else it goes. Folders of this run's attempts of bfpack before
+        folders they took files from), else it goes, and so does every file of a kept one that the
+        snapshot does not read (what a stopped attempt wrote and its resumption wrote again). It runs
+        once this run has committed every table. Folders of this run's attempts of bfpack before
         0.2 go at once; with ``any_run`` (while holding the output root's lock, so no run is staging)
         other runs' folders go too, once older than Delta's default retention (7 days).
         """
@@ -315,7 +307,8 @@ class DeltaOutput:
         fs, base = filesystem(uri)
         if fs.get_file_info(base).type != pafs.FileType.Directory:
             return []
-        keep = retry.call(lambda: _committed_folders(uri), f"read the log of {uri}") | {self.folder}
+        adds, keep = retry.call(lambda: _committed_folders(uri), f"read the log of {uri}")
+        keep.add(self.folder)
         cutoff = time.time() - RETENTION_SECONDS
         removed = []
         for info in fs.get_file_info(pafs.FileSelector(base)):
@@ -323,7 +316,7 @@ class DeltaOutput:
             if info.type != pafs.FileType.Directory or not _STAGED.fullmatch(dirname):
                 continue
             if dirname == self.run_id:
-                removed += self._clean_attempts(fs, info.path, keep)
+                removed += self._clean_attempts(fs, info.path, keep, adds)
                 continue
             if dirname in keep:
                 continue
@@ -334,68 +327,40 @@ class DeltaOutput:
                 removed.append(dirname)
         return removed
 
-    def _clean_attempts(self, fs: pafs.FileSystem, path: str, keep: set[str]) -> list[str]:
-        """The folders of this run's attempts that no commit added."""
+    def _clean_attempts(self, fs: pafs.FileSystem, path: str, keep: set[str], adds: set[str]) -> list[str]:
+        """The folders of this run's attempts that no commit added, and the files of the others that the
+        snapshot does not read."""
         removed = []
         for info in fs.get_file_info(pafs.FileSelector(path)):
             folder = f"{self.run_id}/{posixpath.basename(info.path)}"
-            if info.type == pafs.FileType.Directory and folder not in keep:
+            if info.type != pafs.FileType.Directory:
+                continue
+            if folder not in keep:
                 fs.delete_dir(info.path)
                 removed.append(folder)
+                continue
+            for file in fs.get_file_info(pafs.FileSelector(info.path, recursive=True)):
+                rel = f"{folder}/{file.path[len(info.path):].lstrip('/')}"
+                if file.type == pafs.FileType.File and rel not in adds:
+                    fs.delete_file(file.path)
+                    removed.append(rel)
         return removed
 
 
-def _committed_folders(uri: str) -> set[str]:
-    """The folders the snapshot of the table at ``uri`` reads files in (a run's, and its attempt's inside it)
-    and those its log's commits name (their runs, attempts and folders)."""
+def _committed_folders(uri: str) -> tuple[set[str], set[str]]:
+    """The files the snapshot of the table at ``uri`` reads (relative paths), and the folders it reads
+    files in (a run's, and its attempt's inside it) with those its log's commits name (their runs,
+    attempts and folders)."""
     table = delta_table(uri)
     if table is None:
-        return set()
-    adds = pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist()
+        return set(), set()
+    adds = set(pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist())
     folders = {p.split("/")[0] for p in adds} | {posixpath.dirname(p) for p in adds}
     for commit in table.history():
         meta = _commit_metadata(commit)
         folders |= {meta[k] for k in ("bfpack.attempt", "bfpack.run_id") if meta.get(k)}
         folders |= set(json.loads(meta.get("bfpack.folders") or "[]"))
-    return folders
-
-
-def delta_table(uri: str, version: int | None = None):
-    """The Delta table at ``uri`` (with the run's storage options), or None where there is none."""
-    from deltalake import DeltaTable
-
-    options = delta_storage_options()
-
-    def open_table():
-        if not DeltaTable.is_deltatable(uri, storage_options=options):
-            return None
-        return DeltaTable(uri, version=version, storage_options=options)
-
-    return retry.call(open_table, f"open {uri}")
-
-
-def output_table(uri: str, version: int | None = None):
-    """The Delta table at ``uri``, which must be one of an output root's tables."""
-    table = delta_table(uri, version)
-    if table is None:
-        raise DeltaError(f"{uri} is not a Delta table: give the output root of a bfpack run")
-    return table
-
-
-def snapshot_dataset(uri: str, version: int | None = None) -> ds.Dataset | None:
-    """The files of the table's snapshot as a pyarrow dataset (the reading path that exits cleanly),
-    or None where there is no table."""
-    table = delta_table(uri, version)
-    return None if table is None else table_dataset(table)
-
-
-def table_dataset(table) -> ds.Dataset:
-    """The files of an opened Delta table's snapshot as a pyarrow dataset (with the table's
-    columns, also when it has no file: a clean run's rejects)."""
-    files = table.file_uris()
-    fs = filesystem(files[0])[0] if files else pafs.LocalFileSystem()
-    return ds.dataset([filesystem(f)[1] for f in files], filesystem=fs, format="parquet",
-                      schema=None if files else pa.schema(table.schema().to_arrow()))
+    return adds, folders
 
 
 def _shape(schema):
@@ -447,28 +412,3 @@ def migrate_stats_v1(uri: str) -> None:
         rows.append(new)
     table = pa.concat_tables([stats_table(r) for r in rows]) if rows else STATS.empty_table()
     write_deltalake(uri, table, mode="overwrite", schema_mode="overwrite", storage_options=delta_storage_options())
-
-
-def read_table(spark, uri: str):
-    """The current snapshot of a Delta table as a Spark DataFrame, with or without the connector."""
-    if connector_available(spark):
-        return spark.read.format("delta").load(uri)
-    from pyspark.sql.types import StructType
-
-    table = delta_table(uri)
-    if table is None:
-        raise DeltaError(f"{uri} is not a Delta table")
-    schema = StructType.fromJson(json.loads(table.schema().to_json()))
-    files = table.file_uris()
-    if not files:
-        return spark.createDataFrame([], schema)
-    return spark.read.schema(schema).parquet(*files)
-
-
-def read_stats_row(uri: str, run_id: str) -> dict:
-    """The stats row of one run, read with pyarrow from the files of the table's snapshot."""
-    dataset = snapshot_dataset(uri)
-    rows = [] if dataset is None else dataset.to_table(filter=ds.field("run_id") == run_id).to_pylist()
-    if not rows:
-        raise DeltaError(f"{uri} holds no stats row of run {run_id}")
-    return stats_row_of(rows[0])
