@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the latency proxy of the tests
 
 SUFFIXES = (".md", ".rst", ".txt", ".py", ".h")
-DEFAULT_CASES = ("local:jsonl.gz:10000,local:jsonl.gz:100000,local:parquet:10000,s3:jsonl.gz:2000,"
+DEFAULT_CASES = ("local:jsonl.gz:10000,local:jsonl.gz:100000,local:parquet:10000,local:parquet:100000,s3:jsonl.gz:2000,"
                  "incremental:local:10000,incremental:s3:10000")
 
 

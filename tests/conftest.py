@@ -82,3 +82,15 @@ def inject(faults_file):
         faults_file.unlink()
     for fired in faults_file.parent.glob("faults.json.*.fired"):
         fired.unlink()
+
+
+@pytest.fixture(autouse=True)
+def _no_storage_options_from_an_earlier_test(monkeypatch):
+    """A run in this process keeps its storage options (and retry policy) in the environment for the Spark
+    processes it starts; the next test must not reach the store of an earlier one (a proxy now gone)."""
+    from bfpack_spark.io.store.fs import STORAGE_ENV
+    from bfpack_spark.io.store.retry import RETRY_ENV
+
+    for name in (STORAGE_ENV, RETRY_ENV):
+        monkeypatch.setenv(name, "")  # restored (unset) when the test ends, whatever the test's runs set
+        monkeypatch.delenv(name)

@@ -309,3 +309,12 @@ def test_retries_by_kind(message, retried):
     from bfpack_spark.io.store.retry import transient
 
     assert transient(OSError(message)) is retried
+
+
+def test_a_missing_object_is_never_retried_whatever_its_path_says():
+    """A bucket or key may be named like an error ("throttled-...", "timeout-5xx"): a missing object
+    is not retried for it (each of a run's first tasks asks for a record that is not there)."""
+    from bfpack_spark.io.store.retry import transient
+
+    assert not transient(FileNotFoundError(2, "Path does not exist 'out-throttled/_bfpack_work/done/read-0.json'"))
+    assert transient(OSError("Path 'out-throttled/x' read failed")) is True  # the text alone still counts

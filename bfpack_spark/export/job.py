@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from bfpack_spark.export.formats import FORMATS, ShardSpec, hf_schema, token_dtype, write_shard
-from bfpack_spark.io.store.fs import filesystem, join, parquet_row_groups, read_parquet
+from bfpack_spark.io.store.fs import filesystem, join, make_dirs, parquet_row_groups, read_parquet
 from bfpack_spark.io.store.workspace import atomic_output
 from bfpack_spark.snapshot import SequencesSnapshot, TableFile, open_sequences
 
@@ -221,8 +221,7 @@ def export(root: str, fmt: str, to: str, *, run_id: str | None = None, seq_lengt
     if done is not None:
         log.info("export: %s already holds this export; nothing to do", to)
         return {**done, "already_exported": True}
-    if isinstance(fs, pafs.LocalFileSystem):  # an object store needs no directory (nor a marker object for one)
-        fs.create_dir(base, recursive=True)
+    make_dirs(fs, base)
     _write_json(fs, posixpath.join(base, MARKER), key)
     n = len(snapshot.files)
     tasks = [_Task(i, f, tuple(join(to, name) for name in spec.names(i, n))) for i, f in enumerate(snapshot.files)]

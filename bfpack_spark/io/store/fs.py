@@ -114,6 +114,13 @@ def _missing(exc: BaseException) -> bool:
         r"does not exist|NoSuchKey|NoSuchUpload|not found|NOT_FOUND|\b404\b", str(exc), re.IGNORECASE) is not None
 
 
+def make_dirs(fs: pafs.FileSystem, path: str) -> None:
+    """Make the folder ``path`` and its parents on local disk; on an object store a folder is only a prefix
+    of keys: no marker objects, no requests (each a chance to be throttled)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path, recursive=True)
+
+
 class RetryingStore(pafs.FileSystemHandler):
     """An object store's pyarrow file system with every request retried by kind (:mod:`.retry`).
 

@@ -82,6 +82,8 @@ def transient(exc: BaseException) -> bool:
     said = getattr(exc, "transient", None)
     if isinstance(said, bool):
         return said
+    if isinstance(exc, (FileNotFoundError, PermissionError)):  # whatever its text says (a path may say "throttled")
+        return False
     text = f"{type(exc).__name__}: {exc}"
     return not PERMANENT.search(text) and TRANSIENT.search(text) is not None
 

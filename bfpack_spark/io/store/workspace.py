@@ -29,7 +29,7 @@ from contextlib import contextmanager
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from bfpack_spark.io.store.fs import filesystem, join
+from bfpack_spark.io.store.fs import filesystem, join, make_dirs
 
 WORK_DIR = "_bfpack_work"
 
@@ -46,8 +46,7 @@ class _Atomic:
     def __init__(self, fs: pafs.FileSystem, path: str):
         self.fs, self.path = fs, path
         self.local = isinstance(fs, pafs.LocalFileSystem)
-        if self.local:
-            fs.create_dir(posixpath.dirname(path), recursive=True)
+        make_dirs(fs, posixpath.dirname(path))
         self.tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if self.local else path
 
     def __enter__(self):

@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 
 from bfpack_spark import faults
 from bfpack_spark.io.store import retry
-from bfpack_spark.io.store.fs import delta_storage_options, filesystem, join
+from bfpack_spark.io.store.fs import delta_storage_options, filesystem, join, make_dirs
 from bfpack_spark.io.tables.read import DeltaError, connector_available, delta_table, snapshot_dataset, table_dataset
 from bfpack_spark.io.tables.staging import StagedFile
 from bfpack_spark.schemas import STATS, TABLES, delta_schema_json, stats_table
@@ -199,7 +199,7 @@ class DeltaOutput:
         if not read & {f.path for f in files}:
             return files
         fs, base = filesystem(self.table_uri(name))
-        fs.create_dir(posixpath.join(base, self.folder), recursive=True)
+        make_dirs(fs, posixpath.join(base, self.folder))
         out = []
         for f in files:
             if f.path in read:

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bfpack_spark.io.store.fs import filesystem, join
+from bfpack_spark.io.store.fs import filesystem, join, make_dirs
 from bfpack_spark.stats.figures import add_figures
 
 #: Columns whose values repeat (dictionary encoding pays); token ids and ids do not.
@@ -138,7 +138,7 @@ class TableWriter:
             return
         if self._writer is None:
             fs, self._path = filesystem(join(self.table_uri, self.rel))
-            fs.create_dir(posixpath.dirname(self._path.replace("\\", "/")), recursive=True)
+            make_dirs(fs, posixpath.dirname(self._path.replace("\\", "/")))
             self._fs, self._out = fs, fs.open_output_stream(self._path)
             self._writer = pq.ParquetWriter(
                 self._out, self.schema, compression="zstd",
