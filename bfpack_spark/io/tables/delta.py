@@ -281,10 +281,7 @@ class DeltaOutput:
             if not fs.get_file_info(pafs.FileSelector(run_folder, allow_not_found=True)):
                 fs.delete_dir(run_folder)
             return
-        for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-            rel = f"{self.folder}/{info.path[len(base):].lstrip('/')}"
-            if info.type == pafs.FileType.File and rel not in keep:
-                fs.delete_file(info.path)
+        _delete_files_but(fs, base, self.folder, keep)
 
     def discard(self) -> None:
         """Remove the files this attempt staged and did not commit (readers never saw them)."""
@@ -339,12 +336,20 @@ class DeltaOutput:
                 fs.delete_dir(info.path)
                 removed.append(folder)
                 continue
-            for file in fs.get_file_info(pafs.FileSelector(info.path, recursive=True)):
-                rel = f"{folder}/{file.path[len(info.path):].lstrip('/')}"
-                if file.type == pafs.FileType.File and rel not in adds:
-                    fs.delete_file(file.path)
-                    removed.append(rel)
+            removed += _delete_files_but(fs, info.path, folder, adds)
         return removed
+
+
+def _delete_files_but(fs: pafs.FileSystem, path: str, folder: str, keep: frozenset[str] | set[str]) -> list[str]:
+    """Delete the files under ``path`` (the table's ``folder``) whose paths in the table are not in ``keep``;
+    their paths in the table."""
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        rel = f"{folder}/{info.path[len(path):].lstrip('/')}"
+        if info.type == pafs.FileType.File and rel not in keep:
+            fs.delete_file(info.path)
+            removed.append(rel)
+    return removed
 
 
 def _committed_folders(uri: str) -> tuple[set[str], set[str]]:
