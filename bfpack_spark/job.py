@@ -48,6 +48,7 @@ from bfpack_spark.stages.inputs import inputs_table, plan_inputs
 from bfpack_spark.stages.output import OutputRoot, finish_replacements
 from bfpack_spark.stages.plan import in_place_settings, make_plan
 from bfpack_spark.stages.read import ReadResult, ReadSettings, read_corpus
+from bfpack_spark.stages.resume import duplicates_key, found_none_before, record_none_found, replay_read
 from bfpack_spark.stages.rounds import PlanResult
 from bfpack_spark.stats.figures import add_figures
 from bfpack_spark.stats.packing import PackingStats
@@ -91,6 +92,8 @@ def run(config: PackConfig, spark=None) -> RunResult:
     log.info("run %s: %d input files in %d groups", run_id, len(inputs.listing), inputs.n_groups)
     for old in sorted(set(inputs.replaces.values())):
         log.info("run %s re-packs run %s (a file of it changed) and replaces its rows", run_id, old)
+    if config.packing.strategy == "bfd":  # the plan's kernels load while Spark starts and the read runs
+        threading.Thread(target=_warm_up, name="bfpack-warm-up", daemon=True).start()
     spark = timer.spark = spark or _spark(config)
     retried = count_retries(spark)
     with OutputRoot(spark, config, run_id) as held:
@@ -168,11 +171,10 @@ def _warm_up() -> None:
 
 
 def _read(run: _Run) -> ReadResult:
-    if run.config.packing.strategy == "bfd":  # the plan's kernels load while the read runs
-        threading.Thread(target=_warm_up, name="bfpack-warm-up", daemon=True).start()
     with run.timer("read"):
         settings = ReadSettings.of(run.config, in_place_settings(run.config.packing, run.inputs.n_groups))
-        read = read_corpus(run.spark, run.inputs, settings, run.staging, run.workspace)
+        read = (replay_read(run.spark, run.inputs, run.staging, run.workspace)
+                or read_corpus(run.spark, run.inputs, settings, run.staging, run.workspace))
         run.release.callback(read.rows.unpersist)
     return read
 
@@ -182,13 +184,19 @@ def _duplicates(run: _Run, read: ReadResult) -> tuple[Duplicates, _Counts]:
     rejects end the run before anything is planned."""
     config = run.config
     with run.timer("duplicates"):
-        earlier = None
+        earlier, runs = None, set()
         if config.output.mode != "overwrite" and config.quality.duplicate_ids == "skip":
             runs = committed_runs(run.root.root) - set(run.inputs.replaces.values())  # not the runs re-packed
             earlier = earlier_documents(run.spark, run.root.output.table_uri("documents"), sorted(runs), read.docs)
-        dups = find_duplicates(read.docs, config.quality.duplicate_ids, config.packing.seq_len,
-                               config.packing.length_buckets, earlier)
-        run.release.callback(dups.unpersist)
+        key = duplicates_key(read.groups, config.quality.duplicate_ids, sorted(runs))
+        if read.resumed == len(read.groups) and found_none_before(run.workspace, key):
+            dups = Duplicates(None)
+        else:
+            dups = find_duplicates(read.docs, config.quality.duplicate_ids, config.packing.seq_len,
+                                   config.packing.length_buckets, earlier)
+            run.release.callback(dups.unpersist)
+            if dups.drops is None:
+                record_none_found(run.workspace, key)
     counts = _Counts(read.records, read.rejects + dups.count,
                      np.array([g.tokens - dups.tokens_by_group.get(i, 0) for i, g in enumerate(read.groups)],
                               np.int64))

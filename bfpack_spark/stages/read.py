@@ -137,7 +137,7 @@ def _check_masks(raw: RawBatch, column: str) -> None:
     raw.masks = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int8)))
 
 
-def _doc_rows(group: int, first_doc: int, documents: pa.Table | pa.RecordBatch, lengths: np.ndarray) -> pa.Table:
+def doc_rows(group: int, first_doc: int, documents: pa.Table | pa.RecordBatch, lengths: np.ndarray) -> pa.Table:
     """DOC rows of ``documents`` (their doc_id, source and row columns: as stored), the first at ``first_doc``."""
     n = documents.num_rows
     return pa.Table.from_pydict({
@@ -211,7 +211,7 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
     Then the task records that it finished, in the workspace: an attempt of the same run after a lost
     driver replays the group from what it wrote (checked first: its documents and tokens, its rejects
     file's footer) instead of reading and tokenizing it again."""
-    digest = _digest(splits)
+    digest = splits_digest(splits)
     replayed = _replayed(group, digest, staging, workspace)
     if replayed is not None:
         yield from replayed
@@ -236,7 +236,7 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
                 "doc_id": raw.ids, "source": raw.sources, "row": pa.array(raw.rows), "tokens": raw.tokens,
                 "loss_mask": masks}, schema=STORED)
             store.write_batch(stored)
-            yield from _doc_rows(group, doc_index, stored, lengths).to_batches()
+            yield from doc_rows(group, doc_index, stored, lengths).to_batches()
             doc_index += len(raw)
             n_tokens += int(lengths.sum())
             histogram += item_histogram(lengths, settings.seq_len, settings.length_buckets)
@@ -250,7 +250,8 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
     if settings.in_place is not None:
         summary.in_place, residue = _in_place(np.concatenate(doc_lengths or [np.empty(0, np.int64)]), settings)
     workspace.write_record("read", group, {"splits": digest, "summary": asdict(summary), "residue": residue,
-                                           "rejects": written.to_json() if written else None})
+                                           "rejects": written.to_json() if written else None,
+                                           "stored_bytes": workspace.group_bytes(group)})
     yield from _closing_rows(group, summary, written, residue)
 
 
@@ -264,7 +265,7 @@ def _closing_rows(group: int, summary: GroupSummary, rejects: StagedFile | None,
     yield _info_row(ReadRow.GROUP, group, summary.to_json())
 
 
-def _digest(splits: list[Split]) -> str:
+def splits_digest(splits: list[Split]) -> str:
     """What a read task covered: its splits (files, sizes, byte ranges)."""
     h = hashlib.sha256()
     for s in splits:
@@ -290,7 +291,7 @@ def _replayed(group: int, digest: str, staging: Staging, workspace: Workspace) -
     if rejects is not None and not staging.holds(rejects):
         return None
     summary.resumed = True
-    return [*_doc_rows(group, 0, stored, lengths).to_batches(max_chunksize=BATCH_DOCS),
+    return [*doc_rows(group, 0, stored, lengths).to_batches(max_chunksize=BATCH_DOCS),
             *_closing_rows(group, summary, rejects, record["residue"])]
 
 

@@ -24,6 +24,7 @@ import posixpath
 import re
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pyarrow as pa
@@ -83,6 +84,22 @@ class Workspace:
         with atomic_output(fs, path) as out, pa.ipc.new_file(out, schema) as writer:
             yield writer
 
+    def group_bytes(self, group: int, folder: str = "groups") -> int | None:
+        """The size of one group's file as stored (None: there is none)."""
+        fs, path = self._path(folder, f"{group:07d}.arrow")
+        info = fs.get_file_info(path)
+        return info.size if info.type == pafs.FileType.File else None
+
+    def group_sizes(self, folder: str = "groups") -> dict[int, int]:
+        """Every stored group's file size, from one listing (what a resuming driver checks records by)."""
+        fs, path = self._path(folder, "")
+        sizes = {}
+        for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+            name = posixpath.basename(info.path)
+            if info.type == pafs.FileType.File and re.fullmatch(r"\d{7}\.arrow", name):
+                sizes[int(name[:7])] = info.size
+        return sizes
+
     def read_group(self, group: int, folder: str = "groups") -> pa.Table:
         """One group's documents as written; memory-mapped (not copied) on a local disk."""
         fs, path = self._path(folder, f"{group:07d}.arrow")
@@ -99,6 +116,11 @@ class Workspace:
     def read_record(self, stage: str, group: int) -> dict | None:
         """A task's record, or None where there is none (or it cannot be read: the task is done again)."""
         return self.read_json(f"{stage}-{group:07d}.json", folder="done")
+
+    def read_records(self, stage: str, groups: int) -> list[dict | None]:
+        """The records of groups ``0..groups-1`` of ``stage`` (None where missing), fetched a few at a time."""
+        with ThreadPoolExecutor(max_workers=min(16, max(groups, 1))) as pool:
+            return list(pool.map(lambda g: self.read_record(stage, g), range(groups)))
 
     def records(self) -> dict[str, int]:
         """How many records of each stage the workspace holds."""
