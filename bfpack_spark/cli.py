@@ -15,17 +15,19 @@ exit status 1.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
-from typing import Any, get_origin
+from typing import Any, NoReturn, get_origin
 
 from bfpack_spark import __version__
 from bfpack_spark.config import DEBUG_ENV, ConfigError, PackConfig, field_specs, load_config
-from bfpack_spark.constants import PYTHON_STDLIB
+from bfpack_spark.constants import EXPORT_FORMATS, PYTHON_STDLIB, RETIRED_EXPORT_FORMATS
 from bfpack_spark.errors import InputError
-from bfpack_spark.flags import coerce_value, flag_kind
+from bfpack_spark.flags import coerce_value, flag_kind, shown_default
 from bfpack_spark.io.store.lock import RunLockedError
 from bfpack_spark.io.tables.read import DeltaError
 from bfpack_spark.stats.packing import format_comparison
@@ -40,7 +42,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config (see conf/); flags override it")
     for section, flag, f, hint in field_specs():
         dest = f"{section}.{f.name}"
-        help_text = f"{f.metadata['help']} [{section}.{f.name}]"
+        default = shown_default(f)
+        shown = "" if default in (None, "", "null", "[]", "{}") else f"; default {default}"
+        help_text = f"{f.metadata['help']} [{section}.{f.name}{shown}]".replace("%", "%%")
         kind, metavar, choices = flag_kind(hint)
         if kind == "switch":
             parser.add_argument(f"--{flag}", dest=dest, action=argparse.BooleanOptionalAction,
@@ -75,24 +79,61 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (not the whole usage block), like every other error,
-    and a flag is never guessed from its start (``--id-colum`` is a typo, not ``--id-column``)."""
+    with the flag or choice it most likely meant; a flag is never guessed from its start (``--id-colum``
+    is a typo, not ``--id-column``: it gets "did you mean --id-column?")."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+        self.seen: list[str] = []  # the command line (main sets it): which subcommand an error is about
 
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}{self._suggestion(message)} (see {self._help_of()} --help)\n")
+
+    def _command(self) -> argparse.ArgumentParser | None:
+        """The subcommand's parser, where the command line names one."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return next((action.choices[a] for a in self.seen if a in action.choices), None)
+        return None
+
+    def _help_of(self) -> str:
+        command = self._command()
+        return command.prog if command is not None else self.prog
+
+    def _suggestion(self, message: str) -> str:
+        """"; did you mean --output?" for a flag or choice close to one that exists; else nothing."""
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            options = re.findall(r"'([^']*)'", choice.group(2))
+            close = difflib.get_close_matches(choice.group(1), options, n=1, cutoff=0.5)
+            return f"; did you mean {close[0]!r}?" if close else ""
+        if message.startswith("unrecognized arguments:"):
+            parser = self._command() or self
+            flags = [o for o in parser._option_string_actions if o.startswith("--")]
+            for given in message.split(":", 1)[1].split():
+                if given.startswith("--"):
+                    close = difflib.get_close_matches(given.split("=", 1)[0], flags, n=1, cutoff=0.6)
+                    if close:
+                        return f"; did you mean {close[0]}?"
+        return ""
 
 
 EXIT_STATUS = ("exit status: 0 done (or nothing to do), 1 the run failed (nothing committed), "
                "2 a usage or input error (found before anything is read or locked)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _export_format(value: str) -> str:
+    if value in RETIRED_EXPORT_FORMATS:
+        raise argparse.ArgumentTypeError(RETIRED_EXPORT_FORMATS[value])
+    return value
+
+
+def build_parser() -> _Parser:
     parser = _Parser(
         prog="bfpack", description="Best-fit packing of text corpora into fixed-length LLM training "
                                    "sequences, on Spark, into Delta tables.",
-        epilog=EXIT_STATUS)
+        epilog="every setting of a run is a flag of its command: see bfpack pack --help (and bfpack COMMAND "
+               "--help for the others). " + EXIT_STATUS)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     common = _Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
@@ -124,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "padding-free columns). DIR/manifest.json, written last, lists the files "
                                         "and the settings to train with.", epilog=EXIT_STATUS)
     export.add_argument("root", metavar="ROOT", help="output root of a bfpack run (local path or s3://...)")
-    export.add_argument("--format", required=True, choices=["megatron", "olmo", "hf", "npy"], dest="fmt",
-                        help="npy is retired (use olmo)")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS, type=_export_format, dest="fmt",
+                        help="what to write for which trainer (see above)")
     export.add_argument("--to", required=True, metavar="DIR",
                         help="directory to write (new, or an unfinished export of the same table)")
     export.add_argument("--run-id", metavar="R", help="only this run's sequences (default: all runs)")
@@ -179,6 +220,20 @@ def print_summary(result, out=sys.stdout) -> None:
               f"{groups} assembly groups (finished by an earlier attempt of the run)", file=out)
 
 
+def _named_as_given(message: str, args: argparse.Namespace) -> str:
+    """A config error about ``section.field`` names what the user wrote: the flag, when it came from one,
+    or the YAML key and its file (a setting left at its default keeps its key)."""
+    key, sep, rest = message.partition(": ")
+    flags = {f"{section}.{f.name}": flag for section, flag, f, _ in field_specs()}
+    if not sep or key not in flags:
+        return message
+    if key in vars(args):
+        return f"--{flags[key]}: {rest}"
+    if args.config:
+        return f"{key} (in {args.config}): {rest}"
+    return message
+
+
 def _one_line(exc: BaseException) -> str:
     return str(exc).replace("\n", " ")
 
@@ -226,6 +281,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    parser.seen = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -240,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
     except USER_ERRORS as exc:
-        print(f"bfpack: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"bfpack: error: {_named_as_given(_one_line(exc), args)}", file=sys.stderr)
         return 2
     # Imported here: pyspark loads slowly, and mistakes above are reported without it.
     from bfpack_spark.job import AuditError, run

@@ -104,9 +104,10 @@ class PackingConfig:
 @dataclass
 class OutputConfig:
     output: str = _f("", "output root; holds the Delta tables sequences, documents, rejects, inputs, stats")
-    mode: Literal["overwrite", "append", "incremental"] = _f(
-        "overwrite", "overwrite: rebuild the tables; append: add this run (a new shard) to them; "
-                     "incremental: pack only the input files no earlier run packed, as a new run")
+    mode: Literal["overwrite", "append", "incremental"] | None = _f(
+        None, "overwrite: rebuild the tables; append: add this run (a new shard) to them; incremental: pack only "
+              "the input files no earlier run packed, as a new run. Not given: build the tables in a root that "
+              "holds none, never replace another run's (the same command again does nothing)")
     repack_changed: bool = _f(False, "incremental: an input file changed since it was packed re-packs "
                                      "the run that packed it (all that run's files), replacing its rows; "
                                      "without it, a changed file is an error")
@@ -303,16 +304,15 @@ def _positive(name: str, value: int) -> None:
 
 def _check_type(name: str, value: Any, hint: Any) -> None:
     origin, args = get_origin(hint), get_args(hint)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, args))}")
-        return
-    if type(None) in args:  # Optional
+    if origin is not Literal and type(None) in args:  # Optional
         if value is None:
             return
         hint = next(a for a in args if a is not type(None))
         origin, args = get_origin(hint), get_args(hint)
-    if origin is list:
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, args))}")
+    elif origin is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
     elif origin is dict:

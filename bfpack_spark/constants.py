@@ -13,6 +13,12 @@ PYTHON_STDLIB = "python-stdlib"
 DEFAULT_ID_COLUMN = "id"
 #: The longest sequence the job packs: one sequence must fit a 64 MB slice of int32 tokens.
 MAX_SEQ_LEN = 2**24
+#: What ``bfpack export --format`` writes, and the formats it no longer writes (with why and what instead).
+EXPORT_FORMATS = ("megatron", "olmo", "hf")
+RETIRED_EXPORT_FORMATS = {
+    "npy": "--format npy was retired: OLMo-core read its .npy header as tokens; use --format olmo (the raw token "
+           "files and label masks OLMo-core reads), or --format hf",
+}
 #: Option names whose values are never logged or stored (the stats table keeps the config).
 SECRET = re.compile(r"secret|token|password|key", re.IGNORECASE)
 

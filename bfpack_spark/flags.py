@@ -23,9 +23,9 @@ def flag_kind(hint: Any) -> tuple[str, str | None, list | None]:
         return "switch", None, None
     if get_origin(hint) in (list, dict):
         return "repeated", "PATH" if get_origin(hint) is list else "KEY=VALUE", None
-    if get_origin(hint) is Literal:
-        return "value", None, list(args)
-    base = next((a for a in args if a is not type(None)), hint)
+    base = next((a for a in args if a is not type(None)), hint) if get_origin(hint) is not Literal else hint
+    if get_origin(base) is Literal:
+        return "value", None, list(get_args(base))
     return "value", {int: "N", float: "X"}.get(base, "TEXT"), None
 
 
@@ -37,16 +37,23 @@ def flag_form(flag: str, hint: Any) -> str:
     return f"--{flag} {'|'.join(map(str, choices)) if choices else metavar}"
 
 
+def shown_default(f: dataclasses.Field) -> str | None:
+    """A field's default as the docs and ``--help`` show it (YAML-like: ``2048``, ``null``, ``[]``), or
+    None for a field without one."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if default is dataclasses.MISSING:
+        return None
+    return default if isinstance(default, str) else json.dumps(default)
+
+
 def settings_markdown() -> str:
     """The settings reference, one row per field of the config model: the docs site renders it from
     here, so the page and ``bfpack pack --help`` cannot disagree."""
     rows = ["| setting | flag | default | meaning |", "| --- | --- | --- | --- |"]
     for section, flag, f, hint in field_specs():
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if default is not dataclasses.MISSING:
-            default = f"`{default if isinstance(default, str) else json.dumps(default)}`"
+        default = shown_default(f)
         meaning = f.metadata["help"].replace("|", "\\|")
-        shown = "" if default is dataclasses.MISSING else default
+        shown = "" if default is None else f"`{default}`"
         rows.append(f"| `{section}.{f.name}` | `{flag_form(flag, hint)}` | {shown} | {meaning} |")
     return "\n".join(rows) + "\n"
 

@@ -25,14 +25,13 @@ from bfpack_spark.config import recorded_append_eos, recorded_loss_masks
 from bfpack_spark.errors import InputError
 from bfpack_spark.io.listing.listing import Listing, content_digest
 from bfpack_spark.io.store.fs import join
-from bfpack_spark.io.tables.read import snapshot_dataset
+from bfpack_spark.io.tables.read import snapshot_dataset, stats_rows
 from bfpack_spark.schemas import INPUTS, modified
 
 
 def committed_runs(root: str) -> set[str]:
     """The runs with a ``stats`` row (their last commit) under ``root``."""
-    stats = snapshot_dataset(join(root, "stats"))
-    return set() if stats is None else set(stats.to_table(columns=["run_id"]).column(0).to_pylist())
+    return {r["run_id"] for r in stats_rows(root, ["run_id"])}
 
 
 def _committed_inputs(root: str, required: bool = True) -> tuple[set[str], list[dict]]:

@@ -45,7 +45,7 @@ from bfpack_spark.spark.session import get_spark
 from bfpack_spark.stages.assemble import Assembly, assemble, reduce_partitions
 from bfpack_spark.stages.dedup import Duplicates, earlier_documents, find_duplicates
 from bfpack_spark.stages.inputs import inputs_table, plan_inputs
-from bfpack_spark.stages.output import OutputRoot, finish_replacements
+from bfpack_spark.stages.output import OutputRoot, check_root, finish_replacements
 from bfpack_spark.stages.plan import in_place_settings, make_plan
 from bfpack_spark.stages.read import ReadResult, ReadSettings, read_corpus
 from bfpack_spark.stages.resume import duplicates_key, found_none_before, record_none_found, replay_read
@@ -82,13 +82,15 @@ def run(config: PackConfig, spark=None) -> RunResult:
     started = datetime.now(UTC).isoformat()
     with timer("plan inputs", announce=False):  # a mistake found here is the only line printed
         inputs = plan_inputs(config)
+        key = default_run_id(config, inputs.listing.identity())  # what the files and settings make the run
+        run_id = config.output.run_id or key
+        if len(inputs.listing):
+            check_root(config, run_id)
     root = config.output.output
     if not len(inputs.listing):
         finish_replacements(config, lambda: spark or _spark(config))
         log.debug("no input file is new since the last run into %s", root)  # RunResult.nothing_new says it
         return RunResult("", root, {}, nothing_new=True)
-    key = default_run_id(config, inputs.listing.identity())  # what the files and settings make the run
-    run_id = config.output.run_id or key
     log.info("run %s: %d input files in %d groups", run_id, len(inputs.listing), inputs.n_groups)
     for old in sorted(set(inputs.replaces.values())):
         log.info("run %s re-packs run %s (a file of it changed) and replaces its rows", run_id, old)
@@ -185,7 +187,7 @@ def _duplicates(run: _Run, read: ReadResult) -> tuple[Duplicates, _Counts]:
     config = run.config
     with run.timer("duplicates"):
         earlier, runs = None, set()
-        if config.output.mode != "overwrite" and config.quality.duplicate_ids == "skip":
+        if config.output.mode in ("append", "incremental") and config.quality.duplicate_ids == "skip":
             runs = committed_runs(run.root.root) - set(run.inputs.replaces.values())  # not the runs re-packed
             earlier = earlier_documents(run.spark, run.root.output.table_uri("documents"), sorted(runs), read.docs)
         key = duplicates_key(read.groups, config.quality.duplicate_ids, sorted(runs))

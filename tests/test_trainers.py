@@ -98,7 +98,9 @@ def test_megatron_indexed_dataset_reads_every_row_once_and_gpt_dataset_samples_a
     assert Counter(map(tuple, got)) == Counter(tuple(padded(r, EOS)) for r in rows)
     by_content = {tuple(padded(r, EOS)): r for r in rows}
 
-    tokenizer = SimpleNamespace(eod=EOS, pad=-1, vocab_size=100_277, unique_identifiers={"class": "bfpack-test"})
+    assert manifest["vocab_size"] == manifest["tokenizer_vocab_size"] == 100_277  # cl100k_base's ids
+    tokenizer = SimpleNamespace(eod=EOS, pad=-1, vocab_size=manifest["vocab_size"],
+                                unique_identifiers={"class": "bfpack-test"})
     for blend, sizes in [(manifest["data_prefixes"], [None, None, None]), (manifest["data_path"], [len(rows), 0, 0])]:
         config = GPTDatasetConfig(random_seed=1, sequence_length=L, blend=get_blend_from_list(blend), split="1,0,0",
                                   path_to_cache=str(tmp_path / "cache"), tokenizer=tokenizer, reset_position_ids=True,
@@ -127,6 +129,7 @@ def test_olmo_core_instances_are_rows_with_our_document_lengths_and_no_padding_t
     out, rows = masked_packed
     manifest = export(str(out), "olmo", str(tmp_path / "olmo"), spark=spark)
     assert manifest["dtype"] == "uint16" and manifest["pad_token_id"] != manifest["eos_token_id"]
+    assert manifest["vocab_size"] == manifest["pad_token_id"] + 1 > manifest["tokenizer_vocab_size"]  # pad past it
     dataset = NumpyFSLDataset(*manifest["token_files"], sequence_length=manifest["seq_len"],
                               pad_token_id=manifest["pad_token_id"], eos_token_id=manifest["eos_token_id"],
                               vocab_size=manifest["vocab_size"], dtype=np.uint16, generate_doc_lengths=True,
@@ -266,11 +269,12 @@ def test_sft_trainer_trains_on_the_hf_export_as_it_is(spark, text_packed, tmp_pa
     from trl import SFTConfig, SFTTrainer
 
     out, rows = text_packed
-    export(str(out), "hf", str(tmp_path / "hf"), spark=spark)
-    dataset = datasets.load_from_disk(str(tmp_path / "hf"))
+    manifest = export(str(out), "hf", str(tmp_path / "hf"), spark=spark)
+    assert manifest["vocab_size"] == 100_277 and manifest["tokenizer"] == "cl100k_base"
+    dataset = datasets.load_from_disk(manifest["load_from_disk"])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
                                         pad_token="<pad>")  # SFTTrainer wants one; the rows are already ids
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=100_352, hidden_size=32, intermediate_size=64,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=manifest["vocab_size"], hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=4, attn_implementation="sdpa"))
     config = SFTConfig(output_dir=str(tmp_path / "sft"), padding_free=True, max_length=None, max_steps=1,
                        per_device_train_batch_size=2, dataset_kwargs={"skip_prepare_dataset": True},

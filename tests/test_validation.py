@@ -23,15 +23,44 @@ def bfpack(*args: str, cwd=None) -> subprocess.CompletedProcess:
     (["--seq-len", "2147483648"], "at most 16,777,216"),
     (["--seq-len", "99999999999"], "at most 16,777,216"),
     (["--seq-len", ""], "expected an integer, got ''"),
-    (["--seq-len", "0"], "at least 1"),
+    (["--seq-len", "0"], "error: --seq-len: must be at least 1, got 0"),  # the flag as typed, not its YAML key
+    (["--residual-fill", "2"], "error: --residual-fill: must be within [0, 1]"),
     (["--max-document-bytes", "3000000000"], "below 2 GiB"),
-    (["--id-colum", "url"], "unrecognized arguments: --id-colum"),  # a typo is not taken for --id-column
+    (["--id-colum", "url"], "unrecognized arguments: --id-colum url; did you mean --id-column? (see bfpack pack "
+                            "--help)"),  # a typo is not taken for --id-column, but suggested
+    (["--ouput", "x"], "did you mean --output?"),
 ])
 def test_out_of_range_settings_stop_before_reading(tmp_path, flags, words):
     (tmp_path / "in.jsonl").write_text('{"text": "x"}\n')
     proc = bfpack("pack", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"), *flags)
     assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_setting_from_a_config_file_is_named_by_its_key_and_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("packing:\n  seq_len: 0\n")
+    proc = bfpack("pack", "--config", str(tmp_path / "c.yaml"), "--input", "x", "--output", str(tmp_path / "o"))
+    assert proc.returncode == 2 and f"packing.seq_len (in {tmp_path / 'c.yaml'}): must be at least 1" in proc.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["pak", "--input", "x"], "invalid choice: 'pak' (choose from 'pack', 'pack-tokenized', 'demo', 'export', "
+                              "'report'); did you mean 'pack'? (see bfpack --help)"),
+    (["export", "o", "--format", "olm", "--to", "x"], "did you mean 'olmo'? (see bfpack export --help)"),
+    (["export", "o", "--format", "npy", "--to", "x"], "--format npy was retired"),
+])
+def test_misspelled_commands_and_choices_get_a_suggestion(args, words):
+    proc = bfpack(*args)
+    assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_help_shows_defaults_and_lists_no_retired_choice():
+    pack = bfpack("pack", "--help").stdout
+    assert "[packing.seq_len; default 2048]" in " ".join(pack.split())
+    assert "[packing.strategy; default bfd]" in " ".join(pack.split())
+    export = bfpack("export", "--help").stdout
+    assert "{megatron,olmo,hf}" in export and "npy" not in export
+    assert "bfpack pack --help" in bfpack("--help").stdout
 
 
 def test_an_output_inside_an_input_is_refused_naming_both(tmp_path):
@@ -74,6 +103,45 @@ def test_an_append_with_other_packing_settings_is_refused_and_changes_nothing(sp
     with pytest.raises(InputError, match=r"packing\.strategy 'bfd' \(theirs\) != 'concat'"):
         run(load_config(None, {**settings, "packing.strategy": "concat", "output.mode": "append"}), spark)
     assert before == {t: DeltaTable(str(tmp_path / "out" / t)).version() for t in ("sequences", "stats")}
+
+
+def test_without_a_mode_another_run_is_never_replaced_and_the_same_one_is_a_no_op(spark, tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"id": f"d{i}", "text": "word " * (i + 3)} for i in range(30)])
+    settings = {"input.paths": [str(tmp_path / "in.jsonl")], "output.output": str(tmp_path / "out"),
+                "packing.seq_len": 64}
+    first = run(load_config(None, settings), spark)
+    assert run(load_config(None, settings), spark).already_committed  # the same command again: nothing to do
+    before = {t: DeltaTable(str(tmp_path / "out" / t)).version() for t in ("sequences", "stats")}
+    proc = bfpack("pack", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"), "--seq-len", "128")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"holds run {first.run_id}, packed " in lines[0] and "at seq_len 64 with cl100k_base" in lines[0]
+    assert "give --mode overwrite to replace it" in lines[0]
+    assert before == {t: DeltaTable(str(tmp_path / "out" / t)).version() for t in ("sequences", "stats")}
+    replaced = run(load_config(None, {**settings, "packing.seq_len": 128, "output.mode": "overwrite"}), spark)
+    assert replaced.stats["seq_len"] == 128 and replaced.stats["mode"] == "overwrite"
+
+
+@pytest.mark.parametrize("mode", [[], ["--mode", "overwrite"], ["--mode", "append"]])
+def test_a_root_holding_what_bfpack_did_not_write_is_refused_in_every_mode(tmp_path, mode):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
+    out = tmp_path / "shared"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / ".DS_Store").write_text("")  # hidden files are let be
+    proc = bfpack("pack", "--input", str(tmp_path / "in.jsonl"), "--output", str(out), *mode)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f"the output root {out} holds what bfpack did not write (notes.txt, sub/)" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".DS_Store", "notes.txt", "sub"]  # nothing written
+
+
+def test_a_file_in_a_table_folder_that_bfpack_did_not_write_is_refused(spark, tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
+    settings = {"input.paths": [str(tmp_path / "in.jsonl")], "output.output": str(tmp_path / "out")}
+    run(load_config(None, settings), spark)
+    (tmp_path / "out" / "sequences" / "mydata.csv").write_text("a,b")
+    with pytest.raises(InputError, match=r"holds what bfpack did not write \(sequences/mydata\.csv\)"):
+        run(load_config(None, {**settings, "output.mode": "overwrite"}), spark)
 
 
 def test_a_misspelled_id_column_is_an_error_listing_the_columns(tmp_path):

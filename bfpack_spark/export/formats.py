@@ -31,10 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from bfpack_spark.constants import EXPORT_FORMATS
 from bfpack_spark.masks import IGNORE_INDEX
 from bfpack_spark.packing._jit import jit
 
-FORMATS = ("megatron", "olmo", "hf")
+FORMATS = EXPORT_FORMATS
 
 #: Megatron's token dtype codes (megatron.core.datasets.indexed_dataset.DType).
 MEGATRON_DTYPES = {"uint16": 8, "int32": 4}

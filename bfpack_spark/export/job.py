@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from bfpack_spark.constants import RETIRED_EXPORT_FORMATS
 from bfpack_spark.export.formats import FORMATS, ShardSpec, hf_schema, token_dtype, write_shard
 from bfpack_spark.io.store.fs import filesystem, join, make_dirs, parquet_row_groups, read_parquet
 from bfpack_spark.io.store.workspace import atomic_output
@@ -49,9 +50,8 @@ class ExportError(RuntimeError):
 
 def shard_spec(snapshot: SequencesSnapshot, fmt: str, seq_length: int | None) -> ShardSpec:
     """How this snapshot is written as ``fmt``, checked before a byte is read."""
-    if fmt == "npy":
-        raise ExportError("--format npy was retired: OLMo-core read its .npy header as tokens; use --format olmo "
-                          "(the raw token files and label masks OLMo-core reads), or --format hf")
+    if fmt in RETIRED_EXPORT_FORMATS:
+        raise ExportError(RETIRED_EXPORT_FORMATS[fmt])
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; one of {', '.join(FORMATS)}")
     L = snapshot.seq_len
@@ -182,7 +182,8 @@ def _hf_metadata(fs: pafs.FileSystem, base: str, names: list[str], spec: ShardSp
 
 
 def _format_manifest(spec: ShardSpec, snapshot: SequencesSnapshot, to: str, shards: list[dict]) -> dict:
-    """What each trainer is told: the files in order and the settings to read them with."""
+    """What each trainer is told: the files in order and the settings to read them with; ``vocab_size``:
+    the ids a model trained on the export must embed (OLMo's padding is one id past the tokenizer's)."""
     files = [join(to, name) for s in shards for name in s["files"]]
     if spec.fmt == "megatron":
         prefixes = [join(to, s["files"][0].removesuffix(".bin")) for s in shards]
@@ -190,13 +191,13 @@ def _format_manifest(spec: ShardSpec, snapshot: SequencesSnapshot, to: str, shar
                 "data_prefixes": prefixes, "dtype": spec.dtype, "eod_token_id": spec.pad_id,
                 "train_args": f"--seq-length {spec.seq_len} --eod-mask-loss --reset-position-ids "
                               f"--reset-attention-mask",
-                "loss_masks_carried": False}
+                "vocab_size": snapshot.vocab_size, "loss_masks_carried": False}
     if spec.fmt == "olmo":
         return {"token_files": files[0::2], "label_mask_files": files[1::2], "dtype": spec.dtype,
                 "eos_token_id": snapshot.eos_id, "pad_token_id": spec.pad_id, "bos_token_id": snapshot.bos_id,
                 "vocab_size": spec.pad_id + 1, "loss_masks_carried": spec.loss_masks}
     return {"load_from_disk": to, "columns": hf_schema(spec.loss_masks).names, "pad_token_id": snapshot.pad_id,
-            "loss_masks_carried": spec.loss_masks}
+            "vocab_size": snapshot.vocab_size, "loss_masks_carried": spec.loss_masks}
 
 
 def export(root: str, fmt: str, to: str, *, run_id: str | None = None, seq_length: int | None = None,
@@ -244,8 +245,9 @@ def export(root: str, fmt: str, to: str, *, run_id: str | None = None, seq_lengt
         _hf_metadata(fs, base, [s["files"][0] for s in shards], spec, fingerprint)
     manifest = {
         "format": fmt, "key": key, "source": root, "table_version": snapshot.version, "runs": list(snapshot.run_ids),
-        "tokenizer": snapshot.tokenizer, "seq_len": spec.seq_len, "packed_seq_len": snapshot.seq_len,
-        "eos_token_id": snapshot.eos_id, "bos_token_id": snapshot.bos_id, "sequences": snapshot.rows,
+        "tokenizer": snapshot.tokenizer, "tokenizer_vocab_size": snapshot.vocab_size, "seq_len": spec.seq_len,
+        "packed_seq_len": snapshot.seq_len, "eos_token_id": snapshot.eos_id, "bos_token_id": snapshot.bos_id,
+        "sequences": snapshot.rows,
         "tokens": tokens, "shards": shards, **_format_manifest(spec, snapshot, to, shards),
     }
     _write_json(fs, posixpath.join(base, MANIFEST), manifest)  # published

@@ -34,7 +34,7 @@ def plan_inputs(config: PackConfig) -> InputPlan:
     _check_tokenizer(config)
     root = config.output.output
     check_writable(root)
-    if config.output.mode != "overwrite":
+    if config.output.mode in ("append", "incremental"):
         check_compatible(root, config.to_dict())
     listing = list_inputs(config.input.paths, config.input.format)
     payload = config.input.token_column or config.input.text_column

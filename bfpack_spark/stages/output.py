@@ -16,6 +16,7 @@ other runs left.
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 import time
@@ -27,6 +28,7 @@ import pyarrow.fs as pafs
 
 from bfpack_spark.audit import AuditError
 from bfpack_spark.config import PackConfig
+from bfpack_spark.errors import InputError
 from bfpack_spark.incremental import unfinished_replacements
 from bfpack_spark.io.store.fs import filesystem, join
 from bfpack_spark.io.store.lock import OutputLock
@@ -38,13 +40,61 @@ from bfpack_spark.io.store.workspace import (
     workspace_root,
 )
 from bfpack_spark.io.tables.delta import RETENTION_SECONDS, DeltaOutput
-from bfpack_spark.io.tables.read import read_stats_row
+from bfpack_spark.io.tables.read import read_stats_row, stats_rows
 from bfpack_spark.schemas import TABLES
 
 log = logging.getLogger("bfpack")
 
 #: what a run is, in its workspace (to say why another run does not resume it)
 RUN_FILE = "run.json"
+
+
+def check_root(config: PackConfig, run_id: str) -> None:
+    """Refuse, before anything is read, an output root that holds what bfpack did not write (in every mode:
+    a wrong ``--output`` must not pack into someone's folder), and, without an explicit ``--mode``, one that
+    holds the tables of another run (replacing them takes ``--mode overwrite``)."""
+    root = config.output.output
+    found = foreign_entries(root)
+    if found:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise InputError(f"the output root {root} holds what bfpack did not write ({shown}); give --output a "
+                         f"directory of its own: new, empty, or one bfpack wrote")
+    if config.output.mode is not None:
+        return
+    runs = stats_rows(root, ["run_id", "started_at", "seq_len", "config"])
+    if runs and run_id not in {r["run_id"] for r in runs}:
+        last = max(runs, key=lambda r: r["started_at"] or "")
+        tokenizer = json.loads(last["config"] or "{}").get("tokenizer", {}).get("tokenizer", "?")
+        others = f" (and {len(runs) - 1} more runs)" if len(runs) > 1 else ""
+        when = (last["started_at"] or "?")[:16].replace("T", " ")
+        raise InputError(f"the output root {root} holds run {last['run_id']}{others}, packed {when} "
+                         f"at seq_len {last['seq_len']} with {tokenizer} from other input files or settings; "
+                         f"give --mode overwrite to replace it, --mode append to add this run beside it, or "
+                         f"another --output")
+
+
+def foreign_entries(root: str) -> list[str]:
+    """What the output root holds that bfpack did not write: anything beside its tables, the lock and the
+    workspaces, and in a table's folder anything but its log, run folders and Parquet files (hidden
+    files, such as an editor's or a file browser's, are let be)."""
+    fs, base = filesystem(root)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return []
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(base)):
+        name = posixpath.basename(info.path)
+        folder = info.type == pafs.FileType.Directory
+        if name.startswith(".") or name.startswith("_bfpack"):
+            continue
+        if name not in TABLES or not folder:
+            found.append(name + "/" * folder)
+            continue
+        for inner in fs.get_file_info(pafs.FileSelector(info.path)):
+            entry = posixpath.basename(inner.path)
+            if not (entry.startswith((".", "_")) or inner.type == pafs.FileType.Directory
+                    or entry.endswith(".parquet")):
+                found.append(f"{name}/{entry}")
+    return sorted(found)
 
 
 class OutputRoot:
@@ -98,7 +148,7 @@ class OutputRoot:
     def committed_stats(self) -> dict | None:
         """This run's ``stats`` row, where an earlier attempt of it committed every table (appending: the
         ``stats`` commit is the last); None where it did not."""
-        if self.appending and self.output.committed("stats"):
+        if (self.appending or self.config.output.mode is None) and self.output.committed("stats"):
             return read_stats_row(self.output.table_uri("stats"), self.run_id)
         return None
 

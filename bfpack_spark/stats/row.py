@@ -48,7 +48,7 @@ def stats_row(*, run_id: str, started: str, config: Any, inputs: Any, documents_
                                   concat.bucket_truncations) if d
     ]
     return {
-        "run_id": run_id, "started_at": started, "mode": config.output.mode,
+        "run_id": run_id, "started_at": started, "mode": config.output.mode or "overwrite",
         "strategy": config.packing.strategy,
         "seq_len": config.packing.seq_len, "config": json.dumps(config.to_dict(), sort_keys=True),
         "input_files": len(inputs.listing), "input_groups": inputs.n_groups,

@@ -10,7 +10,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from bfpack_spark.io.store import retry
-from bfpack_spark.io.store.fs import delta_storage_options, filesystem
+from bfpack_spark.io.store.fs import delta_storage_options, filesystem, join
 from bfpack_spark.schemas import stats_row_of
 
 
@@ -79,6 +79,12 @@ def read_table(spark, uri: str):
     if not files:
         return spark.createDataFrame([], schema)
     return spark.read.schema(schema).parquet(*files)
+
+
+def stats_rows(root: str, columns: list[str]) -> list[dict]:
+    """``columns`` of every committed run's ``stats`` row under the output root ``root`` (none: no table)."""
+    dataset = snapshot_dataset(join(root, "stats"))
+    return [] if dataset is None else dataset.to_table(columns=columns).to_pylist()
 
 
 def read_stats_row(uri: str, run_id: str) -> dict:
