@@ -44,7 +44,7 @@ from bfpack_spark.spark.progress import StageTimer
 from bfpack_spark.spark.session import get_spark
 from bfpack_spark.stages.assemble import Assembly, assemble, reduce_partitions
 from bfpack_spark.stages.dedup import Duplicates, earlier_documents, find_duplicates
-from bfpack_spark.stages.inputs import inputs_table, plan_inputs
+from bfpack_spark.stages.inputs import engine_line, inputs_table, plan_inputs
 from bfpack_spark.stages.output import OutputRoot, check_root, finish_replacements
 from bfpack_spark.stages.plan import in_place_settings, make_plan
 from bfpack_spark.stages.read import ReadResult, ReadSettings, read_corpus
@@ -86,6 +86,8 @@ def run(config: PackConfig, spark=None) -> RunResult:
         run_id = config.output.run_id or key
         if len(inputs.listing):
             check_root(config, run_id)
+    if not config.tokenized:
+        log.info("%s", engine_line(config))
     root = config.output.output
     if not len(inputs.listing):
         finish_replacements(config, lambda: spark or _spark(config))

@@ -93,6 +93,7 @@ class Tokenizer:
     decode: Callable[[Sequence[int]], str]  # invalid byte sequences become U+FFFD
     engine: str = ""  # what encodes texts, with its version ("gigatoken 0.10.0", "tiktoken 0.14.0")
     fast: FastEncoder | None = None  # the proven fast engine, or None: the reference encodes everything
+    why_reference: str = ""  # where the reference encodes everything: why the fast engine does not
 
 
 def _rss() -> int:
@@ -148,6 +149,31 @@ def _fast_module():
     except ImportError:
         return None
     return gigatoken if version(FAST_ENGINE) == FAST_ENGINE_VERSION else None
+
+
+def _why_reference(engine: str, uncovered: str) -> str:
+    """Why the reference encodes everything: ``--tokenizer-engine reference``, the fast engine not
+    installed, or ``uncovered`` (what of the tokenizer its proofs do not cover)."""
+    if engine == "reference":
+        return "--tokenizer-engine reference"
+    if _fast_module() is None:
+        pinned = f"{FAST_ENGINE}=={FAST_ENGINE_VERSION}"
+        return f"{pinned} is not installed (pip install '{pinned}')"
+    return uncovered
+
+
+def hf_shape(data: str) -> str:
+    """A tokenizer.json's normalizer, pre-tokenizer and model in a few words (``normalizer NFKC,
+    pre-tokenizer Sequence[Split, ByteLevel], model BPE``): what the fast engine's proofs are about."""
+    def kind(part: dict | None) -> str:
+        if not part:
+            return "none"
+        inner = part.get("normalizers") or part.get("pretokenizers")
+        return f"{part.get('type')}[{', '.join(kind(p) for p in inner)}]" if inner else str(part.get("type"))
+
+    config = json.loads(data)
+    return (f"normalizer {kind(config.get('normalizer'))}, pre-tokenizer {kind(config.get('pre_tokenizer'))}, "
+            f"model {kind(config.get('model'))}")
 
 
 def _package_engine(package: str) -> str:
@@ -241,8 +267,10 @@ def _tiktoken_tokenizer(spec: str, eos_token: str | None, bos_token: str | None,
         return enc.decode([int(i) for i in ids], errors="replace")
 
     fast = _tiktoken_fast(enc) if engine == "auto" else None
+    why = "" if fast else _why_reference(engine, f"the encoding {enc.name} is not one the fast engine is proven on")
     return Tokenizer(name=enc.name, known_ids=known, eos_id=eos_id, bos_id=bos_id, encode_batch=encode_batch,
-                     decode=decode, engine=_package_engine(FAST_ENGINE if fast else "tiktoken"), fast=fast)
+                     decode=decode, engine=_package_engine(FAST_ENGINE if fast else "tiktoken"), fast=fast,
+                     why_reference=why)
 
 
 def tiktoken_ranks(enc) -> bytes:
@@ -335,9 +363,14 @@ def _hf_tokenizer(path: str, eos_token: str | None, bos_token: str | None, engin
         return tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     fast = _hf_fast(path, tok) if engine == "auto" else None
+    why = ""
+    if not fast:
+        with open(path, encoding="utf-8") as fh:
+            shape = hf_shape(fh.read())
+        why = _why_reference(engine, f"its shape ({shape}) is not one the fast engine is proven on")
     return Tokenizer(name=os.path.basename(path), known_ids=_id_mask(tok.get_vocab(with_added_tokens=True).values()),
                      eos_id=eos_id, bos_id=bos_id, encode_batch=encode_batch, decode=decode,
-                     engine=_package_engine(FAST_ENGINE if fast else "tokenizers"), fast=fast)
+                     engine=_package_engine(FAST_ENGINE if fast else "tokenizers"), fast=fast, why_reference=why)
 
 
 @functools.lru_cache(maxsize=8)

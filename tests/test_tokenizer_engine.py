@@ -220,6 +220,27 @@ def test_unproven_tokenizers_use_the_reference(tmp_path):
     assert tok.fast is None and tok.engine.startswith("tokenizers ")
 
 
+def test_the_engine_line_names_the_engine_its_cost_and_why_the_reference(tmp_path):
+    from bfpack_spark.config import load_config
+    from bfpack_spark.stages.inputs import engine_line
+
+    def line(**settings) -> str:
+        return engine_line(load_config(None, {"input.paths": ["x"], "output.output": "y", **settings}))
+
+    fast = line()
+    assert fast.startswith(f"tokenizer {DEFAULT_TOKENIZER}: the fast engine (gigatoken 0.10.0) encodes, about 17.0M")
+    chosen = line(**{"tokenizer.engine": "reference"})
+    assert "the reference engine (tiktoken " in chosen and "why: --tokenizer-engine reference" in chosen
+    other = tmp_path / "tokenizer.json"
+    data = json.loads(Path(bos_tokenizer(other, ["some text to train on"] * 20)).read_text())
+    data["normalizer"] = {"type": "NFKC"}
+    other.write_text(json.dumps(data))
+    uncovered = line(**{"tokenizer.tokenizer": str(other)})
+    assert "the reference engine (tokenizers " in uncovered and "about 0.7M tokens/s per core" in uncovered
+    assert ("why: its shape (normalizer NFKC, pre-tokenizer ByteLevel, model BPE) is not one the fast engine is "
+            "proven on") in uncovered
+
+
 def test_a_renewed_encoder_gives_the_same_ids(cl100k):
     """Past its memory budget the encoder is dropped after every batch and made anew for the next (as it
     is, in a long run, once its caches have grown past the budget); the ids do not change."""

@@ -29,6 +29,25 @@ def _check_tokenizer(config: PackConfig) -> None:
     document_bos(tokenizer, config.tokenizer.prepend_bos)
 
 
+#: Tokens per second per core of each engine on this project's 2-core machine (BENCHMARKS.md, "Tokens per
+#: second per core, each engine"): what the run announces it will cost before any work.
+ENGINE_RATES = {"gigatoken": 17e6, "tiktoken": 2.0e6, "tokenizers": 0.7e6}
+
+
+def engine_line(config: PackConfig) -> str:
+    """One line, said before any work: the tokenizer, the engine that will encode its text and at what rough
+    cost, and, when it is the reference, why and how much faster the fast engine would be."""
+    t = config.tokenizer
+    tokenizer = load_tokenizer(t.tokenizer, t.eos_token, t.bos_token, t.engine)
+    package = tokenizer.engine.split()[0]
+    rate = f"about {ENGINE_RATES.get(package, 0) / 1e6:.1f}M tokens/s per core"
+    if tokenizer.fast is not None:
+        return f"tokenizer {tokenizer.name}: the fast engine ({tokenizer.engine}) encodes, {rate}; ids proven equal"
+    fast = ENGINE_RATES["gigatoken"] / ENGINE_RATES.get(package, ENGINE_RATES["gigatoken"])
+    return (f"tokenizer {tokenizer.name}: the reference engine ({tokenizer.engine}) encodes, {rate} (the fast "
+            f"engine: {fast:.0f}x that); why: {tokenizer.why_reference}; see docs/guide/tokenizers.md, 'The engine'")
+
+
 def plan_inputs(config: PackConfig) -> InputPlan:
     """The run's input files and groups (no group for an incremental run with nothing new)."""
     _check_tokenizer(config)
