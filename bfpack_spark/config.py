@@ -154,6 +154,9 @@ class SparkConfig:
                                "the run (the F of local[N,F]); on a cluster, Spark's spark.task.maxFailures "
                                "(bfpack's default: 4)")
     app_name: str = _f("bfpack", "Spark application name")
+    progress_seconds: float = _f(30.0, "when stderr is not a terminal (spark-submit, a scheduler, a log file): a "
+                                       "progress line per stage this often (tasks done, documents, tokens, MB/s, "
+                                       "ETA); 0: none. On a terminal, a progress bar")
     conf: dict[str, str] = _f({}, "extra Spark settings; on the command line --spark-conf key=value",
                               flag="spark-conf")
 
@@ -247,6 +250,8 @@ class PackConfig:
         _positive("quality.max_document_bytes", q.max_document_bytes)
         _positive("output.retry_attempts", self.output.retry_attempts)
         _positive("spark.task_attempts", self.spark.task_attempts)
+        if self.spark.progress_seconds < 0:
+            raise ConfigError(f"spark.progress_seconds: 0 (none) or more, got {self.spark.progress_seconds}")
         if not self.output.retry_seconds > 0:
             raise ConfigError(f"output.retry_seconds: must be above 0, got {self.output.retry_seconds}")
         _positive("quality.max_line_bytes", q.max_line_bytes)

@@ -40,7 +40,7 @@ from bfpack_spark.io.tables.staging import Staging
 from bfpack_spark.packing.plan import warm_up
 from bfpack_spark.schemas import TABLES, stats_table
 from bfpack_spark.spark.partitioning import count_retries
-from bfpack_spark.spark.progress import StageTimer
+from bfpack_spark.spark.progress import Counters, StageTimer
 from bfpack_spark.spark.session import get_spark
 from bfpack_spark.stages.assemble import Assembly, assemble, reduce_partitions
 from bfpack_spark.stages.dedup import Duplicates, earlier_documents, find_duplicates
@@ -78,7 +78,7 @@ def run(config: PackConfig, spark=None) -> RunResult:
     config.validate()
     set_storage_options(config.output.storage_options)  # before Spark starts: its processes inherit them
     set_policy(RetryPolicy(attempts=config.output.retry_attempts, seconds=config.output.retry_seconds))
-    timer = StageTimer()
+    timer = StageTimer(log_every=config.spark.progress_seconds)
     started = datetime.now(UTC).isoformat()
     with timer("plan inputs", announce=False):  # a mistake found here is the only line printed
         inputs = plan_inputs(config)
@@ -175,10 +175,11 @@ def _warm_up() -> None:
 
 
 def _read(run: _Run) -> ReadResult:
-    with run.timer("read"):
+    counters = Counters(run.spark, total_bytes=run.inputs.listing.total_bytes())
+    with run.timer("read", counters=counters):
         settings = ReadSettings.of(run.config, in_place_settings(run.config.packing, run.inputs.n_groups))
         read = (replay_read(run.spark, run.inputs, run.staging, run.workspace)
-                or read_corpus(run.spark, run.inputs, settings, run.staging, run.workspace))
+                or read_corpus(run.spark, run.inputs, settings, run.staging, run.workspace, counters))
         run.release.callback(read.rows.unpersist)
     return read
 

@@ -34,6 +34,7 @@ from bfpack_spark.packing.arrow import frame_documents, prompt_and_text
 from bfpack_spark.packing.plan import item_histogram, length_buckets, pack_in_place
 from bfpack_spark.schemas import READ, REJECTS, STORED, ReadRow, spark_ddl
 from bfpack_spark.spark.partitioning import map_slices
+from bfpack_spark.spark.progress import Counters
 from bfpack_spark.tokenize import Tokenizer, document_bos, encode_texts, load_tokenizer
 
 
@@ -203,7 +204,7 @@ class _Encoder:
 
 
 def read_group(group: int, splits: list[Split], settings: ReadSettings, staging: Staging,
-               workspace: Workspace) -> Iterator[pa.RecordBatch]:
+               workspace: Workspace, counters: Counters | None = None) -> Iterator[pa.RecordBatch]:
     """Read one group: its documents go to the workspace (tokens) and to Spark (one small row each,
     kind DOC, in canonical order); its rejects to a file of the rejects table (a FILE row); and a
     GROUP row counts the records the readers consumed, for the audit (and holds the in-place round's figures).
@@ -215,6 +216,9 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
     replayed = _replayed(group, digest, staging, workspace)
     if replayed is not None:
         yield from replayed
+        if counters is not None:
+            summary = GroupSummary.from_json(replayed[-1].column("info")[0].as_py())
+            counters.add(summary.documents, summary.tokens, sum(s.nbytes for s in splits))
         return
     faults.check("read")
     faults.check(f"read:{group}")
@@ -249,6 +253,8 @@ def read_group(group: int, splits: list[Split], settings: ReadSettings, staging:
     residue = None
     if settings.in_place is not None:
         summary.in_place, residue = _in_place(np.concatenate(doc_lengths or [np.empty(0, np.int64)]), settings)
+    if counters is not None:
+        counters.add(doc_index, n_tokens, sum(s.nbytes for s in splits))
     workspace.write_record("read", group, {"splits": digest, "summary": asdict(summary), "residue": residue,
                                            "rejects": written.to_json() if written else None,
                                            "stored_bytes": workspace.group_bytes(group)})
@@ -406,11 +412,12 @@ class ReadResult:
 
 
 def read_corpus(spark: SparkSession, inputs: InputPlan, settings: ReadSettings, staging: Staging,
-                workspace: Workspace) -> ReadResult:
-    """Run the read stage: one task per group (partition ``g`` reads group ``g``)."""
+                workspace: Workspace, counters: Counters | None = None) -> ReadResult:
+    """Run the read stage: one task per group (partition ``g`` reads group ``g``); each adds what it read
+    to ``counters`` (the progress lines') when it finishes."""
     n = inputs.n_groups
     rows = map_slices(spark, inputs.group_payloads(), n,
-                      lambda g, mine: read_group(g, splits_of(mine[0]), settings, staging, workspace),
+                      lambda g, mine: read_group(g, splits_of(mine[0]), settings, staging, workspace, counters),
                       spark_ddl(READ)).persist(StorageLevel.MEMORY_AND_DISK)
     summaries = F.col("kind").isin(int(ReadRow.GROUP), int(ReadRow.FILE))
     info = rows.filter(summaries).select("kind", "group", "info").collect()

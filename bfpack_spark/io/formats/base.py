@@ -59,6 +59,11 @@ class Split:
     def whole(self) -> bool:
         return self.byte_range is None
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the file this split covers."""
+        return self.size if self.byte_range is None else self.byte_range[1] - self.byte_range[0]
+
 
 #: What a read task is told of its splits: one Arrow record batch per group (a few bytes per file,
 #: where objects would take hundreds: a run of a million files broadcasts them all).

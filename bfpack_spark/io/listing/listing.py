@@ -71,6 +71,9 @@ class Listing:
         found = pc.is_valid(column) if value is None else pc.fill_null(pc.equal(column, value), False)
         return found.to_numpy(zero_copy_only=False)
 
+    def total_bytes(self) -> int:
+        return int(pc.sum(self.table.column("size")).as_py() or 0)
+
     def identity(self) -> Iterator[tuple[str, int, str]]:
         """(source, size, version) of every file, the version its ETag where the store gives one, else its
         modification time: what the run id is made of (the same files, however their location is spelled)."""
