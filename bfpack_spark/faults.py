@@ -4,7 +4,8 @@ Off unless the environment variable ``BFPACK_FAULTS_FILE`` names a JSON file tha
 maps point names to ``"once"`` (fail the first time the point is reached, on any
 process), ``"always"``, ``"kill-executor"`` (the first time, in a task: kill the executor
 JVM that runs it, as a lost node would be), ``"hang"`` (wait there until killed: a test kills
-the driver at that point), or ``"slow:<seconds>"`` (wait that long, then go on: a slow task). Spark tasks see the variable through
+the driver at that point), or ``"slow:<seconds>"`` (wait that long, then go on: a slow task).
+Spark tasks see the variable through
 ``spark.executorEnv.BFPACK_FAULTS_FILE``. Points: ``read``, ``read:<group>``, ``assemble`` and
 ``assemble:<group>`` (in tasks), ``plan``, ``staged``, ``commit:<table>``, ``remove:<table>`` (on the
 driver), and ``drop_token``, which breaks an invariant on purpose so the audit must catch it.

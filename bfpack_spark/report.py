@@ -81,10 +81,14 @@ def history(runs: Sequence[dict]) -> str:
 
 # --- plots: plain data in, a matplotlib Figure out ---------------------------------------------
 
-def _axes(title: str, xlabel: str, ylabel: str, width: float = 7.0):
+#: Runs over time are a table below this many runs (two lone dots say nothing), a plot from it.
+RUNS_TO_PLOT = 3
+
+
+def _axes(title: str, xlabel: str, ylabel: str, width: float = 6.4):
     import matplotlib.pyplot as plt  # with no display, matplotlib picks its file-only backend itself
 
-    fig, ax = plt.subplots(figsize=(width, 3.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(width, 3.8), dpi=150)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -145,7 +149,7 @@ def plot_segments(segments_histogram: Sequence[int], cap: int | None = None):
 def plot_rejects(by_reason: dict[str, int]):
     fig, ax = _axes("Rejects by reason", "records", "")
     names = list(by_reason)[::-1]
-    ax.barh(names or ["(none)"], [by_reason[n] for n in names] or [0], color="#dd8452")
+    ax.barh(names, [by_reason[n] for n in names], color="#dd8452")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -162,8 +166,21 @@ def plot_runs(runs: Sequence[dict]):
     return fig
 
 
+def plot_loss(loss_tokens: int, no_loss_tokens: int):
+    """Tokens with and without loss (runs with loss masks: prompts, or a mask column)."""
+    fig, ax = _axes("Tokens with and without loss", "tokens", "", width=6.4)
+    ax.barh(["without loss (mask 0)", "with loss (mask 1)"], [no_loss_tokens, loss_tokens],
+            color=["#937860", "#4c72b0"])
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def figures(runs: Sequence[dict], run: dict, by_reason: dict[str, int]) -> list[tuple[str, Any]]:
-    """The report's figures, titled; those without data (an old run without histograms) left out."""
+    """The report's plots, titled: only those with data to show. Truncations, documents by length, fill and
+    segments for every run (but one written before the histograms); tokens with loss for a run with loss
+    masks; rejects by reason where there are rejects; runs over time from RUNS_TO_PLOT runs (the page says
+    the rest in words and tables)."""
     out = []
     if run["truncations_by_length"]:
         out += [("truncations", plot_truncations(run["truncations_by_length"])),
@@ -172,7 +189,12 @@ def figures(runs: Sequence[dict], run: dict, by_reason: dict[str, int]) -> list[
         out.append(("fill", plot_fill(run["fill_histogram"])))
     if run["segments_histogram"]:
         out.append(("segments", plot_segments(run["segments_histogram"], run.get("max_segments_per_sequence"))))
-    out += [("rejects", plot_rejects(by_reason)), ("runs", plot_runs(runs))]
+    if run.get("loss_tokens") is not None:
+        out.append(("loss", plot_loss(run["loss_tokens"], run.get("no_loss_tokens") or 0)))
+    if by_reason:
+        out.append(("rejects", plot_rejects(by_reason)))
+    if len(runs) >= RUNS_TO_PLOT:
+        out.append(("runs", plot_runs(runs)))
     return out
 
 
@@ -185,25 +207,56 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _runs_table(runs: Sequence[dict]) -> str:
+    """The runs as an HTML table, newest first."""
+    head = ("started (UTC)", "mode", "documents packed", "rejected", "sequences", "lower bound",
+            "truncations / doc", "concat", "audit", "run")
+    rows = []
+    for r in reversed(runs):
+        cells = [(r["started_at"] or "")[:19].replace("T", " "), r["mode"] or "", f"{r['documents_packed'] or 0:,}",
+                 f"{r['documents_rejected'] or 0:,}", f"{r['sequences'] or 0:,}", f"{r['lower_bound'] or 0:,}",
+                 f"{r['truncations_per_document'] or 0:.4f}", f"{r['concat_truncations_per_document'] or 0:.4f}",
+                 "passed" if r["audit_passed"] else "FAILED", r["run_id"]]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return ("<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>")
+
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em auto;padding:0 1.5em;max-width:1800px;color:#222}
+h1{font-size:1.5em;overflow-wrap:anywhere}p.summary{font-size:1.05em;line-height:1.5}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,560px),1fr));gap:1.2em}
+figure{margin:0;border:1px solid #e3e3e3;border-radius:6px;padding:.4em;background:#fff}
+img{width:100%;height:auto;display:block}
+.note{border:1px solid #e3e3e3;border-radius:6px;padding:1em 1.2em;background:#fafafa}
+.tablewrap{overflow-x:auto}table{border-collapse:collapse;font-size:.92em}
+th,td{padding:.35em .7em;border-bottom:1px solid #e3e3e3;text-align:right;white-space:nowrap}
+th:last-child,td:last-child,th:nth-child(2),td:nth-child(2){text-align:left}
+"""
+
+
 def render_html(root: str, runs: Sequence[dict], run: dict, by_reason: dict[str, int]) -> str:
-    """One self-contained page: the history table and every figure as an embedded PNG."""
+    """One self-contained page: the run's summary, its plots in a grid that fits the window, what has no
+    plot in words (no rejects) or as a table (few runs), and the runs."""
     title = f"bfpack report: {root}"
-    images = "\n".join(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{_png(fig)}"></figure>'
-                       for name, fig in figures(runs, run, by_reason))
+    images = [f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{_png(fig)}"></figure>'
+              for name, fig in figures(runs, run, by_reason)]
+    if not by_reason:
+        images.append('<div class="note"><strong>No rejects.</strong> Every record this run read was packed.</div>')
     summary = (f"run {run['run_id']}: {run['documents_packed'] or 0:,} documents in {run['sequences'] or 0:,} "
                f"sequences of L={run['seq_len']} (lower bound {run['lower_bound'] or 0:,}); truncations per "
                f"document {run['truncations_per_document'] or 0:.4f} with best-fit packing against "
                f"{run['concat_truncations_per_document'] or 0:.4f} with concatenation")
     if sequence_contents(run):
         summary += f"; {sequence_contents(run)}"
+    few = (f"<p>{len(runs)} run{'s' if len(runs) > 1 else ''} so far: a plot of runs over time from "
+           f"{RUNS_TO_PLOT} runs.</p>" if len(runs) < RUNS_TO_PLOT else "")
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1500px}}pre{{background:#f6f6f6;padding:1em;overflow-x:auto}}
-.grid{{display:grid;grid-template-columns:repeat(auto-fill,minmax(700px,1fr));gap:1em}}
-figure{{margin:0}}img{{max-width:100%}}</style></head>
-<body><h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>
-<h2>Runs</h2><pre>{html.escape(history(runs))}</pre>
-<h2>Run {html.escape(run['run_id'])}</h2><div class="grid">{images}</div></body></html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title><style>{_STYLE}</style></head>
+<body><h1>{html.escape(title)}</h1><p class="summary">{html.escape(summary)}</p>
+<h2>Run {html.escape(run['run_id'])}</h2><div class="grid">{"".join(images)}</div>
+<h2>Runs</h2>{few}<div class="tablewrap">{_runs_table(runs)}</div></body></html>
 """
 
 

@@ -37,7 +37,7 @@ def test_the_settings_page_lists_every_setting_as_the_command_line_takes_it():
     for section, flag, f, hint in field_specs():
         row = next(line for line in table.splitlines() if line.startswith(f"| `{section}.{f.name}` |"))
         assert f"`{flag_form(flag, hint)}`" in row
-        assert f"--{flag}" in pack_help and f"[{section}.{f.name}]" in pack_help
+        assert f"--{flag}" in pack_help and re.search(rf"\[{section}\.{f.name}[;\]]", pack_help)
     assert len(table.splitlines()) == len(field_specs()) + 2
 
 
@@ -49,14 +49,39 @@ def test_the_outputs_page_shows_every_column():
             assert re.search(rf"^{column}\s", rendered, re.M), (name, column)
 
 
-def test_the_docs_site_builds_strictly(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("docs") / "site"
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    page = (tmp_path / "site" / "guide" / "settings" / "index.html").read_text()
+    return out
+
+
+def test_the_docs_site_builds_strictly(site):
+    page = (site / "guide" / "settings" / "index.html").read_text()
     assert "input.loss_mask_column" in page and "max_segments_per_sequence" in page
-    assert "loss_mask" in (tmp_path / "site" / "guide" / "outputs" / "index.html").read_text()
+    assert "loss_mask" in (site / "guide" / "outputs" / "index.html").read_text()
+
+
+@pytest.mark.parametrize("page", ["index.html", "training/index.html"])
+def test_docs_pages_in_a_browser_cut_no_code(site, page, tmp_path):
+    """Headless Chromium at a laptop's width: every code block wraps or fits (the quick start's long command
+    is not cut off at the right edge), and code in a table cell is never broken mid-word. Screenshots in
+    the test's output."""
+    from browser import measure, screenshot
+
+    path = site / page
+    found = measure(path, """
+        const blocks = [...document.querySelectorAll('pre > code')];
+        const cut = blocks.filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.textContent.slice(0, 60));
+        const broken = [...document.querySelectorAll('td code')]
+            .filter(c => !/\\s/.test(c.textContent) && c.getClientRects().length > 1).map(c => c.textContent);
+        return {blocks: blocks.length, cut, broken, cells: document.querySelectorAll('td code').length};""", 1280)
+    assert found["blocks"] > 0 and found["cut"] == [] and found["broken"] == [], found
+    assert page != "training/index.html" or found["cells"] > 10
+    assert screenshot(path, tmp_path / (page.replace("/", "-") + ".png"), 1280, 2000).stat().st_size > 20_000
 
 
 def test_conf_files_are_valid_configs():
