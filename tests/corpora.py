@@ -80,6 +80,44 @@ def write_masked(root: Path, n_files: int = 3, docs_per_file: int = 300, median:
     return docs
 
 
+#: The split regexes of the BPE tokenizers people train with, as their tokenizer.json files give them.
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
+               r"""\s+(?!\S)|\s+""")
+TEKKEN_SPLIT = (r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"""
+                r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"""
+                r""" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def _split_then_bytes(regex: str) -> dict:
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+
+
+#: Tokenizer shapes beside Llama 3's, each as its family's tokenizer.json has it (normalizer, pre-tokenizer,
+#: the BPE model's settings), built here on cl100k_base's ranks: (normalizer, pre-tokenizer, model settings).
+SHAPES = {
+    "qwen2": ({"type": "NFC"}, _split_then_bytes(QWEN2_SPLIT),
+              {"continuing_subword_prefix": "", "end_of_word_suffix": "", "ignore_merges": False}),
+    "gpt-neox": ({"type": "NFC"}, {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                   "use_regex": True}, {"ignore_merges": False}),
+    "tekken": (None, _split_then_bytes(TEKKEN_SPLIT), {"ignore_merges": True}),
+    "llama3-nfkc": ({"type": "NFKC"}, None, {}),
+}
+
+
+def shaped_tokenizer(path: Path, shape: str) -> Path:
+    """A tokenizer.json of one of :data:`SHAPES` (cl100k_base's vocabulary and merges)."""
+    data = json.loads(llama3_style_tokenizer(path).read_text())
+    normalizer, pre_tokenizer, model = SHAPES[shape]
+    data["normalizer"] = normalizer
+    if pre_tokenizer is not None:
+        data["pre_tokenizer"] = pre_tokenizer
+    data["model"].update(model)
+    path.write_text(json.dumps(data))
+    return path
+
+
 def llama3_style_tokenizer(path: Path) -> Path:
     """A tokenizer.json shaped as Llama 3's (split regex, then byte-level BPE that skips merges for whole
     tokens), with cl100k_base's ranks as vocabulary: transformers' own converter, offline; ids 100256 and

@@ -262,7 +262,8 @@ def test_orphans_of_a_killed_run_are_removed_and_never_read(spark, tokenized, re
     eight_days_ago = time.time() - 8 * 24 * 3600
     os.utime(orphan, (eight_days_ago, eight_days_ago))
     assert read_table(spark, str(tmp_path / "sequences")).filter("seq_id = 1000000000").count() == 0
-    pack(spark, [tokenized], tmp_path / "other", **settings)  # any later run on this root cleans up
+    pack(spark, [tokenized], tmp_path.with_name(tmp_path.name + "-other"), **settings)  # another root: not this one's
+    # any later run on this root cleans up
     pack(spark, [tokenized / "part-000.parquet"], tmp_path, **settings)
     assert not orphan.exists() and young.exists()
 

@@ -1,7 +1,7 @@
 """The fast tokenizer engine gives the reference's ids, on real corpora and on texts built to be hard,
 for every tokenizer it is allowed to encode: these tests are what admits a tokenizer to the engine.
 
-A tokenizer is used with gigatoken only if it is listed in tokenize.py (_PROVEN_TIKTOKEN, _PROVEN_HF)
+A tokenizer is used with gigatoken only if it is listed in fast_engine.py (_PROVEN_TIKTOKEN, _PROVEN_HF, _NORMALIZERS)
 and, here, every listed entry is encoded both ways and compared id for id.
 """
 
@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bfpack_spark import tokenize
+from bfpack_spark import fast_engine
 from bfpack_spark.constants import DEFAULT_TOKENIZER, PYTHON_STDLIB
+from bfpack_spark.fast_engine import FastEncoder, hf_structure, tiktoken_ranks
 from bfpack_spark.io.listing.listing import list_inputs
-from bfpack_spark.tokenize import FastEncoder, encode_texts, hf_structure, load_tokenizer, tiktoken_ranks
+from bfpack_spark.tokenize import encode_texts, load_tokenizer
 
-from corpora import bos_tokenizer, llama3_style_tokenizer
+from corpora import SHAPES, bos_tokenizer, llama3_style_tokenizer, shaped_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,12 +105,12 @@ def hard_texts(specials: list[str]) -> list[str]:
 def check_identity(fast, reference, texts: list[str]) -> int:
     """Ids of every text by the fast engine (the texts it encodes itself, and through encode_texts all
     of them) against the reference's; returns the tokens compared."""
-    assert fast.fast is not None and fast.engine == f"gigatoken {tokenize.FAST_ENGINE_VERSION}"
+    assert fast.fast is not None and fast.engine == f"gigatoken {fast_engine.FAST_ENGINE_VERSION}"
     assert reference.fast is None
     expected = encode_texts(reference, texts)
     got = encode_texts(fast, texts)
     mine = [t for t in texts if not any(s in t for s in fast.fast.specials)]
-    offsets, ids = fast.fast.encode(mine, 1)
+    offsets, ids = fast.fast.encode(fast.fast.prepared(mine), 1)
     direct = encode_texts(reference, mine)
     for name, a, b, docs in (("encode_texts", got, expected, texts), ("engine", None, direct, mine)):
         a_off = offsets if a is None else np.asarray(a.offsets)
@@ -142,11 +143,24 @@ def gpt2(tmp_path_factory):
     return load_tokenizer(path, engine="auto"), load_tokenizer(path, engine="reference")
 
 
-def test_every_proven_tokenizer_is_one_these_tests_compare(cl100k, llama3, gpt2):
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> dict:
+    """The other tokenizer.json shapes people train with (corpora.SHAPES), each both ways."""
+    out = {}
+    for shape in SHAPES:
+        path = str(shaped_tokenizer(tmp_path_factory.mktemp(shape) / "tokenizer.json", shape))
+        out[shape] = load_tokenizer(path, engine="auto"), load_tokenizer(path, engine="reference")
+    return out
+
+
+def test_every_proven_tokenizer_is_one_these_tests_compare(cl100k, llama3, gpt2, shapes):
     """The allow-lists hold exactly what the tests below prove: nothing unproven is admitted."""
     enc = __import__("tiktoken").get_encoding(DEFAULT_TOKENIZER)
-    assert set(tokenize._PROVEN_TIKTOKEN) == {hashlib.sha256(tiktoken_ranks(enc)).hexdigest()}
-    assert set(tokenize._PROVEN_HF) == {hf_structure(t.fast._load.args[0]) for t, _ in (llama3, gpt2)}
+    assert set(fast_engine._PROVEN_TIKTOKEN) == {hashlib.sha256(tiktoken_ranks(enc)).hexdigest()}
+    tested = [llama3, gpt2, *shapes.values()]
+    assert set(fast_engine._PROVEN_HF) == {hf_structure(t.fast._load.args[0]) for t, _ in tested}
+    assert all(json.loads(t.fast._load.args[0])["normalizer"] is None for t, _ in tested)  # HF's runs first
+    assert set(fast_engine._NORMALIZERS) == {(normalizer or {}).get("type") for normalizer, _, _ in SHAPES.values()}
 
 
 def test_the_known_ids_of_cl100k_are_the_ids_tiktoken_decodes(cl100k):
@@ -181,6 +195,31 @@ def test_llama3_style_tokenizer_json_ids_equal_hf_tokenizers(llama3, corpus):
     fast, reference = llama3
     texts = demo_corpus()[::6] if corpus == "demo" else hard_texts(list(fast.fast.specials) + ["<|endoftext|>"])
     assert check_identity(fast, reference, texts) > 1000
+
+
+def normalization_texts() -> list[str]:
+    """Texts that NFC and NFKC change: every code point with a decomposition (compatibility forms,
+    precomposed letters, ligatures, fullwidth and circled forms, Hangul), in runs with words between,
+    and letters followed by combining marks in scrambled order (canonical reordering and composition)."""
+    decomposable = [chr(c) for c in range(0x30000) if not 0xD800 <= c < 0xE000
+                    and unicodedata.decomposition(chr(c))] + [chr(c) for c in range(0xAC00, 0xD7A4, 97)]
+    texts = [" word ".join(decomposable[i:i + 40]) for i in range(0, len(decomposable), 40)]
+    rng = random.Random(5)
+    marks = [chr(c) for c in range(0x300, 0x370)] + ["\u0323", "\u0338", "\u3099", "\u309a"]
+    bases = "aeiouAEIOUnNcCsSzZ<>=かはカハ가"
+    for _ in range(200):
+        texts.append(" ".join(rng.choice(bases) + "".join(rng.sample(marks, rng.randint(1, 4)))
+                              for _ in range(rng.randint(20, 80))))
+    return texts
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_the_other_shapes_ids_equal_hf_tokenizers(shapes, shape):
+    """Qwen2's, GPT-NeoX's and Tekken's shapes, and a Llama 3 one with NFKC, id for id with HF tokenizers, on
+    this repository, the hard texts and every code point a normalizer changes."""
+    fast, reference = shapes[shape]
+    texts = repo_corpus()[::3] + hard_texts(list(fast.fast.specials)) + normalization_texts()
+    assert check_identity(fast, reference, texts) > 100_000
 
 
 def test_gpt2_style_tokenizer_json_ids_equal_hf_tokenizers(gpt2):
@@ -233,12 +272,12 @@ def test_the_engine_line_names_the_engine_its_cost_and_why_the_reference(tmp_pat
     assert "the reference engine (tiktoken " in chosen and "why: --tokenizer-engine reference" in chosen
     other = tmp_path / "tokenizer.json"
     data = json.loads(Path(bos_tokenizer(other, ["some text to train on"] * 20)).read_text())
-    data["normalizer"] = {"type": "NFKC"}
+    data["normalizer"] = {"type": "Lowercase"}
     other.write_text(json.dumps(data))
     uncovered = line(**{"tokenizer.tokenizer": str(other)})
     assert "the reference engine (tokenizers " in uncovered and "about 0.7M tokens/s per core" in uncovered
-    assert ("why: its shape (normalizer NFKC, pre-tokenizer ByteLevel, model BPE) is not one the fast engine is "
-            "proven on") in uncovered
+    assert ("why: its shape (normalizer Lowercase, pre-tokenizer ByteLevel, model BPE) is not one the fast engine "
+            "is proven on") in uncovered
 
 
 def test_a_renewed_encoder_gives_the_same_ids(cl100k):
@@ -279,7 +318,7 @@ def test_a_document_with_endoftext_in_its_text_is_packed_as_before(spark, tmp_pa
     assert tables["auto"].select(["input_ids", "doc_ids", "seg_starts"]).equals(
         tables["reference"].select(["input_ids", "doc_ids", "seg_starts"]))
     assert results["auto"].run_id == results["reference"].run_id
-    assert results["auto"].stats["tokenizer_engine"] == f"gigatoken {tokenize.FAST_ENGINE_VERSION}"
+    assert results["auto"].stats["tokenizer_engine"] == f"gigatoken {fast_engine.FAST_ENGINE_VERSION}"
     assert results["reference"].stats["tokenizer_engine"].startswith("tiktoken ")
     enc = __import__("tiktoken").get_encoding(DEFAULT_TOKENIZER)
     for s in tables["auto"].to_pylist():

