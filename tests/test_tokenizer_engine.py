@@ -218,13 +218,13 @@ def test_the_other_shapes_ids_equal_hf_tokenizers(shapes, shape):
     """Qwen2's, GPT-NeoX's and Tekken's shapes, and a Llama 3 one with NFKC, id for id with HF tokenizers, on
     this repository, the hard texts and every code point a normalizer changes."""
     fast, reference = shapes[shape]
-    texts = repo_corpus()[::3] + hard_texts(list(fast.fast.specials)) + normalization_texts()
+    texts = repo_corpus()[::15] + hard_texts(list(fast.fast.specials)) + normalization_texts()
     assert check_identity(fast, reference, texts) > 100_000
 
 
 def test_gpt2_style_tokenizer_json_ids_equal_hf_tokenizers(gpt2):
     fast, reference = gpt2
-    texts = repo_corpus()[200:] + hard_texts(list(fast.fast.specials))
+    texts = repo_corpus()[200::4] + hard_texts(list(fast.fast.specials))
     assert check_identity(fast, reference, texts) > 1000
 
 
@@ -267,7 +267,7 @@ def test_the_engine_line_names_the_engine_its_cost_and_why_the_reference(tmp_pat
         return engine_line(load_config(None, {"input.paths": ["x"], "output.output": "y", **settings}))
 
     fast = line()
-    assert fast.startswith(f"tokenizer {DEFAULT_TOKENIZER}: the fast engine (gigatoken 0.10.0) encodes, about 17.0M")
+    assert fast.startswith(f"tokenizer {DEFAULT_TOKENIZER}: the fast engine (gigatoken 0.10.0) encodes, about 20.0M")
     chosen = line(**{"tokenizer.engine": "reference"})
     assert "the reference engine (tiktoken " in chosen and "why: --tokenizer-engine reference" in chosen
     other = tmp_path / "tokenizer.json"
@@ -275,7 +275,7 @@ def test_the_engine_line_names_the_engine_its_cost_and_why_the_reference(tmp_pat
     data["normalizer"] = {"type": "Lowercase"}
     other.write_text(json.dumps(data))
     uncovered = line(**{"tokenizer.tokenizer": str(other)})
-    assert "the reference engine (tokenizers " in uncovered and "about 0.7M tokens/s per core" in uncovered
+    assert "the reference engine (tokenizers " in uncovered and "about 0.4M tokens/s per core" in uncovered
     assert ("why: its shape (normalizer Lowercase, pre-tokenizer ByteLevel, model BPE) is not one the fast engine "
             "is proven on") in uncovered
 

@@ -29,9 +29,9 @@ def _check_tokenizer(config: PackConfig) -> None:
     document_bos(tokenizer, config.tokenizer.prepend_bos)
 
 
-#: Tokens per second per core of each engine on this project's 2-core machine (BENCHMARKS.md, "Tokens per
-#: second per core, each engine"): what the run announces it will cost before any work.
-ENGINE_RATES = {"gigatoken": 17e6, "tiktoken": 2.0e6, "tokenizers": 0.7e6}
+#: Tokens per second per core of each engine (``python benchmarks/bench_engines.py``, BENCHMARKS.md "Each
+#: tokenizer engine, per core"; medians over the shapes): what the run announces it will cost before any work.
+ENGINE_RATES = {"gigatoken": 20e6, "tiktoken": 3.0e6, "tokenizers": 0.4e6}
 
 
 def engine_line(config: PackConfig) -> str:
