@@ -179,7 +179,7 @@ def _read(run: _Run) -> ReadResult:
     with run.timer("read", counters=counters):
         settings = ReadSettings.of(run.config, in_place_settings(run.config.packing, run.inputs.n_groups))
         read = (replay_read(run.spark, run.inputs, run.staging, run.workspace)
-                or read_corpus(run.spark, run.inputs, settings, run.staging, run.workspace, counters))
+                or read_corpus(run.spark, run.inputs, settings, run.staging, run.workspace, counters=counters))
         run.release.callback(read.rows.unpersist)
     return read
 

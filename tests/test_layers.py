@@ -23,7 +23,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("stages", ("bfpack_spark.stages", "bfpack_spark.audit", "bfpack_spark.incremental", "bfpack_spark.snapshot")),
     ("spark helpers", ("bfpack_spark.spark",)),
     ("foundation", ("bfpack_spark.io", "bfpack_spark.config", "bfpack_spark.flags", "bfpack_spark.schemas",
-                    "bfpack_spark.stats", "bfpack_spark.faults", "bfpack_spark.tokenize")),
+                    "bfpack_spark.stats", "bfpack_spark.faults", "bfpack_spark.tokenize",
+                    "bfpack_spark.fast_engine")),
     ("kernels", ("bfpack_spark.packing", "bfpack_spark.masks")),
     ("leaves", ("bfpack_spark.errors", "bfpack_spark.constants")),
 ]

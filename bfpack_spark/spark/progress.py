@@ -75,7 +75,7 @@ def progress_line(label: str, done: int, total: int, elapsed: float, counters: C
 
 
 @contextmanager
-def stage_progress(spark, label: str, stream=None, interval: float = 0.5, log_every: float = 30.0,
+def stage_progress(spark, label: str, stream=None, interval: float = 0.5, *, log_every: float = 30.0,
                    counters: Counters | None = None):
     """While the block runs: ``label``'s progress bar on a terminal (redrawn every ``interval`` s), else a
     progress line logged every ``log_every`` s (none when 0)."""

@@ -204,7 +204,7 @@ class _Encoder:
 
 
 def read_group(group: int, splits: list[Split], settings: ReadSettings, staging: Staging,
-               workspace: Workspace, counters: Counters | None = None) -> Iterator[pa.RecordBatch]:
+               workspace: Workspace, *, counters: Counters | None = None) -> Iterator[pa.RecordBatch]:
     """Read one group: its documents go to the workspace (tokens) and to Spark (one small row each,
     kind DOC, in canonical order); its rejects to a file of the rejects table (a FILE row); and a
     GROUP row counts the records the readers consumed, for the audit (and holds the in-place round's figures).
@@ -412,12 +412,13 @@ class ReadResult:
 
 
 def read_corpus(spark: SparkSession, inputs: InputPlan, settings: ReadSettings, staging: Staging,
-                workspace: Workspace, counters: Counters | None = None) -> ReadResult:
+                workspace: Workspace, *, counters: Counters | None = None) -> ReadResult:
     """Run the read stage: one task per group (partition ``g`` reads group ``g``); each adds what it read
     to ``counters`` (the progress lines') when it finishes."""
     n = inputs.n_groups
     rows = map_slices(spark, inputs.group_payloads(), n,
-                      lambda g, mine: read_group(g, splits_of(mine[0]), settings, staging, workspace, counters),
+                      lambda g, mine: read_group(g, splits_of(mine[0]), settings, staging, workspace,
+                                                 counters=counters),
                       spark_ddl(READ)).persist(StorageLevel.MEMORY_AND_DISK)
     summaries = F.col("kind").isin(int(ReadRow.GROUP), int(ReadRow.FILE))
     info = rows.filter(summaries).select("kind", "group", "info").collect()
