@@ -164,12 +164,12 @@ def _gigatoken_from_ranks(gigatoken, ranks: bytes, regex: str, specials: dict[st
         os.remove(path)
 
 
-def hf_structure(data: str) -> str:
+def hf_structure(data: str | dict) -> str:
     """sha256 of what decides how a tokenizer.json splits and merges text (its normalizer, vocabulary and
     merges aside): the pre-tokenizer and the model's settings. ``data`` as HF tokenizers writes it back
     (``Tokenizer.to_str()``: every setting present), without what cannot change an id (ByteLevel's
-    ``trim_offsets``; an empty subword prefix or suffix is none)."""
-    config = json.loads(data)
+    ``trim_offsets``; an empty subword prefix or suffix is none); ``data`` parsed already, or not."""
+    config = json.loads(data) if isinstance(data, str) else data
 
     def ids_only(part):
         if isinstance(part, dict):
@@ -189,7 +189,7 @@ def hf_fast(tok) -> FastEncoder | None:
         return None
     config = json.loads(tok.to_str())
     normalizer = config.get("normalizer")
-    if hf_structure(tok.to_str()) not in _PROVEN_HF or (normalizer or {}).get("type") not in _NORMALIZERS:
+    if hf_structure(config) not in _PROVEN_HF or (normalizer or {}).get("type") not in _NORMALIZERS:
         return None
     config["normalizer"] = None  # HF's own runs first (FastEncoder.prepared)
     added = [t.content for t in tok.get_added_tokens_decoder().values()]  # the reference splits on all of them

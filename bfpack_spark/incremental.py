@@ -145,10 +145,7 @@ SHARED = {"packing.seq_len": ("packing", "seq_len"), "packing.strategy": ("packi
 
 def check_compatible(root: str, config: dict) -> None:
     """Refuse to add a run whose packing settings differ from the runs already in ``root``."""
-    stats = snapshot_dataset(join(root, "stats"))
-    if stats is None:
-        return
-    for row in stats.to_table(columns=["run_id", "config"]).to_pylist():
+    for row in stats_rows(root, ["run_id", "config"]):
         if not row["config"]:  # a row without its settings (not written by bfpack) binds nothing
             continue
         theirs = json.loads(row["config"])

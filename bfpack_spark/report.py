@@ -63,19 +63,25 @@ def rejects_by_reason(root: str, run_id: str | None = None) -> dict[str, int]:
     return dict(counts.most_common())
 
 
+def _cells(r: dict) -> dict[str, str]:
+    """A run's figures as the history shows them (the terminal's and the page's)."""
+    return {"started": (r["started_at"] or "")[:19].replace("T", " "), "mode": r["mode"] or "",
+            "read": f"{r['documents_read'] or 0:,}", "packed": f"{r['documents_packed'] or 0:,}",
+            "rejected": f"{r['documents_rejected'] or 0:,}", "sequences": f"{r['sequences'] or 0:,}",
+            "bound": f"{r['lower_bound'] or 0:,}", "trunc": f"{r['truncations_per_document'] or 0:.4f}",
+            "concat": f"{r['concat_truncations_per_document'] or 0:.4f}",
+            "audit": "passed" if r["audit_passed"] else "FAILED", "run": r["run_id"]}
+
+
 def history(runs: Sequence[dict]) -> str:
     """The run history, one line per run."""
     head = (f"{'started (UTC)':<19} {'mode':<11} {'read':>11} {'packed':>11} {'rejected':>9} {'sequences':>11} "
             f"{'bound':>11} {'trunc/doc':>9} {'concat':>7}  audit   run")
     lines = [head]
-    for r in runs:
-        when = (r["started_at"] or "")[:19].replace("T", " ")
-        lines.append(
-            f"{when:<19} {r['mode'] or '':<11} {r['documents_read'] or 0:>11,} "
-            f"{r['documents_packed'] or 0:>11,} {r['documents_rejected'] or 0:>9,} {r['sequences'] or 0:>11,} "
-            f"{r['lower_bound'] or 0:>11,} {r['truncations_per_document'] or 0:>9.4f} "
-            f"{r['concat_truncations_per_document'] or 0:>7.4f}  {'passed' if r['audit_passed'] else 'FAILED':<6}  "
-            f"{r['run_id']}")
+    for c in map(_cells, runs):
+        lines.append(f"{c['started']:<19} {c['mode']:<11} {c['read']:>11} {c['packed']:>11} {c['rejected']:>9} "
+                     f"{c['sequences']:>11} {c['bound']:>11} {c['trunc']:>9} {c['concat']:>7}  {c['audit']:<6}  "
+                     f"{c['run']}")
     return "\n".join(lines)
 
 
@@ -209,15 +215,13 @@ def _png(fig) -> str:
 
 def _runs_table(runs: Sequence[dict]) -> str:
     """The runs as an HTML table, newest first."""
-    head = ("started (UTC)", "mode", "documents packed", "rejected", "sequences", "lower bound",
-            "truncations / doc", "concat", "audit", "run")
+    columns = {"started": "started (UTC)", "mode": "mode", "packed": "documents packed", "rejected": "rejected",
+               "sequences": "sequences", "bound": "lower bound", "trunc": "truncations / doc", "concat": "concat",
+               "audit": "audit", "run": "run"}
+    head = columns.values()
     rows = []
-    for r in reversed(runs):
-        cells = [(r["started_at"] or "")[:19].replace("T", " "), r["mode"] or "", f"{r['documents_packed'] or 0:,}",
-                 f"{r['documents_rejected'] or 0:,}", f"{r['sequences'] or 0:,}", f"{r['lower_bound'] or 0:,}",
-                 f"{r['truncations_per_document'] or 0:.4f}", f"{r['concat_truncations_per_document'] or 0:.4f}",
-                 "passed" if r["audit_passed"] else "FAILED", r["run_id"]]
-        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    for cells in map(_cells, reversed(runs)):
+        rows.append("<tr>" + "".join(f"<td>{html.escape(cells[c])}</td>" for c in columns) + "</tr>")
     return ("<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>")
 

@@ -21,8 +21,8 @@ from bfpack_spark.tokenize import TokenizerError, document_bos, load_tokenizer
 
 
 def _check_tokenizer(config: PackConfig) -> None:
-    tokenizer = load_tokenizer(config.tokenizer.tokenizer, config.tokenizer.eos_token, config.tokenizer.bos_token,
-                               "reference")  # a check of its special tokens: no text is encoded here
+    t = config.tokenizer  # loaded as the run will (cached): the engine line takes the same one
+    tokenizer = load_tokenizer(t.tokenizer, t.eos_token, t.bos_token, t.engine)
     if config.append_eos and tokenizer.eos_id is None:
         raise TokenizerError(f"{tokenizer.name} has no end-of-document token; name one with --eos-token "
                              f"or turn it off with --no-append-eos")

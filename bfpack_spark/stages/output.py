@@ -78,10 +78,8 @@ def foreign_entries(root: str) -> list[str]:
     workspaces, and in a table's folder anything but its log, run folders and Parquet files (hidden
     files, such as an editor's or a file browser's, are let be)."""
     fs, base = filesystem(root)
-    if fs.get_file_info(base).type != pafs.FileType.Directory:
-        return []
     found = []
-    for info in fs.get_file_info(pafs.FileSelector(base)):
+    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
         name = posixpath.basename(info.path)
         folder = info.type == pafs.FileType.Directory
         if name.startswith(".") or name.startswith("_bfpack"):

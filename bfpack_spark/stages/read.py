@@ -288,17 +288,23 @@ def _replayed(group: int, digest: str, staging: Staging, workspace: Workspace) -
     summary = GroupSummary.from_dict(record["summary"])
     rejects = StagedFile.from_json(record["rejects"]) if record.get("rejects") else None
     try:
-        stored = workspace.read_group(group)
+        rows = stored_doc_rows(group, summary, workspace)
     except (OSError, pa.ArrowException):
         return None
+    if rows is None or (rejects is not None and not staging.holds(rejects)):
+        return None
+    summary.resumed = True
+    return [*rows.to_batches(max_chunksize=BATCH_DOCS), *_closing_rows(group, summary, rejects, record["residue"])]
+
+
+def stored_doc_rows(group: int, summary: GroupSummary, workspace: Workspace) -> pa.Table | None:
+    """The DOC rows of a group as an earlier attempt stored it in the workspace; None where the stored
+    documents are not the ``summary``'s (their count, their tokens)."""
+    stored = workspace.read_group(group)
     lengths = pc.list_value_length(stored.column("tokens")).to_numpy()
     if stored.num_rows != summary.documents or int(lengths.sum()) != summary.tokens:
         return None
-    if rejects is not None and not staging.holds(rejects):
-        return None
-    summary.resumed = True
-    return [*doc_rows(group, 0, stored, lengths).to_batches(max_chunksize=BATCH_DOCS),
-            *_closing_rows(group, summary, rejects, record["residue"])]
+    return doc_rows(group, 0, stored, lengths)
 
 
 #: A group whose own BFD leaves more than this share of its chunks is unlike the corpus (it holds one

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 
@@ -29,7 +28,7 @@ from bfpack_spark.io.store.workspace import Workspace
 from bfpack_spark.io.tables.staging import StagedFile, Staging
 from bfpack_spark.schemas import READ, spark_ddl
 from bfpack_spark.spark.partitioning import map_slices
-from bfpack_spark.stages.read import GroupSummary, ReadResult, doc_rows, splits_digest
+from bfpack_spark.stages.read import GroupSummary, ReadResult, splits_digest, stored_doc_rows
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +71,17 @@ def replay_read(spark: SparkSession, inputs: InputPlan, staging: Staging, worksp
 def _stored_documents(spark: SparkSession, groups: list[GroupSummary], workspace: Workspace) -> DataFrame:
     """The read's DOC rows (group ``g`` in partition ``g``, as the read stage leaves them), made from the
     workspace when first used (cached then), each group checked against its record."""
-    expected = [(g.documents, g.tokens) for g in groups]
     where = workspace.uri
 
     def rows(_: int, mine: list[int]) -> Iterator[pa.RecordBatch]:
         for group in mine:
-            stored = workspace.read_group(group)
-            lengths = pc.list_value_length(stored.column("tokens")).to_numpy()
-            if (stored.num_rows, int(lengths.sum())) != expected[group]:
+            table = stored_doc_rows(group, groups[group], workspace)
+            if table is None:
                 raise WorkspaceDamaged(
-                    f"group {group} in the run's workspace {where} holds {stored.num_rows} documents and "
-                    f"{int(lengths.sum())} tokens, not the {expected[group][0]} and {expected[group][1]} its "
-                    f"record says; run the same command with --no-resume to start afresh")
-            table = doc_rows(group, 0, stored, lengths).drop_columns(["kind", "info"])
-            yield from table.to_batches(max_chunksize=BATCH_DOCS)
+                    f"group {group} in the run's workspace {where} does not hold the {groups[group].documents} "
+                    f"documents and {groups[group].tokens} tokens its record says; run the same command with "
+                    f"--no-resume to start afresh")
+            yield from table.drop_columns(["kind", "info"]).to_batches(max_chunksize=BATCH_DOCS)
 
     return map_slices(spark, list(range(len(groups))), len(groups), rows, spark_ddl(_DOCS)).persist(
         StorageLevel.MEMORY_AND_DISK)
