@@ -251,3 +251,61 @@ def test_ids_that_are_not_valid_unicode_are_rejects_with_their_reason(tmp_path):
     [batch] = read(split_of(tmp_path / "s.jsonl"), "id", "text", False, Limits(10**6))
     assert batch.ids.to_pylist() == ["a"] and batch.texts == ["x"]
     assert [r.reason for r in batch.rejects] == ["id field 'id' holds an unpaired surrogate escape (invalid Unicode)"]
+
+
+def _odd_compressed_files(tmp_path) -> list:
+    """Small compressed files the one-call decoding must leave to the salvage decoder, and plain ones."""
+    c, checked = zstandard.ZstdCompressor(), zstandard.ZstdCompressor(write_checksum=True)
+    bad_crc = bytearray(gzip.compress(jsonl_bytes(300)))
+    bad_crc[-8] ^= 0xFF
+    bad_frame = bytearray(checked.compress(jsonl_bytes(300)))
+    bad_frame[-1] ^= 0xFF
+    streamed = zstandard.ZstdCompressor().compressobj()  # a frame that does not write its size down
+    files = {
+        "plain.jsonl.gz": gzip.compress(jsonl_bytes(5)),
+        "half.jsonl.gz": gzip.compress(jsonl_bytes(2000))[:3000],
+        "members.jsonl.gz": gzip.compress(jsonl_bytes(3)) + gzip.compress(jsonl_bytes(2, 3)) + b"\0" * 512,
+        "crc.jsonl.gz": bytes(bad_crc),
+        "plain.jsonl.zst": c.compress(jsonl_bytes(4)),
+        "frames.jsonl.zst": c.compress(jsonl_bytes(2)) + c.compress(jsonl_bytes(1, 2)),
+        "garbage.jsonl.zst": c.compress(jsonl_bytes(3)) + b"garbage that is not zstd",
+        "checksum.jsonl.zst": bytes(bad_frame),
+        "unsized.jsonl.zst": streamed.compress(jsonl_bytes(6)) + streamed.flush(),
+    }
+    paths = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(tmp_path / name)
+    return paths
+
+
+def test_small_files_read_whole_give_what_the_streamed_reader_gives(tmp_path):
+    """A task reads small files whole and decodes a clean one in one call, and hands out the documents of
+    consecutive files together: each file's documents, rows and rejects are those of reading it alone,
+    damaged and multi-member files included, in file order with their own sources."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bfpack_spark.io.formats import read_group_splits
+
+    paths = _odd_compressed_files(tmp_path)
+    pq.write_table(pa.table({"id": ["p0", "p1"], "text": ["a", "b"]}), tmp_path / "mid.parquet")
+    paths.insert(4, tmp_path / "mid.parquet")
+    splits = [split_of(p, "parquet") if p.suffix == ".parquet" else
+              split_of(p, "jsonl", "gzip" if p.suffix == ".gz" else "zstd") for p in paths]
+    fields = Fields("text", False, "id", None, Limits(10**6))
+    alone = [b for s in splits for b in read_split(s, fields)]
+    together = list(read_group_splits(splits, fields))
+    assert len(together) < len(alone)  # small files are handed out together
+
+    def documents(batches):
+        return [(s, r, i, t) for b in batches
+                for s, r, i, t in zip(b.sources.to_pylist(), b.rows.tolist(), b.ids.to_pylist(), b.texts)]
+
+    def rejects(batches):
+        return [(r.source, r.row, r.reason, r.doc_id) for b in batches for r in b.rejects]
+
+    assert documents(together) == documents(alone) and len(documents(alone)) > 1000
+    assert sorted(rejects(together)) == sorted(rejects(alone)) and len(rejects(alone)) >= 4
+    assert sum(b.n_records for b in together) == sum(b.n_records for b in alone)
+    assert {s for s, *_ in documents(together)} == {p.name for p in paths}  # every file gave documents

@@ -15,12 +15,22 @@ from collections.abc import Iterator
 
 from bfpack_spark.io.formats.base import BATCH_DOCS, Fields, RawBatch, Split
 from bfpack_spark.io.formats.fetch import Opened, opened
-from bfpack_spark.io.formats.jsonl import first_record, read_jsonl
+from bfpack_spark.io.formats.jsonl import Lines, first_record, read_jsonl
 from bfpack_spark.io.formats.parquet import Rows, read_parquet
 from bfpack_spark.io.formats.text import read_text
 
 #: a batch of several small files holds at most about this many bytes of text
 BATCH_BYTES = 8 * 2**20
+
+
+def _has_ids(file: Opened, fields: Fields) -> bool | None:
+    """A JSON-lines piece's id convention, from its file's first record when the piece starts later (None:
+    decided as the file is read from its start)."""
+    split = file.split
+    if split.byte_range is None or split.byte_range[0] == 0 or fields.id_column is None:
+        return None
+    first = first_record(file, fields.limits.line_bytes)
+    return first is not None and fields.id_column in first
 
 
 def read_split(split: Split, fields: Fields, file: Opened | None = None) -> Iterator[RawBatch]:
@@ -31,24 +41,27 @@ def read_split(split: Split, fields: Fields, file: Opened | None = None) -> Iter
     elif split.format == "text":
         yield from read_text(file, fields)
     else:
-        has_ids = None  # decided as the file is read from its start
-        if split.byte_range is not None and split.byte_range[0] > 0 and fields.id_column is not None:
-            first = first_record(file, fields.limits.line_bytes)
-            has_ids = first is not None and fields.id_column in first
-        yield from read_jsonl(file, fields, has_ids)
+        yield from read_jsonl(file, fields, _has_ids(file, fields))
 
 
 def _batches(splits: list[Split], fields: Fields) -> Iterator[tuple[Split, RawBatch]]:
-    """Every split's batches, in order; the rows of consecutive Parquet files checked together."""
-    rows = Rows(fields)
+    """Every split's batches, in order; the documents of consecutive Parquet files checked together, and
+    those of consecutive JSON-lines files handed out together."""
+    rows, lines = Rows(fields), Lines(fields)
     for file in opened(splits):
-        if file.split.format == "parquet":
+        split = file.split
+        # the documents stay in file order: what waits from files of another format goes first
+        yield from ((split, b) for b in (lines.flush() if split.format == "parquet" else rows.flush()))
+        if split.format == "parquet":
             batches = read_parquet(file, fields, rows)
+        elif split.format == "jsonl":
+            batches = read_jsonl(file, fields, _has_ids(file, fields), lines)
         else:
-            yield from ((file.split, b) for b in rows.flush())  # the documents stay in file order
-            batches = read_split(file.split, fields, file)
-        yield from ((file.split, b) for b in batches)
+            yield from ((split, b) for b in lines.flush())
+            batches = read_text(file, fields)
+        yield from ((split, b) for b in batches)
     yield from ((splits[-1], b) for b in rows.flush())
+    yield from ((splits[-1], b) for b in lines.flush())
 
 
 def read_group_splits(splits: list[Split], fields: Fields) -> Iterator[RawBatch]:

@@ -15,6 +15,30 @@ import zstandard
 COMPRESSED_BLOCK_BYTES = 2**16
 
 
+#: a small file read whole is decoded in one call when it decodes to at most this many bytes
+WHOLE_DECODED_BYTES = 64 * 2**20
+
+
+def inflate_whole(data: bytes, codec: str) -> bytes | None:
+    """A whole compressed file decoded in one call: the common case of a small file (one gzip member or
+    zstd frame, undamaged), without :class:`Inflated`'s incremental set-up. None where that is not the
+    case (several members, damage, or more than :data:`WHOLE_DECODED_BYTES`): the caller streams it."""
+    try:
+        if codec == "gzip":
+            decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            out = decoder.decompress(data, WHOLE_DECODED_BYTES)
+            whole = decoder.eof and not decoder.unused_data and not decoder.unconsumed_tail
+        else:
+            if not 0 <= zstandard.frame_content_size(data) <= WHOLE_DECODED_BYTES:  # -1: not written down
+                return None
+            zstd = zstandard.ZstdDecompressor().decompressobj()
+            out = zstd.decompress(data)
+            whole = zstd.eof and not zstd.unused_data
+    except (zlib.error, zstandard.ZstdError):
+        return None
+    return out if whole else None
+
+
 class Corrupt(Exception):
     """A file that cannot be read on from ``offset`` (decoded bytes): damaged, truncated or unreadable."""
 

@@ -11,6 +11,7 @@ file's first record first (:func:`first_record`).
 from __future__ import annotations
 
 import codecs
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import pyarrow as pa
 
 from bfpack_spark.io.formats.base import BATCH_DOCS, EXCERPT_CHARS, Fields, RawBatch, Reject, excerpt, too_large
 from bfpack_spark.io.formats.fetch import Opened
-from bfpack_spark.io.formats.inflate import Corrupt, Inflated
+from bfpack_spark.io.formats.inflate import Corrupt, Inflated, inflate_whole
 
 #: bytes read at a time from a plain file (a compressed stream hands out what one piece decodes to)
 BLOCK_BYTES = 8 * 2**20
@@ -44,7 +45,8 @@ def _stream(opened: Opened, pos: int):
     """The file's (decompressed) bytes from ``pos`` (0 for a compressed file)."""
     split = opened.split
     if split.compression:
-        return Inflated(opened.raw, split.compression)
+        decoded = None if opened.data is None else inflate_whole(opened.data, split.compression)
+        return io.BytesIO(decoded) if decoded is not None else Inflated(opened.raw, split.compression)
     raw = opened.raw()
     raw.seek(pos)
     return raw
@@ -186,10 +188,10 @@ def _int64_lists(lists: list[list[int]]) -> pa.Array:
 
 
 class _Batch:
-    """The documents and rejects of one batch of a file, as they are read."""
+    """The documents and rejects of one batch, of one file or of consecutive small ones, as they are read."""
 
-    def __init__(self, source: str):
-        self.source = source
+    def __init__(self) -> None:
+        self.sources: list[str] = []
         self.rows: list[int] = []
         self.ids: list[str] = []
         self.values: list[Any] = []   # texts, or token lists
@@ -199,7 +201,8 @@ class _Batch:
     def finish(self, fields: Fields) -> RawBatch:
         n = len(self.rows)
         batch = RawBatch(rows=np.array(self.rows, np.int64), ids=pa.array(self.ids, pa.string()),
-                         sources=pa.repeat(self.source, n), rejects=self.rejects, n_records=n + len(self.rejects))
+                         sources=pa.array(self.sources, pa.string()), rejects=self.rejects,
+                         n_records=n + len(self.rejects))
         if fields.tokenized:
             batch.tokens = _int64_lists(self.values)
             if fields.extra is not None:
@@ -209,23 +212,40 @@ class _Batch:
         return batch
 
 
-class _Records:
-    """Turns one file's lines into documents and rejects; decides the file's id convention from its
-    first JSON object when not told (rejects before it wait for the decision: their ids depend on it)."""
+class Lines:
+    """Documents of consecutive JSON-lines files waiting to be handed out together: a batch costs about
+    the same for one document as for thousands, and a file of a few lines would pay it alone."""
 
-    def __init__(self, opened: Opened, fields: Fields, has_ids: bool | None):
-        self.split, self.fields = opened.split, fields
+    def __init__(self, fields: Fields):
+        self.fields = fields
+        self.batch = _Batch()
+
+    def full(self) -> bool:
+        return len(self.batch.rows) >= BATCH_DOCS
+
+    def flush(self) -> Iterator[RawBatch]:
+        if self.batch.rows or self.batch.rejects:
+            batch, self.batch = self.batch, _Batch()
+            yield batch.finish(self.fields)
+
+
+class _Records:
+    """Turns one file's lines into documents and rejects (into ``held``'s batch); decides the file's id
+    convention from its first JSON object when not told (rejects before it wait for the decision: their
+    ids depend on it)."""
+
+    def __init__(self, opened: Opened, fields: Fields, has_ids: bool | None, held: Lines):
+        self.split, self.fields, self.held = opened.split, fields, held
         self.has_ids = False if fields.id_column is None else has_ids
         self.waiting: list[tuple[Reject, str | None]] = []  # rejects before the decision, with their ids
         self.seen = 0
-        self.batch = _Batch(self.split.source)
 
     def decide(self, has_ids: bool) -> None:
         if self.has_ids is None:
             self.has_ids = has_ids
             for reject, doc_id in self.waiting:
                 reject.doc_id = doc_id if has_ids else None
-                self.batch.rejects.append(reject)
+                self.held.batch.rejects.append(reject)
             self.waiting = []
 
     def reject(self, row: int, reason: str, raw: object, doc_id: str | None = None, readable: bool = False) -> None:
@@ -237,7 +257,7 @@ class _Records:
                 self.waiting.append((reject, _readable_id(raw, id_column)))
                 return
             reject.doc_id = _readable_id(raw, id_column) if self.has_ids else None
-        self.batch.rejects.append(reject)
+        self.held.batch.rejects.append(reject)
 
     def take(self, row: int, raw: bytes) -> None:
         self.seen += 1
@@ -274,7 +294,7 @@ class _Records:
         return doc_id
 
     def _document(self, row: int, raw: bytes, obj: dict, doc_id: str) -> None:
-        f, b = self.fields, self.batch
+        f, b = self.fields, self.held.batch
         value = obj.get(f.column)
         if value is None:
             self.reject(row, f"{f.kind} field {f.column!r} is {'null' if f.column in obj else 'missing'}", raw, doc_id)
@@ -302,15 +322,12 @@ class _Records:
             if size > f.limits.document_bytes:
                 self.reject(row, too_large(f.limits.document_bytes), raw, doc_id)
                 return
+        b.sources.append(self.split.source)
         b.rows.append(row)
         b.ids.append(doc_id)
         b.values.append(value)
         if side is not None:
             b.extras.append(side)
-
-    def finish(self) -> RawBatch:
-        batch, self.batch = self.batch, _Batch(self.split.source)
-        return batch.finish(self.fields)
 
 
 def _json_extra(obj: dict, fields: Fields) -> tuple[Any, str | None]:
@@ -328,15 +345,19 @@ def _json_extra(obj: dict, fields: Fields) -> tuple[Any, str | None]:
     return value, None
 
 
-def read_jsonl(opened: Opened, fields: Fields, has_ids: bool | None = None) -> Iterator[RawBatch]:
+def read_jsonl(opened: Opened, fields: Fields, has_ids: bool | None = None,
+               held: Lines | None = None) -> Iterator[RawBatch]:
     """Batches of the documents and rejects of one split of a JSON-lines file, in file order.
-    ``has_ids``: the file's id convention, when known (None: decided from its first record)."""
-    records = _Records(opened, fields, has_ids)
+    ``has_ids``: the file's id convention, when known (None: decided from its first record); ``held``:
+    where its last documents wait to be handed out with the next file's (the caller flushes it)."""
+    mine = held is None
+    held = held or Lines(fields)
+    records = _Records(opened, fields, has_ids, held)
     try:
         for row, raw in lines(opened, fields.limits.line_bytes):
             records.take(row, raw)
-            if len(records.batch.rows) >= BATCH_DOCS:
-                yield records.finish()
+            if held.full():
+                yield from held.flush()
     except Corrupt as exc:
         compression = opened.split.compression or ""
         records.decide(False)
@@ -346,5 +367,5 @@ def read_jsonl(opened: Opened, fields: Fields, has_ids: bool | None = None) -> I
         first = first_record(opened, fields.limits.line_bytes)
         records.decide(first is not None and fields.id_column in first)
     records.decide(False)
-    if records.batch.rows or records.batch.rejects:
-        yield records.finish()
+    if mine:
+        yield from held.flush()
