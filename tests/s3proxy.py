@@ -88,7 +88,18 @@ def _handler(upstream: tuple[str, int], faults: Faults) -> type[BaseHTTPRequestH
             return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
         def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-            conn = http.client.HTTPConnection(*upstream, timeout=60)
+            # one upstream connection per client connection, kept open as a store keeps it: a connection
+            # (and a server thread) per request would cost this machine's cores what a remote store does not
+            reused = getattr(self, "_upstream", None)
+            self._upstream = None
+            if reused is not None:
+                try:
+                    return self._send(reused, body)
+                except (http.client.HTTPException, ConnectionError):  # the server closed an idle connection
+                    pass
+            return self._send(http.client.HTTPConnection(*upstream, timeout=60), body)
+
+        def _send(self, conn: http.client.HTTPConnection, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
             try:
                 conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
                 for name, value in self.headers.items():
@@ -98,9 +109,19 @@ def _handler(upstream: tuple[str, int], faults: Faults) -> type[BaseHTTPRequestH
                 conn.endheaders(body)
                 resp = conn.getresponse()
                 data = resp.read()
-                return resp.status, resp.getheaders(), data
-            finally:
+            except BaseException:
                 conn.close()
+                raise
+            if resp.will_close:
+                conn.close()
+            else:
+                self._upstream = conn
+            return resp.status, resp.getheaders(), data
+
+        def finish(self) -> None:
+            super().finish()
+            if getattr(self, "_upstream", None) is not None:
+                self._upstream.close()
 
         def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes, length: int | None = None) -> None:
             if self.command == "HEAD":  # no body: the length the server gave
@@ -123,7 +144,8 @@ def _handler(upstream: tuple[str, int], faults: Faults) -> type[BaseHTTPRequestH
             if kind == "slow_down":
                 self._reply(503, [("Content-Type", "application/xml")], SLOW_DOWN)
                 return
-            if faults.denied_key and f"Credential={faults.denied_key}/" in (self.headers.get("Authorization") or ""):
+            signed = (self.headers.get("Authorization") or "") + self.path.replace("%2F", "/")  # header or query
+            if faults.denied_key and f"Credential={faults.denied_key}/" in signed:
                 self._reply(403, [("Content-Type", "application/xml")], INVALID_KEY)
                 return
             status, headers, data = self._forward(body)

@@ -318,3 +318,26 @@ def test_a_missing_object_is_never_retried_whatever_its_path_says():
 
     assert not transient(FileNotFoundError(2, "Path does not exist 'out-throttled/_bfpack_work/done/read-0.json'"))
     assert transient(OSError("Path 'out-throttled/x' read failed")) is True  # the text alone still counts
+
+
+def test_the_listing_reads_what_boto3_reads(s3_server):
+    """The listing's own requests and XML reading give, page after page, the keys, sizes, times and ETags
+    boto3 gives, keys with spaces, '+', '&' and non-ASCII letters included, folder markers left out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bfpack_spark.io.store import s3
+
+    s3_server.create_bucket(Bucket="listing-odd-keys")
+    keys = [f"p/{i // 1000:04d}/f {i:05d}+&é<x>.jsonl" for i in range(2300)] + ["p/dir/", "q/other.jsonl"]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: s3_server.put_object(Bucket="listing-odd-keys", Key=k, Body=b"x" * (len(k) % 7)),
+                      keys))
+    objects, _ = s3.list_objects("listing-odd-keys", "p/")
+    expected = [(o["Key"], o["Size"], o["ETag"].strip('"'), int(o["LastModified"].timestamp()))
+                for page in s3_server.get_paginator("list_objects_v2").paginate(Bucket="listing-odd-keys", Prefix="p/")
+                for o in page["Contents"] if not o["Key"].endswith("/")]
+    assert [(o.key, o.size, o.etag, o.modified_ns // 10**9) for o in objects] == expected and len(expected) == 2300
+    top, prefixes = s3.list_objects("listing-odd-keys", "p/", "/")
+    assert top == [] and prefixes == ["p/0000/", "p/0001/", "p/0002/", "p/dir/"]
+    first, _ = s3.list_objects("listing-odd-keys", "p/0001/", max_keys=1)
+    assert [o.key for o in first] == ["p/0001/f 01000+&é<x>.jsonl"]
