@@ -192,7 +192,8 @@ def _duplicates(run: _Run, read: ReadResult) -> tuple[Duplicates, _Counts]:
         earlier, runs = None, set()
         if config.output.mode in ("append", "incremental") and config.quality.duplicate_ids == "skip":
             runs = committed_runs(run.root.root) - set(run.inputs.replaces.values())  # not the runs re-packed
-            earlier = earlier_documents(run.spark, run.root.output.table_uri("documents"), sorted(runs), read.docs)
+            earlier = earlier_documents(run.spark, run.root.output.table_uri("documents"), sorted(runs), read.docs,
+                                        read.documents)
         key = duplicates_key(read.groups, config.quality.duplicate_ids, sorted(runs))
         if read.resumed == len(read.groups) and found_none_before(run.workspace, key):
             dups = Duplicates(None)

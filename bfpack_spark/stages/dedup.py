@@ -53,14 +53,15 @@ class Duplicates:
 _DROPS = ("doc_id", "group", "doc_index", "n_tokens", "first_source", "first_row", "first_run")
 
 
-def earlier_documents(spark, documents_uri: str, runs: list[str], docs: DataFrame) -> DataFrame | None:
-    """The ids of ``docs`` (this run's documents) that ``runs`` (committed runs of the output root)
-    packed, each with where it was first packed: (doc_id, first_source, first_row); None when
+def earlier_documents(spark, documents_uri: str, runs: list[str], docs: DataFrame, n_docs: int) -> DataFrame | None:
+    """The ids of ``docs`` (this run's ``n_docs`` documents) that ``runs`` (committed runs of the output
+    root) packed, each with where it was first packed: (doc_id, first_source, first_row); None when
     there are no earlier documents.
 
     Tasks read the table's files with pyarrow (any store, no JVM connector needed); the
     driver holds only the file list. Only the earlier rows whose id this run has are grouped
-    (a semi-join: a broadcast of this run's ids when they are few, as in an incremental run)."""
+    (a semi-join: a broadcast of this run's ids when they are few, as in an incremental run, so the
+    earlier rows are filtered where they are read instead of shuffled)."""
     table = delta_table(documents_uri) if runs else None
     files = table.file_uris() if table is not None else []
     if not files:
@@ -74,7 +75,8 @@ def earlier_documents(spark, documents_uri: str, runs: list[str], docs: DataFram
 
     n = min(len(files), spark.sparkContext.defaultParallelism)
     rows = map_slices(spark, files, n, read, "doc_id string, source string, row bigint, run_id string")
-    rows = rows.join(docs.select("doc_id"), "doc_id", "left_semi")
+    ids = docs.select("doc_id")
+    rows = rows.join(F.broadcast(ids) if n_docs <= _BROADCAST else ids, "doc_id", "left_semi")
     first = F.min(F.struct("run_id", "source", "row")).alias("first")
     return rows.groupBy("doc_id").agg(first).select(
         "doc_id", F.col("first.source").alias("first_source"), F.col("first.row").alias("first_row"),
