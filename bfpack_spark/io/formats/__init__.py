@@ -13,14 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from bfpack_spark.io.formats.base import BATCH_DOCS, Fields, RawBatch, Split
+from bfpack_spark.io.formats.base import BATCH_BYTES, BATCH_DOCS, Fields, RawBatch, Split
 from bfpack_spark.io.formats.fetch import Opened, opened
 from bfpack_spark.io.formats.jsonl import Lines, first_record, read_jsonl
 from bfpack_spark.io.formats.parquet import Rows, read_parquet
 from bfpack_spark.io.formats.text import read_text
-
-#: a batch of several small files holds at most about this many bytes of text
-BATCH_BYTES = 8 * 2**20
 
 
 def _has_ids(file: Opened, fields: Fields) -> bool | None:

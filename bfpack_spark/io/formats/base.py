@@ -18,6 +18,8 @@ import pyarrow as pa
 
 #: documents per batch a reader hands out (and the read stage tokenizes at once)
 BATCH_DOCS = 2048
+#: a batch of several small files holds at most about this many bytes of text
+BATCH_BYTES = 8 * 2**20
 EXCERPT_CHARS = 160
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")

@@ -20,7 +20,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from bfpack_spark.io.formats.base import BATCH_DOCS, EXCERPT_CHARS, Fields, RawBatch, Reject, excerpt, too_large
+from bfpack_spark.io.formats.base import (
+    BATCH_BYTES,
+    BATCH_DOCS,
+    EXCERPT_CHARS,
+    Fields,
+    RawBatch,
+    Reject,
+    excerpt,
+    too_large,
+)
 from bfpack_spark.io.formats.fetch import Opened
 from bfpack_spark.io.formats.inflate import Corrupt, Inflated, inflate_whole
 
@@ -219,13 +228,14 @@ class Lines:
     def __init__(self, fields: Fields):
         self.fields = fields
         self.batch = _Batch()
+        self.nbytes = 0  # of the held documents' lines
 
     def full(self) -> bool:
-        return len(self.batch.rows) >= BATCH_DOCS
+        return len(self.batch.rows) >= BATCH_DOCS or self.nbytes >= BATCH_BYTES
 
     def flush(self) -> Iterator[RawBatch]:
         if self.batch.rows or self.batch.rejects:
-            batch, self.batch = self.batch, _Batch()
+            batch, self.batch, self.nbytes = self.batch, _Batch(), 0
             yield batch.finish(self.fields)
 
 
@@ -261,6 +271,7 @@ class _Records:
 
     def take(self, row: int, raw: bytes) -> None:
         self.seen += 1
+        self.held.nbytes += len(raw)
         if self.seen > ID_LINES:
             self.decide(False)
         limits = self.fields.limits
