@@ -95,8 +95,8 @@ def _handler(upstream: tuple[str, int], faults: Faults) -> type[BaseHTTPRequestH
             if reused is not None:
                 try:
                     return self._send(reused, body)
-                except (http.client.HTTPException, ConnectionError):  # the server closed an idle connection
-                    pass
+                except (http.client.RemoteDisconnected, BrokenPipeError):  # the server closed an idle connection
+                    pass  # before it took the request: sending it again does it once
             return self._send(http.client.HTTPConnection(*upstream, timeout=60), body)
 
         def _send(self, conn: http.client.HTTPConnection, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:

@@ -341,3 +341,22 @@ def test_the_listing_reads_what_boto3_reads(s3_server):
     assert top == [] and prefixes == ["p/0000/", "p/0001/", "p/0002/", "p/dir/"]
     first, _ = s3.list_objects("listing-odd-keys", "p/0001/", max_keys=1)
     assert [o.key for o in first] == ["p/0001/f 01000+&é<x>.jsonl"]
+
+
+def test_an_unreachable_store_is_one_line_naming_the_input(tmp_path):
+    """The listing's own requests keep the listing's error: a store that cannot be reached is an input
+    error (exit 2, one line), at once."""
+    import socket
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "bfpack_spark.cli", "pack", "-q", "--input", "s3://corpus/text/",
+                           "--output", str(tmp_path / "out"), "--storage-option",
+                           f"AWS_ENDPOINT_URL=http://127.0.0.1:{port}"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                               "AWS_REGION": "us-east-1"})  # signed: the request itself meets the closed port
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1 and "cannot list input 's3://corpus/text/'" in done.stderr
+    assert time.perf_counter() - start < 30

@@ -34,6 +34,8 @@ _SUMMARY = pa.schema([("group", pa.int32()), ("n", pa.int64()), ("tokens", pa.in
                       ("items", pa.list_(pa.int64()))])
 #: Below this many repeated id hashes, their documents are found with a broadcast join.
 _BROADCAST = 1_000_000
+#: Below this many documents, a run's ids (strings of any length) are broadcast to the join with earlier runs'.
+_BROADCAST_IDS = 100_000
 
 
 @dataclass
@@ -76,7 +78,7 @@ def earlier_documents(spark, documents_uri: str, runs: list[str], docs: DataFram
     n = min(len(files), spark.sparkContext.defaultParallelism)
     rows = map_slices(spark, files, n, read, "doc_id string, source string, row bigint, run_id string")
     ids = docs.select("doc_id")
-    rows = rows.join(F.broadcast(ids) if n_docs <= _BROADCAST else ids, "doc_id", "left_semi")
+    rows = rows.join(F.broadcast(ids) if n_docs <= _BROADCAST_IDS else ids, "doc_id", "left_semi")
     first = F.min(F.struct("run_id", "source", "row")).alias("first")
     return rows.groupBy("doc_id").agg(first).select(
         "doc_id", F.col("first.source").alias("first_source"), F.col("first.row").alias("first_row"),

@@ -110,7 +110,7 @@ def _read(opened: Opened, fields: Fields, rows: Rows) -> Iterator[RawBatch]:
     with fh:
         try:
             # a file read whole is in memory: nothing to gather ahead (pre-buffering costs a small file ~15%)
-            pf = pq.ParquetFile(fh, pre_buffer=opened.data is None)
+            pf = pq.ParquetFile(fh, **({"pre_buffer": False} if opened.data is not None else {}))
         except (OSError, pa.ArrowException) as exc:
             if not first_piece:
                 raise

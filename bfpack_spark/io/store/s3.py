@@ -112,11 +112,23 @@ def _list_page(params: dict) -> _Page:
     """One ``ListObjectsV2`` request, signed by boto3 and sent by urllib3, its XML read by ElementTree:
     botocore's parser spends about 100 ms of the driver's one core on a page of a thousand keys, this
     about a tenth of that (a million input files are a thousand pages)."""
+    import urllib3
+
+    what = f"list s3://{params['Bucket']}/{params['Prefix']}"
     url = client().generate_presigned_url("list_objects_v2", Params=params, ExpiresIn=PRESIGNED_SECONDS)
-    reply = _pool().request("GET", url)
+    try:
+        reply = _pool().request("GET", url)
+    except urllib3.exceptions.HTTPError as exc:  # not an OSError: made one, its text kept (retried by kind)
+        raise OSError(f"{what}: {type(exc).__name__}: {exc}") from None
     if reply.status != 200:
-        raise ReplyError(f"list s3://{params['Bucket']}/{params['Prefix']}", reply.status, reply.data)
-    return parse_listing(reply.data)
+        raise ReplyError(what, reply.status, reply.data)
+    try:
+        page = parse_listing(reply.data)
+    except ElementTree.ParseError as exc:
+        raise OSError(f"{what}: the reply is not a ListObjectsV2 listing ({exc}): {reply.data[:200]!r}") from None
+    if page.next_token == "":  # truncated, but no way on: stopping here would lose keys without a word
+        raise OSError(f"{what}: the store says the listing goes on but gives no continuation token")
+    return page
 
 
 def parse_listing(data: bytes) -> _Page:
@@ -138,7 +150,7 @@ def parse_listing(data: bytes) -> _Page:
                                   (entry.findtext(f"{ns}ETag") or "").strip('"')))
     prefixes = [name(p.findtext(f"{ns}Prefix")) for p in root.iterfind(f"{ns}CommonPrefixes")]
     truncated = root.findtext(f"{ns}IsTruncated") == "true"
-    return _Page(objects, prefixes, root.findtext(f"{ns}NextContinuationToken") if truncated else None)
+    return _Page(objects, prefixes, (root.findtext(f"{ns}NextContinuationToken") or "") if truncated else None)
 
 
 @functools.lru_cache(maxsize=1)
