@@ -177,3 +177,18 @@ def test_the_driver_class_archive_is_dumped_once_then_shared(tmp_path, monkeypat
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(written.rsplit(".", 2)[0])]
     monkeypatch.setenv("BFPACK_CLASS_CACHE", "0")
     assert class_archive_options(str(tmp_path)) == []
+
+
+def test_a_folder_of_files_bfpack_does_not_read_says_what_it_found_and_the_flag(tmp_path):
+    """A folder of plain text files is not "no file": the line says what is there, and the flag that reads it."""
+    (tmp_path / "txt").mkdir()
+    for name in ("a.txt", "b.txt", "notes.md"):
+        (tmp_path / "txt" / name).write_text("words")
+    proc = bfpack("pack", "--input", str(tmp_path / "txt"), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "holds 3 files but none is .jsonl" in proc.stderr and "found .md, .txt" in proc.stderr
+    assert "--input-format text" in proc.stderr
+    (tmp_path / "txt" / "c.jsonl").write_text('{"text": "x"}\n')  # one data file among them: read, not refused
+    from bfpack_spark.io.listing.listing import list_inputs
+
+    assert [s for s in list_inputs([str(tmp_path / "txt")]).column("source")] == ["c.jsonl"]

@@ -237,14 +237,21 @@ def _typed(spec: str, base: str, rows: Iterable[_Row], fmt: str, named: bool) ->
     """The data files among ``rows`` (relative to ``base``) with their format; ``named``: the argument
     names this one file, so its format must be known. Made into columns a chunk of files at a time, so
     that a million files never stand as Python objects at once."""
-    chunks = []
+    chunks: list[pa.Table] = []
+    skipped: dict[str, int] = {}  # files of no format bfpack reads, by suffix
     rows = iter(rows)
     while chunk := list(itertools.islice(rows, CHUNK_FILES)):
-        chunks.append(_typed_chunk(spec, base, chunk, fmt, named))
+        chunks.append(_typed_chunk(spec, base, chunk, fmt, named=named, skipped=skipped))
+    if skipped and not any(c.num_rows for c in chunks):  # files there, none of them data files bfpack reads
+        suffixes = sorted(skipped)
+        raise InputError(f"input {spec!r} holds {sum(skipped.values()):,} files but none is .jsonl, .json[.gz|.zst] or "
+                         f".parquet (found {', '.join(suffixes[:5])}{', ...' if len(suffixes) > 5 else ''}); "
+                         "for plain text files, one document each, add --input-format text")
     return pa.concat_tables(chunks) if chunks else LISTING.empty_table()
 
 
-def _typed_chunk(spec: str, base: str, rows: list[_Row], fmt: str, named: bool) -> pa.Table:
+def _typed_chunk(spec: str, base: str, rows: list[_Row], fmt: str, *, named: bool,
+                 skipped: dict[str, int]) -> pa.Table:
     uris, sources, sizes, modified, etags, formats, compressions = [], [], [], [], [], [], []
     for rel, size, mtime, etag in rows:
         uri = spec if named else join(base, rel)
@@ -256,7 +263,9 @@ def _typed_chunk(spec: str, base: str, rows: list[_Row], fmt: str, named: bool) 
         elif detected is None:
             if named:
                 raise InputError(f"cannot tell the format of {spec!r} from its name; set --input-format")
-            continue  # a directory or glob may hold other files (READMEs, _SUCCESS, ...)
+            suffix = posixpath.splitext(rel)[1] or posixpath.basename(rel)  # READMEs, _SUCCESS, ... may lie beside
+            skipped[suffix] = skipped.get(suffix, 0) + 1
+            continue
         uris.append(uri)
         sources.append(rel)
         sizes.append(size)
