@@ -309,3 +309,18 @@ def test_small_files_read_whole_give_what_the_streamed_reader_gives(tmp_path):
     assert sorted(rejects(together)) == sorted(rejects(alone)) and len(rejects(alone)) >= 4
     assert sum(b.n_records for b in together) == sum(b.n_records for b in alone)
     assert {s for s, *_ in documents(together)} == {p.name for p in paths}  # every file gave documents
+
+
+@pytest.mark.parametrize("codec, suffix", [("gzip", "gz"), ("zstd", "zst")])
+def test_an_empty_compressed_file_is_a_reject(tmp_path, codec, suffix):
+    """A compressed file of 0 bytes holds not even a header (a write cut at its start): one reject that
+    says so, read alone or among small files read whole."""
+    from bfpack_spark.io.formats import read_group_splits
+
+    (tmp_path / f"e.jsonl.{suffix}").write_bytes(b"")
+    ids, reasons, n = read_all(tmp_path / f"e.jsonl.{suffix}", codec)
+    assert ids == [] and n == 1 and len(reasons) == 1
+    assert reasons[0].startswith(f"corrupt or truncated {codec} file") and "the file is empty (0 bytes)" in reasons[0]
+    fields = Fields("text", False, "id", None, Limits(10**6))
+    [batch] = read_group_splits([split_of(tmp_path / f"e.jsonl.{suffix}", "jsonl", codec)], fields)
+    assert [r.reason for r in batch.rejects] == reasons and reason_code(reasons[0]) == "corrupt_file"

@@ -84,6 +84,8 @@ class Inflated:
             if not chunk:
                 if fed:
                     raise EOFError("the file ends inside a compressed block (truncated)")
+                if not pos:  # not even a header: a write that never happened, or was cut at its start
+                    raise EOFError(f"the file is empty (0 bytes), not a {self.codec} stream")
                 return
             if track:
                 self.piece_at = pos
