@@ -19,21 +19,27 @@ COMPRESSED_BLOCK_BYTES = 2**16
 WHOLE_DECODED_BYTES = 64 * 2**20
 
 
+def _decoder(codec: str):
+    """A fresh incremental decoder of one gzip member or zstd frame."""
+    if codec == "gzip":
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    return zstandard.ZstdDecompressor().decompressobj()
+
+
 def inflate_whole(data: bytes, codec: str) -> bytes | None:
     """A whole compressed file decoded in one call: the common case of a small file (one gzip member or
     zstd frame, undamaged), without :class:`Inflated`'s incremental set-up. None where that is not the
     case (several members, damage, or more than :data:`WHOLE_DECODED_BYTES`): the caller streams it."""
     try:
+        decoder = _decoder(codec)
         if codec == "gzip":
-            decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
             out = decoder.decompress(data, WHOLE_DECODED_BYTES)
             whole = decoder.eof and not decoder.unused_data and not decoder.unconsumed_tail
         else:
             if not 0 <= zstandard.frame_content_size(data) <= WHOLE_DECODED_BYTES:  # -1: not written down
                 return None
-            zstd = zstandard.ZstdDecompressor().decompressobj()
-            out = zstd.decompress(data)
-            whole = zstd.eof and not zstd.unused_data
+            out = decoder.decompress(data)
+            whole = decoder.eof and not decoder.unused_data
     except (zlib.error, zstandard.ZstdError):
         return None
     return out if whole else None
@@ -67,17 +73,12 @@ class Inflated:
         self.handed = 0        # decoded bytes handed out
         self.error: Exception | None = None
 
-    def _new_decoder(self):
-        if self.codec == "gzip":
-            return zlib.decompressobj(16 + zlib.MAX_WBITS)
-        return zstandard.ZstdDecompressor().decompressobj()
-
     def _decode(self, raw, piece: int, careful_from: int | None = None) -> Iterator[bytes]:
         """Decoded blocks of the whole stream; from compressed offset ``careful_from`` on, the
         input is fed one byte at a time."""
         careful = careful_from if careful_from is not None else -1  # -1: never
         track = careful < 0
-        decoder, fed, padding, ended, pos = self._new_decoder(), False, False, False, 0
+        decoder, fed, padding, ended, pos = _decoder(self.codec), False, False, False, 0
         while True:
             size = piece if track or pos + piece <= careful else max(1, careful - pos)
             chunk = raw.read(size)
@@ -105,7 +106,7 @@ class Inflated:
                     yield out
                 if not decoder.eof:
                     break
-                chunk, decoder, fed, ended = decoder.unused_data, self._new_decoder(), False, True
+                chunk, decoder, fed, ended = decoder.unused_data, _decoder(self.codec), False, True
 
     def _salvage(self) -> bytes:
         """What decodes between the bytes handed out and the decoder's failure."""

@@ -33,15 +33,15 @@ def row_groups_in(meta: pq.FileMetaData, byte_range: tuple[int, int] | None) -> 
     out, first = [], 0
     for g in range(meta.num_row_groups):
         rg = meta.row_group(g)
-        if byte_range is None:  # no byte offsets to compute: a small file pays only its row counts
-            out.append((g, first))
-            first += rg.num_rows
-            continue
-        middle = row_group_start(rg) + sum(rg.column(c).total_compressed_size for c in range(rg.num_columns)) // 2
-        if byte_range is None or byte_range[0] <= middle < byte_range[1]:
+        # a whole file computes no byte offsets: a small one pays only its row counts
+        if byte_range is None or byte_range[0] <= _middle_byte(rg) < byte_range[1]:
             out.append((g, first))
         first += rg.num_rows
     return out
+
+
+def _middle_byte(rg: pq.RowGroupMetaData) -> int:
+    return row_group_start(rg) + sum(rg.column(c).total_compressed_size for c in range(rg.num_columns)) // 2
 
 
 def columns_of(opened: Opened) -> list[str] | None:

@@ -112,16 +112,9 @@ def _list_page(params: dict) -> _Page:
     """One ``ListObjectsV2`` request, signed by boto3 and sent by urllib3, its XML read by ElementTree:
     botocore's parser spends about 100 ms of the driver's one core on a page of a thousand keys, this
     about a tenth of that (a million input files are a thousand pages)."""
-    import urllib3
-
     what = f"list s3://{params['Bucket']}/{params['Prefix']}"
     url = client().generate_presigned_url("list_objects_v2", Params=params, ExpiresIn=PRESIGNED_SECONDS)
-    try:
-        reply = _pool().request("GET", url)
-    except urllib3.exceptions.HTTPError as exc:  # not an OSError: made one, its text kept (retried by kind)
-        raise OSError(f"{what}: {type(exc).__name__}: {exc}") from None
-    if reply.status != 200:
-        raise ReplyError(what, reply.status, reply.data)
+    reply = _get(what, url)
     try:
         page = parse_listing(reply.data)
     except ElementTree.ParseError as exc:
@@ -190,6 +183,21 @@ class ReplyError(OSError):
                          f"{message.group(1).decode(errors='replace') if message else body[:200]!r}")
 
 
+def _get(what: str, url: str, headers: dict | None = None):
+    """A presigned URL's reply through the pool: an error reply is a :class:`ReplyError`, and urllib3's own
+    errors (a refused connection, a body cut off; not OSErrors) an OSError keeping their text, so the
+    callers' handling and :mod:`.retry`'s classification by text see them as they see the rest."""
+    import urllib3
+
+    try:
+        reply = _pool().request("GET", url, headers=headers)
+    except urllib3.exceptions.HTTPError as exc:
+        raise OSError(f"{what}: {type(exc).__name__}: {exc}") from None
+    if reply.status not in (200, 206):
+        raise ReplyError(what, reply.status, reply.data)
+    return reply
+
+
 def get_range(bucket: str, key: str, start: int, end: int) -> bytes:
     """Bytes ``[start, end)`` of an object in one ``GET`` (no ``HEAD``), retried by kind; a body
     cut off mid-response is an error of its own kind (``IncompleteRead``), so retried too.
@@ -204,9 +212,7 @@ def get_range(bucket: str, key: str, start: int, end: int) -> bytes:
     headers = {"Range": f"bytes={start}-{end - 1}"}
 
     def request() -> bytes:
-        reply = _pool().request("GET", url, headers=headers)
-        if reply.status not in (200, 206):
-            raise ReplyError(f"read s3://{bucket}/{key}", reply.status, reply.data)
+        reply = _get(f"read s3://{bucket}/{key}", url, headers)
         data = reply.data if reply.status == 206 else reply.data[start:end]
         if len(data) != end - start:
             raise OSError(f"IncompleteRead: {len(data)} of {end - start} bytes of s3://{bucket}/{key} at {start}")
